@@ -1,0 +1,1 @@
+"""Shipped device profiles (one YAML per target), installed as edgeexit.device_profiles."""

@@ -1,0 +1,208 @@
+"""`edgeexit build`: model.yaml -> a verified bundle and a report of what early exit bought.
+
+Steps: validate the spec and data, get weights (load or train), cut the model into
+stages and prove the cut, export and parity-check every stage, evaluate the exits and
+the cascade on the test split with onnxruntime, time cascade vs monolithic in one run,
+and seal the bundle. Everything is written in a temporary directory first; the output
+appears only once the whole build has succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import tempfile
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+import edgeexit
+from edgeexit.bundle import Bundle, load_bundle, write_bundle
+from edgeexit.data import Dataset, load_dataset, normalize
+from edgeexit.export.onnx import ExportedGraph, count_flops, export_checked, export_stages
+from edgeexit.models import build_model
+from edgeexit.models.registry import load_weights
+from edgeexit.profile import per_sample_latency
+from edgeexit.runtime.cascade import Cascade, gate_thresholds, trace
+from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from edgeexit.spec import Spec
+from edgeexit.staging import Monolithic, StageIO, check_staging, make_stages, stage_io
+from edgeexit.train import seed_everything, train
+
+PARITY_SAMPLES = 64  # real samples used for the ONNX-vs-torch parity check
+# Batch-1 latency is timed with one intra-op thread for both cascade and monolithic: on
+# graphs this small, handing work to a thread pool costs more than it saves.
+LATENCY_THREADS = 1
+
+
+def log(message: str) -> None:
+    """Progress line on stderr (stdout carries the summary and --json output)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def default_thresholds(confidence: str, n_exits: int) -> list[float | None]:
+    """0.5 for a learned confidence (EENets' rule), 0.9 otherwise; the last exit takes all."""
+    return [0.5 if confidence == "learned" else 0.9] * (n_exits - 1) + [None]
+
+
+def prepare_model(spec: Spec, data: Dataset, progress: bool = True) -> tuple[torch.nn.Module, dict | None]:
+    """The spec's model with weights: loaded from `weights`, or trained when none are given."""
+    seed_everything(spec.train.seed)  # the initial weights depend on the seed too
+    model = build_model(spec.model, spec.input, spec.base_dir)
+    if spec.weights is not None:
+        load_weights(model, spec.weights)
+        return model.eval(), None
+    costs = cumulative_costs(model, spec) if spec.train.loss == "eenets" else None
+    result = train(model, spec, data, costs=costs, progress=progress)
+    return model.eval(), {"val_accuracy": result.val_accuracy, "loss": result.losses, **asdict(spec.train)}
+
+
+def cumulative_costs(model: torch.nn.Module, spec: Spec) -> list[float]:
+    """Each exit's cumulative FLOPs as a share of the deepest exit's (the EENets cost)."""
+    stages = make_stages(model.eval(), "max_softmax")
+    carry, flops = (torch.zeros(1, *spec.input.shape),), []
+    for stage in stages:
+        flops.append(count_flops(stage, carry))
+        with torch.inference_mode():
+            carry = tuple(stage(*carry)[:-3])
+    cum = np.cumsum(flops)
+    return list(cum / cum[-1])
+
+
+def _toolchain() -> dict[str, str]:
+    import onnxsim
+
+    return {"edgeexit": edgeexit.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxsim": onnxsim.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _manifest(spec: Spec, exported: list[ExportedGraph], mono: ExportedGraph, thresholds, root: Path) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input": {"name": spec.input.name, "shape": [None, *spec.input.shape], "dtype": spec.input.dtype,
+                  "mean": list(spec.input.mean), "std": list(spec.input.std)},
+        "classes": list(spec.input.classes),
+        "stages": [
+            {"index": g.io.index, "onnx": g.path.relative_to(root).as_posix(), "inputs": list(g.io.inputs),
+             "outputs": {"carry": list(g.io.carry), "logits": g.io.logits, "conf": g.io.conf, "pred": g.io.pred},
+             "precision": "fp32", "flops": g.flops, "params": g.params, "parity_max_abs_diff": g.parity}
+            for g in exported
+        ],
+        "gating": {"confidence": spec.gating.confidence, "thresholds": thresholds},
+        "monolithic": mono.path.relative_to(root).as_posix(),
+        "monolithic_cost": {"flops": mono.flops, "params": mono.params, "parity_max_abs_diff": mono.parity},
+        "model": {"arch": spec.model.arch, "factory": spec.model.factory, "args": spec.model.args},
+        "weights": "weights.pt",
+        "export": {"opset": spec.export.opset, "batch": asdict(spec.export.batch)},
+        "target": asdict(spec.target),
+        "budget": asdict(spec.budget),
+        "report": "report.json",
+        "toolchain": _toolchain(),
+    }
+
+
+def evaluate(bundle_root: Path, ios: list[StageIO], mono_path: Path, mono_io: StageIO, thresholds,
+             x: np.ndarray, y: np.ndarray, batch: int, flops: list[int], mono_flops: int) -> dict[str, Any]:
+    """Exit accuracy, exit shares and latency of the exported graphs on onnxruntime CPU.
+
+    Latency: mean per sample at batch 1, the cascade (at `thresholds`) and the monolithic
+    graph timed interleaved in this one run.
+    """
+    backend = OnnxRuntimeBackend([bundle_root / f"stages/stage{io.index}.onnx" for io in ios], ios, LATENCY_THREADS)
+    every = trace(backend, ios, x, batch)
+    exit_acc = (every.exit_pred == y[:, None]).mean(axis=0)
+    cascade = Cascade(backend, ios, thresholds)
+    gated = cascade.run_batched(x, batch)
+    shares = gated.exit_shares()
+    cum_flops = np.cumsum(flops)
+    mono = OnnxRuntimeBackend([mono_path], [mono_io], LATENCY_THREADS)
+    mono_names = list(mono_io.outputs)
+    timing = per_sample_latency(
+        {"cascade": cascade, "monolithic": lambda s: mono.sessions[0].run(mono_names, {mono_io.inputs[0]: s})}, x)
+    return {
+        "samples": int(len(y)),
+        "exit_accuracy": [float(a) for a in exit_acc],
+        "exit_share": [float(s) for s in shares],
+        "cumulative_flops": [int(f) for f in cum_flops],
+        "cascade_accuracy": float((gated.pred == y).mean()),
+        "cascade_flops": float((shares * cum_flops).sum()),
+        "monolithic_flops": int(mono_flops),
+        "latency_ms": {"cascade": timing["cascade"] * 1e3, "monolithic": timing["monolithic"] * 1e3,
+                       "backend": "onnxruntime-cpu", "batch": 1, "threads": LATENCY_THREADS},
+    }
+
+
+def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tuple[Bundle, dict[str, Any]]:
+    """Run the whole pipeline for `spec`; returns the verified bundle and its report."""
+    dest = (output or spec.output).resolve()
+    data = load_dataset(spec)
+    log(f"[1/6] data: {spec.data.kind}, train/val/calibration/test = "
+        f"{len(data.train.y)}/{len(data.val.y)}/{len(data.calibration.y)}/{len(data.test.y)}")
+    model, trained = prepare_model(spec, data, progress)
+    thresholds = list(spec.gating.thresholds or default_thresholds(spec.gating.confidence, len(model.blocks)))
+    gate_thresholds(thresholds, len(model.blocks))
+    log(f"[2/6] model: {spec.model.arch or spec.model.factory}, {len(model.blocks)} exits, "
+        + ("trained: val accuracy per exit " + ", ".join(f"{a:.1%}" for a in trained["val_accuracy"])
+           if trained else f"weights {spec.weights.name}"))
+
+    norm = lambda a: normalize(a, spec.input.mean, spec.input.std)  # noqa: E731
+    x_test = norm(data.test.x)
+    sample = torch.from_numpy(x_test[:PARITY_SAMPLES])
+    stages = make_stages(model, spec.gating.confidence)
+    staged_diff = check_staging(model, stages, sample)
+    ios = stage_io(stages, sample, spec.input.name)
+    log(f"[3/6] stages: staged vs monolithic logits max abs diff {staged_diff:.2e}")
+
+    with tempfile.TemporaryDirectory(prefix="edgeexit-build-") as tmp:
+        root = Path(tmp)
+        exported = export_stages(stages, ios, sample, root / "stages", spec.export.opset, spec.export.parity_atol)
+        mono_io = StageIO(0, (spec.input.name,), (), "logits", "conf", "pred")
+        mono = export_checked(Monolithic(model, spec.gating.confidence), (sample,), root / "monolithic.onnx",
+                              mono_io, spec.export.opset, spec.export.parity_atol)
+        log("[4/6] onnx: " + ", ".join(f"stage{g.io.index} {g.parity:.1e}" for g in exported)
+            + f", monolithic {mono.parity:.1e} (max abs diff vs torch, opset {spec.export.opset})")
+        torch.save(model.state_dict(), root / "weights.pt")
+
+        report = evaluate(root, ios, mono.path, mono_io, thresholds, x_test, data.test.y, spec.export.batch.max,
+                          [g.flops for g in exported], mono.flops)
+        report.update({"name": spec.name, "thresholds": thresholds, "confidence": spec.gating.confidence,
+                       "staged_max_abs_diff": staged_diff, "parity": [g.parity for g in exported],
+                       "monolithic_parity": mono.parity, "pred_agreement": [g.pred_agreement for g in exported],
+                       "training": trained})
+        log(f"[5/6] evaluated on {report['samples']} test samples (onnxruntime CPU)")
+        (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_bundle(root, _manifest(spec, exported, mono, thresholds, root), dest)
+    bundle = load_bundle(dest)
+    log(f"[6/6] bundle: {dest} ({len(bundle.manifest['files'])} files, checksums verified)")
+    return bundle, report
+
+
+def format_summary(bundle: Bundle, report: dict[str, Any]) -> str:
+    """The table `edgeexit build` ends with: what each exit does and what early exit bought."""
+    lines = [f"{report['name']}: {len(report['exit_accuracy'])} exits, {report['samples']} test samples, "
+             f"confidence {report['confidence']}", ""]
+    lines.append(f"{'exit':>4}  {'threshold':>9}  {'cum. MFLOPs':>11}  {'accuracy':>8}  {'exit share':>10}")
+    for k, (th, fl, acc, share) in enumerate(zip(report["thresholds"], report["cumulative_flops"],
+                                                  report["exit_accuracy"], report["exit_share"])):
+        th_txt = "all" if th is None or k == len(report["thresholds"]) - 1 else f"{th:g}"
+        lines.append(f"{k:>4}  {th_txt:>9}  {fl / 1e6:>11.3f}  {acc:>8.1%}  {share:>10.1%}")
+    lat = report["latency_ms"]
+    mono_acc = report["exit_accuracy"][-1]
+    lines += [
+        "",
+        f"cascade:    accuracy {report['cascade_accuracy']:.1%}  {report['cascade_flops'] / 1e6:.3f} MFLOPs/sample "
+        f"({report['cascade_flops'] / report['monolithic_flops']:.0%} of monolithic)",
+        f"monolithic: accuracy {mono_acc:.1%}  {report['monolithic_flops'] / 1e6:.3f} MFLOPs/sample",
+        f"latency per sample ({lat['backend']}, batch {lat['batch']}, {lat['threads']} thread, same run): cascade {lat['cascade']:.4f} ms, "
+        f"monolithic {lat['monolithic']:.4f} ms -> {lat['cascade'] / lat['monolithic']:.2f}x",
+        f"bundle: {bundle.path}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""The `edgeexit` command: build | train | run | inspect | devices.
+
+User errors (bad yaml, missing files, tampered bundles) print one line on stderr and exit 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edgeexit.errors import EdgeExitError
+
+
+def _cmd_build(args) -> int:
+    from edgeexit.build import build, format_summary
+    from edgeexit.spec import load_spec
+
+    bundle, report = build(load_spec(args.spec), Path(args.out) if args.out else None, progress=not args.quiet)
+    print(json.dumps(report, indent=2) if args.json else format_summary(bundle, report))
+    return 0
+
+
+def _cmd_train(args) -> int:
+    import torch
+
+    from edgeexit.build import log, prepare_model
+    from edgeexit.data import load_dataset
+    from edgeexit.spec import load_spec
+
+    spec = load_spec(args.spec, require_weights=False)
+    out = Path(args.out) if args.out else (spec.weights or spec.output.parent / f"{spec.name}.pt")
+    data = load_dataset(spec)
+    model, trained = prepare_model(dataclasses.replace(spec, weights=None), data, progress=not args.quiet)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    torch.save(model.state_dict(), partial)
+    os.replace(partial, out)
+    log(f"weights: {out}")
+    print("val accuracy per exit: " + ", ".join(f"{a:.1%}" for a in trained["val_accuracy"]))
+    return 0
+
+
+def _load_images(path: str, bundle) -> np.ndarray:
+    from edgeexit.data import normalize
+
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise EdgeExitError(f"--input: cannot read {path}: {exc}") from None
+    shape = tuple(bundle.input["shape"][1:])
+    if x.shape == shape:
+        x = x[None]
+    if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+        raise EdgeExitError(f"--input: {path} has shape {list(x.shape)}; the bundle takes [N, {', '.join(map(str, shape))}]")
+    if not np.issubdtype(x.dtype, np.number):
+        raise EdgeExitError(f"--input: {path} holds {x.dtype}, not numbers")
+    return normalize(x, bundle.input["mean"], bundle.input["std"])
+
+
+def _parse_thresholds(text: str | None):
+    if text is None:
+        return None
+    try:
+        return [None if t.strip().lower() in ("null", "none", "") else float(t) for t in text.split(",")]
+    except ValueError:
+        raise EdgeExitError(f"--thresholds: {text!r} is not a comma-separated list of numbers (last may be null)") from None
+
+
+def _cmd_run(args) -> int:
+    from edgeexit.bundle import load_bundle
+    from edgeexit.runtime.cascade import Cascade
+    from edgeexit.runtime.loader import open_backend
+
+    bundle = load_bundle(args.bundle)
+    x = _load_images(args.input, bundle)
+    thresholds = _parse_thresholds(args.thresholds) or bundle.thresholds
+    cascade = Cascade(open_backend(bundle, args.backend, args.device), bundle.stage_ios, thresholds)
+    result = cascade.run_batched(x, bundle.manifest["export"]["batch"]["max"])
+    classes, probs = bundle.classes, result.probs
+    rows = [{"index": i, "class": int(result.pred[i]), "label": classes[result.pred[i]], "exit": int(result.exit[i]),
+             "confidence": float(result.conf[i]), "probabilities": [float(p) for p in probs[i]]}
+            for i in range(len(x))]
+    if args.json:
+        print(json.dumps({"bundle": str(bundle.path), "backend": cascade.backend.name, "thresholds": thresholds,
+                          "samples": rows}, indent=2))
+        return 0
+    print(f"{'index':>5}  {'class':>8}  {'exit':>4}  {'confidence':>10}")
+    for r in rows:
+        print(f"{r['index']:>5}  {r['label']:>8}  {r['exit']:>4}  {r['confidence']:>10.4f}")
+    shares = result.exit_shares()
+    print("exit shares: " + ", ".join(f"exit {k} {s:.0%}" for k, s in enumerate(shares)))
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from edgeexit.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle)
+    m = bundle.manifest
+    if args.json:
+        print(json.dumps({"path": str(bundle.path), "verified": True, "manifest": m}, indent=2))
+        return 0
+    inp = m["input"]
+    print(f"{m['name']}  (format {m['format']}, built {m.get('created', '?')}, checksums verified: {len(m['files'])} files)")
+    print(f"input:   {inp['name']} {inp['shape']} {inp['dtype']}  mean {inp['mean']} std {inp['std']}")
+    print(f"classes: {len(m['classes'])} ({', '.join(m['classes'][:10])}{', ...' if len(m['classes']) > 10 else ''})")
+    print(f"gating:  {m['gating']['confidence']}, thresholds {m['gating']['thresholds']}")
+    print(f"{'stage':>5}  {'file':<20} {'precision':>9}  {'MFLOPs':>8}  {'params':>8}  inputs -> carry")
+    for s in m["stages"]:
+        print(f"{s['index']:>5}  {s['onnx']:<20} {s['precision']:>9}  {s['flops'] / 1e6:>8.3f}  {s['params']:>8}  "
+              f"{', '.join(s['inputs'])} -> {', '.join(s['outputs']['carry']) or '(none)'}")
+    mono = m.get("monolithic_cost", {})
+    print(f"monolithic: {m['monolithic']}" + (f"  {mono['flops'] / 1e6:.3f} MFLOPs" if mono else ""))
+    tc = m.get("toolchain", {})
+    print("toolchain: " + ", ".join(f"{k} {v}" for k, v in tc.items()))
+    return 0
+
+
+def _cmd_devices(args) -> int:
+    from edgeexit.devices import format_table, list_devices, profile_to_dict
+
+    profiles = list_devices()
+    print(json.dumps([profile_to_dict(p) for p in profiles], indent=2) if args.json else format_table(profiles))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser (kept separate so the README's command reference can be checked)."""
+    p = argparse.ArgumentParser(prog="edgeexit", description="Deploy early-exit CNNs: staged export and a gated runtime.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="train/load, split, export, evaluate and bundle a model.yaml")
+    b.add_argument("spec", help="model.yaml")
+    b.add_argument("--out", help="bundle directory (default: the yaml's `output`)")
+    b.add_argument("--json", action="store_true", help="print the build report as JSON instead of the table")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(fn=_cmd_build)
+
+    t = sub.add_parser("train", help="train the model.yaml's model and save its weights (a plain state_dict)")
+    t.add_argument("spec", help="model.yaml")
+    t.add_argument("--out", help="weights file (default: the yaml's `weights`, else next to the output)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(fn=_cmd_train)
+
+    r = sub.add_parser("run", help="classify images with a bundle's cascade")
+    r.add_argument("bundle")
+    r.add_argument("--input", required=True, help=".npy of raw images, [N, C, H, W] or one [C, H, W]")
+    r.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "torch"))
+    r.add_argument("--device", default="cpu", help="torch device for --backend torch (cpu, cuda, cuda:1)")
+    r.add_argument("--thresholds", help="override the bundle's thresholds, e.g. 0.9,0.8,null")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=_cmd_run)
+
+    i = sub.add_parser("inspect", help="verify a bundle and show what it holds")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=_cmd_inspect)
+
+    d = sub.add_parser("devices", help="list the target device profiles")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=_cmd_devices)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except EdgeExitError as exc:
+        print(f"edgeexit: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,120 @@
+"""Data sets for training, calibration and evaluation, split with a fixed seed.
+
+Sources: scikit-learn's bundled digits (1797 8x8 grey images, offline), an `.npz` file
+with arrays `x` (N, C, H, W) or (N, H, W) and integer labels `y` (N,), or an image folder
+laid out as `root/<class name>/<image>`. Images stay in raw units here; normalisation is
+`normalize()`, shared by training and every runtime backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeexit.errors import SpecError
+from edgeexit.spec import IMAGE_SUFFIXES, SPLITS, Spec
+
+
+@dataclass(frozen=True)
+class Split:
+    x: np.ndarray  # (N, C, H, W) float32, raw units
+    y: np.ndarray  # (N,) int64
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train: Split
+    val: Split
+    calibration: Split
+    test: Split
+
+
+def normalize(x: np.ndarray, mean, std) -> np.ndarray:
+    """(x - mean) / std per channel, as float32: the one preprocessing step of every path."""
+    mean = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return ((np.asarray(x, dtype=np.float32) - mean) / std).astype(np.float32, copy=False)
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise SpecError("data.source: 'digits' needs scikit-learn: pip install 'edgeexit[digits]'") from None
+    bunch = load_digits()
+    return bunch.images.astype(np.float32)[:, None], bunch.target.astype(np.int64)
+
+
+def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "x" not in archive or "y" not in archive:
+                raise SpecError(f"data.source: {path} needs arrays 'x' and 'y' (has: {', '.join(archive.files)})")
+            x, y = archive["x"], archive["y"]
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"data.source: cannot read {path}: {exc}") from None
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
+        raise SpecError(f"data.source: {path} has x {x.shape} and y {y.shape}; need x (N,C,H,W) or (N,H,W) and y (N,)")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise SpecError(f"data.source: {path} labels 'y' must be integers, got {y.dtype}")
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def _folder(root: Path, classes: tuple[str, ...], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise SpecError("data.source: image folders need Pillow: pip install 'edgeexit[images]'") from None
+    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if sorted(classes) != found:
+        raise SpecError(f"data.source: {root} has class folders {found}, but input.classes is {list(classes)}")
+    channels, height, width = shape
+    if channels not in (1, 3):
+        raise SpecError(f"input.shape: image folders give 1 (grey) or 3 (RGB) channels, not {channels}")
+    xs, ys = [], []
+    for label, name in enumerate(classes):
+        for f in sorted((root / name).iterdir()):
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            with Image.open(f) as img:
+                img = img.convert("L" if channels == 1 else "RGB").resize((width, height))
+                arr = np.asarray(img, dtype=np.float32)
+            xs.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+            ys.append(label)
+    if not xs:
+        raise SpecError(f"data.source: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+
+
+def load_dataset(spec: Spec) -> Dataset:
+    """Load the spec's data, check it against `input`, and split it with `data.seed`.
+
+    Raises a one-line SpecError when the data disagrees with `input.shape` or `input.classes`.
+    """
+    if spec.data.kind == "digits":
+        x, y = _digits()
+    elif spec.data.kind == "npz":
+        x, y = _npz(spec.data.path)
+    else:
+        x, y = _folder(spec.data.path, spec.input.classes, spec.input.shape)
+    if tuple(x.shape[1:]) != spec.input.shape:
+        raise SpecError(
+            f"input.shape: {list(spec.input.shape)} does not match the data (images are {list(x.shape[1:])})"
+        )
+    n_classes = len(spec.input.classes)
+    if y.min() < 0 or y.max() >= n_classes:
+        raise SpecError(f"input.classes: {n_classes} classes, but the labels span {int(y.min())}..{int(y.max())}")
+    order = np.random.default_rng(spec.data.seed).permutation(len(x))
+    splits, start = {}, 0
+    for name in SPLITS:
+        count = int(round(spec.data.splits[name] * len(x)))
+        idx = order[start:start + count]
+        if len(idx) == 0:
+            raise SpecError(f"data.splits.{name}: the split is empty with {len(x)} samples; give it a larger fraction")
+        splits[name] = Split(x[idx], y[idx])
+        start += count
+    return Dataset(**splits)

@@ -1,0 +1,1 @@
+"""Exporters: per-stage ONNX (onnx.py), quantization, and TensorRT engines."""

@@ -1,0 +1,100 @@
+"""Per-stage ONNX export: dynamic batch, onnxsim-simplified, checker-clean, parity-checked.
+
+The TorchScript exporter (`dynamo=False`) at opset 17 is used because that is what
+TensorRT 8.5 on JetPack 5 parses; the graphs are small and static apart from the batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxsim
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from edgeexit.errors import EdgeExitError
+from edgeexit.staging import StageIO
+
+
+@dataclass(frozen=True)
+class ExportedGraph:
+    """One exported graph with what the manifest records about it."""
+
+    path: Path
+    io: StageIO
+    flops: int  # per sample, multiply-add = 2 FLOPs
+    params: int
+    parity: float  # max abs diff vs torch over the float outputs, on real inputs
+    pred_agreement: float  # share of samples whose ONNX `pred` equals torch's
+
+
+def count_flops(module: nn.Module, args: tuple[torch.Tensor, ...]) -> int:
+    """FLOPs of one forward pass per sample (torch's own counter; batch divided out)."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        module(*args)
+    return int(counter.get_total_flops() // max(1, args[0].shape[0]))
+
+
+def _export_kwargs() -> dict:
+    # torch >= 2.5 defaults towards the dynamo exporter; ask for the TorchScript one by name.
+    return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+
+
+def export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path,
+                 input_names: tuple[str, ...], output_names: tuple[str, ...], opset: int) -> None:
+    """Export `module` to `path` with a dynamic batch axis on every tensor, then simplify and check."""
+    axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
+    with torch.inference_mode():
+        torch.onnx.export(module, args, str(path), input_names=list(input_names), output_names=list(output_names),
+                          dynamic_axes=axes, opset_version=opset, do_constant_folding=True, **_export_kwargs())
+    model, ok = onnxsim.simplify(onnx.load(str(path)))
+    if not ok:
+        raise EdgeExitError(f"export: onnxsim could not validate the simplified {path.name}")
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def parity(path: Path, module: nn.Module, args: tuple[torch.Tensor, ...],
+           input_names: tuple[str, ...], output_names: tuple[str, ...]) -> tuple[float, float]:
+    """(max abs diff of float outputs, share of equal `pred`) between onnxruntime and torch."""
+    from edgeexit.runtime.onnxruntime_backend import make_session
+
+    with torch.inference_mode():
+        expected = [t.numpy() for t in module(*args)]
+    got = make_session(path).run(list(output_names), {n: a.numpy() for n, a in zip(input_names, args)})
+    worst, agree = 0.0, 1.0
+    for name, want, have in zip(output_names, expected, got):
+        if np.issubdtype(want.dtype, np.integer):
+            agree = float(np.mean(want == have))
+        else:
+            worst = max(worst, float(np.abs(want.astype(np.float64) - have).max()))
+    return worst, agree
+
+
+def export_checked(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, io: StageIO,
+                   opset: int, atol: float) -> ExportedGraph:
+    """Export one graph and prove it: parity with torch within `atol` on the given real inputs."""
+    export_graph(module, args, path, io.inputs, io.outputs, opset)
+    diff, agree = parity(path, module, args, io.inputs, io.outputs)
+    if diff > atol:
+        raise EdgeExitError(f"export: {path.name} differs from torch by {diff:.3g} (> export.parity_atol {atol:g})")
+    one = tuple(a[:1] for a in args)
+    params = sum(p.numel() for p in module.parameters())
+    return ExportedGraph(path, io, count_flops(module, one), params, diff, agree)
+
+
+def export_stages(stages: list[nn.Module], ios: list[StageIO], x: torch.Tensor, out_dir: Path,
+                  opset: int, atol: float) -> list[ExportedGraph]:
+    """Export every stage to `out_dir/stage{k}.onnx`, each checked on the real carry of `x`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exported, carry = [], (x,)
+    for stage, io in zip(stages, ios):
+        exported.append(export_checked(stage, carry, out_dir / f"stage{io.index}.onnx", io, opset, atol))
+        with torch.inference_mode():
+            carry = tuple(stage(*carry)[:len(io.carry)])
+    return exported

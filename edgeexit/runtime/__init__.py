@@ -1,0 +1,1 @@
+"""The runtime: one gating loop (cascade.py) over small per-engine backends."""

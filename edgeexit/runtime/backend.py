@@ -1,0 +1,37 @@
+"""The backend interface: the only thing that differs between onnxruntime, torch and TensorRT.
+
+A backend runs the stages of one model on named tensors and owns where those tensors
+live (host arrays, torch CUDA tensors, TensorRT device buffers). The cascade never looks
+inside a tensor except through `download`, which it calls only on the few bytes it needs
+(`conf`, `pred`, and the logits of samples that leave), so activations can stay on a
+device between stages.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+
+class Backend(ABC):
+    """Runs stage k on named tensors; moves tensors between host and wherever it keeps them."""
+
+    name: str = "backend"
+
+    @abstractmethod
+    def upload(self, array: np.ndarray) -> Any:
+        """Host array -> the backend's tensor (a no-op for host backends)."""
+
+    @abstractmethod
+    def run(self, stage: int, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Run stage `stage` on its named inputs; returns every output by name."""
+
+    @abstractmethod
+    def take(self, value: Any, rows: np.ndarray) -> Any:
+        """Rows `rows` of a batch-first tensor, on the backend (the compaction gather)."""
+
+    @abstractmethod
+    def download(self, value: Any) -> np.ndarray:
+        """The backend's tensor -> host array (waits for the work that produces it)."""

@@ -1,0 +1,135 @@
+"""The gating loop, written once for every backend.
+
+Stage k runs on the samples still active; the loop reads only `conf` and `pred`, retires
+samples with conf >= threshold_k, asks the backend to gather the carried tensors of the
+rest (so they can stay on a device) and goes on; the last stage takes everything left.
+Results come back in input order with the exit each sample took and per-stage timings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from edgeexit.errors import EdgeExitError
+from edgeexit.runtime.backend import Backend
+from edgeexit.staging import StageIO
+
+NEVER = float("inf")  # a threshold no confidence reaches: the stage never retires a sample
+
+
+@dataclass
+class CascadeResult:
+    """Per-sample outcome (input order) and per-stage cost of one cascade run."""
+
+    pred: np.ndarray  # (N,) int64 class index
+    logits: np.ndarray  # (N, C) logits of the exit taken
+    conf: np.ndarray  # (N,) confidence at the exit taken
+    exit: np.ndarray  # (N,) index of the exit taken
+    stage_seconds: np.ndarray  # (K,) wall time spent in each stage (run + decision + gather)
+    stage_samples: np.ndarray  # (K,) samples each stage processed
+    exit_conf: np.ndarray | None = None  # (N, K) every reached exit's confidence (NaN where not reached)
+    exit_pred: np.ndarray | None = None  # (N, K) every reached exit's prediction (-1 where not reached)
+
+    @property
+    def probs(self) -> np.ndarray:
+        """(N, C) class probabilities at the exit taken (softmax, computed on demand)."""
+        return softmax(self.logits)
+
+    def exit_shares(self) -> np.ndarray:
+        """Share of samples leaving at each exit."""
+        return np.bincount(self.exit, minlength=len(self.stage_samples)) / max(1, len(self.exit))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32, stable for large logits."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def gate_thresholds(thresholds: Sequence[float | None], n_stages: int) -> list[float]:
+    """Validate per-exit thresholds; the last exit's (None or 0) becomes 'take all'."""
+    if len(thresholds) != n_stages:
+        raise EdgeExitError(f"gating.thresholds: {len(thresholds)} values for {n_stages} exits; give one per exit (last = null)")
+    values = [float(t) if t is not None else -NEVER for t in thresholds]
+    values[-1] = -NEVER
+    return values
+
+
+class Cascade:
+    """Confidence-gated execution of a staged model on any `Backend`."""
+
+    def __init__(self, backend: Backend, ios: Sequence[StageIO], thresholds: Sequence[float | None]):
+        self.backend, self.ios = backend, list(ios)
+        self.thresholds = gate_thresholds(thresholds, len(self.ios))
+
+    def __call__(self, x: np.ndarray, collect: bool = False) -> CascadeResult:
+        """Run the cascade on a normalised batch `x`; `collect` also keeps every exit's conf/pred."""
+        n, k_total, be = len(x), len(self.ios), self.backend
+        if n == 0:
+            raise EdgeExitError("input: empty batch")
+        pred = np.full(n, -1, np.int64)
+        conf = np.zeros(n, np.float32)
+        exit_index = np.full(n, -1, np.int64)
+        kept: np.ndarray | None = None  # logits of the exit each sample took
+        seconds, samples = np.zeros(k_total), np.zeros(k_total, np.int64)
+        exit_conf = np.full((n, k_total), np.nan, np.float32) if collect else None
+        exit_pred = np.full((n, k_total), -1, np.int64) if collect else None
+
+        active, last = np.arange(n), k_total - 1
+        feeds = {self.ios[0].inputs[0]: be.upload(x)}
+        for k, io in enumerate(self.ios):
+            start = time.perf_counter()
+            out = be.run(k, feeds)
+            c, p = be.download(out[io.conf]), be.download(out[io.pred])
+            samples[k] = len(active)
+            if collect:
+                exit_conf[active, k], exit_pred[active, k] = c, p
+            leave = None if k == last else c >= self.thresholds[k]
+            if leave is None or np.count_nonzero(leave) == len(active):  # everyone left: done
+                kept = self._retire(kept, be.download(out[io.logits]), active, slice(None), c, p, k,
+                                    pred, conf, exit_index)
+                seconds[k] = time.perf_counter() - start
+                break
+            if leave.any():  # some leave: record them, gather the rest on the backend
+                rows, keep = np.flatnonzero(leave), np.flatnonzero(~leave)
+                logits = be.download(be.take(out[io.logits], rows))
+                kept = self._retire(kept, logits, active, rows, c, p, k, pred, conf, exit_index)
+                feeds = {name: be.take(out[name], keep) for name in io.carry}
+                active = active[keep]
+            else:
+                feeds = {name: out[name] for name in io.carry}
+            seconds[k] = time.perf_counter() - start
+        return CascadeResult(pred, kept, conf, exit_index, seconds, samples, exit_conf, exit_pred)
+
+    @staticmethod
+    def _retire(kept, logits, active, rows, c, p, k, pred, conf, exit_index):
+        """Write the leaving samples' results at their input positions; returns the logits store."""
+        if kept is None:
+            kept = np.zeros((len(pred), logits.shape[1]), logits.dtype)
+        done = active[rows]
+        kept[done] = logits
+        pred[done], conf[done], exit_index[done] = p[rows], c[rows], k
+        return kept
+
+    def run_batched(self, x: np.ndarray, batch: int, collect: bool = False) -> CascadeResult:
+        """The cascade over `x` in chunks of `batch` (the engines' batch limit), merged in order."""
+        parts = [self(x[i:i + batch], collect) for i in range(0, len(x), batch)]
+        if len(parts) == 1:
+            return parts[0]
+        cat = lambda field: np.concatenate([getattr(p, field) for p in parts])  # noqa: E731
+        return CascadeResult(
+            cat("pred"), cat("logits"), cat("conf"), cat("exit"),
+            np.sum([p.stage_seconds for p in parts], axis=0), np.sum([p.stage_samples for p in parts], axis=0),
+            cat("exit_conf") if collect else None, cat("exit_pred") if collect else None,
+        )
+
+
+def trace(backend: Backend, ios: Sequence[StageIO], x: np.ndarray, batch: int) -> CascadeResult:
+    """Every exit's confidence and prediction for every sample: the cascade with no early exit."""
+    cascade = Cascade(backend, ios, [NEVER] * (len(ios) - 1) + [None])
+    return cascade.run_batched(x, batch, collect=True)

@@ -1,0 +1,394 @@
+"""model.yaml -> a typed, validated `Spec`.
+
+Every problem is reported as one `SpecError` line that starts with the field path
+(`export.batch.max: ...`) and says what is allowed, so a user can fix the yaml without
+reading code. Relative paths in the yaml are resolved against the yaml's own folder,
+so a spec means the same thing whatever the current directory is.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgeexit.errors import SpecError
+
+CONFIDENCE_KINDS = ("max_softmax", "margin", "entropy", "learned")
+BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+DTYPES = ("float32",)
+LOSSES = ("ce", "eenets")
+SPLITS = ("train", "val", "calibration", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str | None
+    factory: str | None
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int, ...]  # (C, H, W), batch excluded
+    dtype: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    kind: str  # digits | npz | folder
+    path: Path | None
+    splits: dict[str, float]
+    seed: int
+
+
+@dataclass(frozen=True)
+class GatingSpec:
+    confidence: str
+    thresholds: tuple[float | None, ...] | None  # None: a default is chosen per model
+
+
+@dataclass(frozen=True)
+class BatchRange:
+    min: int
+    opt: int
+    max: int
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    opset: int
+    batch: BatchRange
+    parity_atol: float
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    device: str
+    backend: str
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    latency_ms: float | None
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    loss: str
+    cost_lambda: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    model: ModelSpec
+    weights: Path | None
+    input: InputSpec
+    data: DataSpec
+    gating: GatingSpec
+    export: ExportSpec
+    target: TargetSpec
+    budget: BudgetSpec
+    train: TrainSpec
+    output: Path
+    source: Path | None = None  # the yaml file this spec came from
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def base_dir(self) -> Path:
+        """Folder that relative paths of the yaml are resolved against."""
+        return self.source.parent if self.source else Path.cwd()
+
+
+# --- small typed readers: each names the field path in its error -------------------------
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _mapping(value: Any, path: str, required: set[str], optional: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SpecError(f"{path or 'model.yaml'}: expected a mapping, got {_type_name(value)}")
+    allowed = required | optional
+    for key in value:
+        if key not in allowed:
+            where = f"{path}.{key}" if path else str(key)
+            hint = _closest(str(key), allowed)
+            raise SpecError(
+                f"{where}: unknown key{hint} (allowed: {', '.join(sorted(allowed))})"
+            )
+    for key in sorted(required):
+        if key not in value:
+            where = f"{path}.{key}" if path else key
+            raise SpecError(f"{where}: required field is missing")
+    return value
+
+
+def _closest(key: str, allowed: set[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(allowed), n=1)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _str(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{path}: expected a non-empty string, got {_type_name(value)}")
+    return value
+
+
+def _choice(value: Any, path: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise SpecError(f"{path}: {value!r} is not allowed (allowed: {', '.join(allowed)})")
+    return value
+
+
+def _int(value: Any, path: str, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{path}: expected an integer, got {_type_name(value)}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise SpecError(f"{path}: {value} is out of range (must be {rng})")
+    return value
+
+
+def _float(value: Any, path: str, lo: float | None = None, hi: float | None = None,
+           lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(f"{path}: expected a number, got {_type_name(value)}")
+    value = float(value)
+    too_low = lo is not None and (value <= lo if lo_open else value < lo)
+    if too_low or (hi is not None and value > hi):
+        lo_txt = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
+        hi_txt = "" if hi is None else f"<= {hi}"
+        raise SpecError(f"{path}: {value:g} is out of range (must be {' and '.join(t for t in (lo_txt, hi_txt) if t)})")
+    return value
+
+
+def _list(value: Any, path: str, min_len: int = 1) -> list[Any]:
+    if not isinstance(value, list) or len(value) < min_len:
+        raise SpecError(f"{path}: expected a list of at least {min_len} item(s), got {_type_name(value)}")
+    return value
+
+
+def _path(value: Any, path: str, base: Path) -> Path:
+    p = Path(_str(value, path)).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+# --- sections ----------------------------------------------------------------------------
+
+
+def _model(raw: Any) -> ModelSpec:
+    m = _mapping(raw, "model", set(), {"arch", "factory", "args"})
+    if ("arch" in m) == ("factory" in m):
+        raise SpecError("model: give exactly one of 'arch' (a zoo architecture) or 'factory' ('package.module:function')")
+    args = m.get("args", {}) or {}
+    if not isinstance(args, dict):
+        raise SpecError(f"model.args: expected a mapping, got {_type_name(args)}")
+    arch = factory = None
+    if "arch" in m:
+        from edgeexit.models import ARCHITECTURES
+
+        arch = _choice(m["arch"], "model.arch", tuple(sorted(ARCHITECTURES)))
+    else:
+        factory = _str(m["factory"], "model.factory")
+        if not _FACTORY_RE.match(factory):
+            raise SpecError(f"model.factory: {factory!r} is not of the form 'package.module:function'")
+    return ModelSpec(arch=arch, factory=factory, args=dict(args))
+
+
+def _input(raw: Any) -> InputSpec:
+    i = _mapping(raw, "input", {"shape", "classes"}, {"name", "dtype", "mean", "std"})
+    shape = tuple(_int(v, f"input.shape[{k}]", 1) for k, v in enumerate(_list(i["shape"], "input.shape")))
+    if len(shape) != 3:
+        raise SpecError(f"input.shape: expected [channels, height, width] (batch excluded), got {list(shape)}")
+    channels = shape[0]
+
+    def per_channel(key: str, default: float, positive: bool) -> tuple[float, ...]:
+        value = i.get(key, [default])
+        if not isinstance(value, list):
+            value = [value]
+        vals = tuple(_float(v, f"input.{key}[{k}]", 0.0 if positive else None, lo_open=positive)
+                     for k, v in enumerate(value))
+        if len(vals) not in (1, channels):
+            raise SpecError(f"input.{key}: {len(vals)} values for {channels} channel(s); give 1 or {channels}")
+        return vals * channels if len(vals) == 1 else vals
+
+    classes = tuple(_str(c, f"input.classes[{k}]") if not isinstance(c, int) else str(c)
+                    for k, c in enumerate(_list(i["classes"], "input.classes", 2)))
+    if len(set(classes)) != len(classes):
+        raise SpecError("input.classes: class names must be unique")
+    name = _str(i.get("name", "image"), "input.name")
+    if not _NAME_RE.match(name):
+        raise SpecError(f"input.name: {name!r} must be letters, digits, '_', '.' or '-'")
+    return InputSpec(
+        name=name,
+        shape=shape,
+        dtype=_choice(i.get("dtype", "float32"), "input.dtype", DTYPES),
+        mean=per_channel("mean", 0.0, positive=False),
+        std=per_channel("std", 1.0, positive=True),
+        classes=classes,
+    )
+
+
+def _data(raw: Any, base: Path) -> DataSpec:
+    d = _mapping(raw, "data", {"source"}, {"splits", "seed"})
+    source = _str(d["source"], "data.source")
+    if source == "digits":
+        kind, path = "digits", None
+    else:
+        path = _path(source, "data.source", base)
+        if path.suffix == ".npz":
+            kind = "npz"
+            if not path.is_file():
+                raise SpecError(f"data.source: file not found: {path}")
+        elif path.is_dir():
+            kind = "folder"
+        else:
+            raise SpecError(f"data.source: {source!r} is neither 'digits', an existing .npz file nor an image folder")
+    defaults = {"train": 0.6, "val": 0.15, "calibration": 0.1, "test": 0.15}
+    s = _mapping(d.get("splits", defaults), "data.splits", set(), set(SPLITS))
+    splits = {k: _float(s.get(k, defaults[k]), f"data.splits.{k}", 0.0, 1.0, lo_open=True) for k in SPLITS}
+    if sum(splits.values()) > 1.0 + 1e-9:
+        raise SpecError(f"data.splits: fractions add up to {sum(splits.values()):g}; they must add up to <= 1")
+    return DataSpec(kind=kind, path=path, splits=splits, seed=_int(d.get("seed", 0), "data.seed", 0))
+
+
+def _gating(raw: Any) -> GatingSpec:
+    g = _mapping(raw, "gating", set(), {"confidence", "thresholds"})
+    confidence = _choice(g.get("confidence", "max_softmax"), "gating.confidence", CONFIDENCE_KINDS)
+    thresholds = None
+    if g.get("thresholds") is not None:
+        values = _list(g["thresholds"], "gating.thresholds", 2)
+        thresholds = tuple(
+            None if v is None else _float(v, f"gating.thresholds[{k}]", 0.0) for k, v in enumerate(values)
+        )
+        if thresholds[-1] not in (None, 0.0):
+            raise SpecError("gating.thresholds: the last exit takes every remaining sample; set its threshold to null (or 0)")
+        if any(t is None for t in thresholds[:-1]):
+            raise SpecError("gating.thresholds: only the last threshold may be null")
+    return GatingSpec(confidence=confidence, thresholds=thresholds)
+
+
+def _export(raw: Any) -> ExportSpec:
+    e = _mapping(raw, "export", set(), {"opset", "batch", "parity_atol"})
+    b = _mapping(e.get("batch", {}), "export.batch", set(), {"min", "opt", "max"})
+    lo = _int(b.get("min", 1), "export.batch.min", 1)
+    hi = _int(b.get("max", 64), "export.batch.max", 1)
+    opt = _int(b.get("opt", min(max(lo, 8), hi)), "export.batch.opt", 1)
+    if not lo <= opt <= hi:
+        raise SpecError(f"export.batch: need min <= opt <= max, got min={lo}, opt={opt}, max={hi}")
+    return ExportSpec(
+        # 13 is the oldest opset TensorRT's parser takes well; 17 is what TensorRT 8.5 (JetPack 5) reads.
+        opset=_int(e.get("opset", 17), "export.opset", 13, 21),
+        batch=BatchRange(lo, opt, hi),
+        parity_atol=_float(e.get("parity_atol", 1e-4), "export.parity_atol", 0.0, lo_open=True),
+    )
+
+
+def _target(raw: Any) -> TargetSpec:
+    t = _mapping(raw, "target", set(), {"device", "backend"})
+    return TargetSpec(
+        device=_str(t.get("device", "host-cpu"), "target.device"),
+        backend=_choice(t.get("backend", "auto"), "target.backend", BACKENDS),
+    )
+
+
+def _budget(raw: Any) -> BudgetSpec:
+    b = _mapping(raw, "budget", set(), {"latency_ms"})
+    latency = b.get("latency_ms")
+    return BudgetSpec(latency_ms=None if latency is None else _float(latency, "budget.latency_ms", 0.0, lo_open=True))
+
+
+def _train(raw: Any) -> TrainSpec:
+    keys = {"epochs", "batch_size", "lr", "momentum", "weight_decay", "loss", "cost_lambda", "seed"}
+    t = _mapping(raw, "train", set(), keys)
+    return TrainSpec(
+        epochs=_int(t.get("epochs", 30), "train.epochs", 1),
+        batch_size=_int(t.get("batch_size", 64), "train.batch_size", 1),
+        lr=_float(t.get("lr", 0.05), "train.lr", 0.0, lo_open=True),
+        momentum=_float(t.get("momentum", 0.9), "train.momentum", 0.0, 1.0),
+        weight_decay=_float(t.get("weight_decay", 5e-4), "train.weight_decay", 0.0),
+        loss=_choice(t.get("loss", "ce"), "train.loss", LOSSES),
+        cost_lambda=_float(t.get("cost_lambda", 0.1), "train.cost_lambda", 0.0),
+        seed=_int(t.get("seed", 0), "train.seed", 0),
+    )
+
+
+TOP_LEVEL_REQUIRED = {"name", "model", "input", "data"}
+TOP_LEVEL_OPTIONAL = {"weights", "gating", "export", "target", "budget", "train", "output"}
+
+
+def parse_spec(raw: Any, base_dir: Path, source: Path | None = None, require_weights: bool = True) -> Spec:
+    """Validate a loaded yaml document and turn it into a `Spec`.
+
+    `require_weights` is False for `edgeexit train`, which creates the weights file.
+    """
+    top = _mapping(raw, "", TOP_LEVEL_REQUIRED, TOP_LEVEL_OPTIONAL)
+    name = _str(top["name"], "name")
+    if not _NAME_RE.match(name):
+        raise SpecError(f"name: {name!r} must be letters, digits, '_', '.' or '-' (it names files)")
+    weights = None
+    if top.get("weights") is not None:
+        weights = _path(top["weights"], "weights", base_dir)
+        if require_weights and not weights.is_file():
+            raise SpecError(
+                f"weights: file not found: {weights} (run `edgeexit train` to create it, or drop `weights` to train during build)"
+            )
+    output = _path(top.get("output", f"build/{name}"), "output", base_dir)
+    spec = Spec(
+        name=name,
+        model=_model(top["model"]),
+        weights=weights,
+        input=_input(top["input"]),
+        data=_data(top["data"], base_dir),
+        gating=_gating(top.get("gating", {}) or {}),
+        export=_export(top.get("export", {}) or {}),
+        target=_target(top.get("target", {}) or {}),
+        budget=_budget(top.get("budget", {}) or {}),
+        train=_train(top.get("train", {}) or {}),
+        output=output,
+        source=source,
+        raw=raw,
+    )
+    _check_device(spec)
+    return spec
+
+
+def _check_device(spec: Spec) -> None:
+    from edgeexit.devices import load_device
+
+    load_device(spec.target.device)  # raises "target.device: unknown device ..." with the known names
+
+
+def load_spec(path: str | Path, require_weights: bool = True) -> Spec:
+    """Read and validate a model.yaml file (yaml.safe_load only; no object construction)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"model.yaml: file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError(f"model.yaml: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_spec(raw, path.resolve().parent, source=path.resolve(), require_weights=require_weights)

@@ -1,0 +1,160 @@
+"""The Stage contract: a multi-exit model cut into the modules the runtime executes.
+
+Stage k maps its carried tensors (the image for stage 0) to its own carried tensors,
+then the exit's `logits`, `conf` (B,) and `pred` (B,). The confidence is computed inside
+the graph, so a runtime reads only `conf` and `pred` to decide; thresholds stay runtime
+data. Several carried tensors are allowed (MSDNet carries one feature map per scale).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgeexit.errors import SpecError
+
+
+def as_tuple(value) -> tuple[torch.Tensor, ...]:
+    """A block's output as a tuple of tensors, whether it returned one tensor or several."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def split_exit(value) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An exit's output as (logits, learned confidence or None)."""
+    if isinstance(value, (tuple, list)):
+        logits, conf = value
+        return logits, conf.reshape(-1)
+    return value, None
+
+
+def confidence(kind: str, logits: torch.Tensor, learned: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample confidence in [0, 1], higher = more certain, for every gating kind.
+
+    max_softmax: top probability; margin: top1 - top2 probability; entropy: 1 - H(p)/log C;
+    learned: the exit's own confidence branch (EENets).
+    """
+    if kind == "learned":
+        if learned is None:
+            raise SpecError("gating.confidence: 'learned' needs exits with a confidence branch; this model's exits return logits only")
+        return learned
+    probs = torch.softmax(logits, dim=1)
+    if kind == "max_softmax":
+        return probs.max(dim=1).values
+    if kind == "margin":
+        top2 = torch.topk(probs, 2, dim=1).values
+        return top2[:, 0] - top2[:, 1]
+    if kind == "entropy":
+        ent = -(probs * torch.log_softmax(logits, dim=1)).sum(dim=1)
+        return 1.0 - ent / math.log(logits.shape[1])
+    raise SpecError(f"gating.confidence: unknown kind {kind!r}")
+
+
+def run_exits(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Every exit's logits and learned confidence (None where the exit has no branch)."""
+    carry, logits, learned = (x,), [], []
+    for block, exit_head in zip(model.blocks, model.exits):
+        carry = as_tuple(block(*carry))
+        lg, conf = split_exit(exit_head(*carry))
+        logits.append(lg)
+        learned.append(conf)
+    return logits, learned
+
+
+class Stage(nn.Module):
+    """One deployable stage: backbone block k plus exit k, confidence and prediction in-graph."""
+
+    def __init__(self, block: nn.Module, exit_head: nn.Module, kind: str, last: bool):
+        super().__init__()
+        self.block, self.exit_head, self.kind, self.last = block, exit_head, kind, last
+        self.eval()
+
+    def forward(self, *carry: torch.Tensor):
+        out = as_tuple(self.block(*carry))
+        logits, learned = split_exit(self.exit_head(*out))
+        conf = confidence(self.kind, logits, learned)
+        pred = torch.argmax(logits, dim=1)
+        return (logits, conf, pred) if self.last else (*out, logits, conf, pred)
+
+
+class Monolithic(nn.Module):
+    """The whole backbone and the final exit only: the baseline every comparison uses."""
+
+    def __init__(self, model: nn.Module, kind: str):
+        super().__init__()
+        self.model, self.kind = model, kind
+        self.eval()
+
+    def forward(self, x: torch.Tensor):
+        carry = (x,)
+        for block in self.model.blocks:
+            carry = as_tuple(block(*carry))
+        logits, learned = split_exit(self.model.exits[-1](*carry))
+        return logits, confidence(self.kind, logits, learned), torch.argmax(logits, dim=1)
+
+
+@dataclass(frozen=True)
+class StageIO:
+    """Tensor names of one stage, as the runtime and the bundle manifest see them."""
+
+    index: int
+    inputs: tuple[str, ...]
+    carry: tuple[str, ...]
+    logits: str
+    conf: str
+    pred: str
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (*self.carry, self.logits, self.conf, self.pred)
+
+
+def make_stages(model: nn.Module, kind: str) -> list[Stage]:
+    """The model's ordered stages for confidence kind `kind` (modules are shared, not copied)."""
+    n = len(model.blocks)
+    return [Stage(model.blocks[k], model.exits[k], kind, k == n - 1) for k in range(n)]
+
+
+def stage_io(stages: list[Stage], sample: torch.Tensor, input_name: str) -> list[StageIO]:
+    """Name every stage's tensors; carried tensors of stage k are `s{k}_carry{i}`.
+
+    The consumer's input names equal the producer's output names, so the runtime feeds
+    stage k+1 with stage k's carry by name.
+    """
+    ios, inputs, carry = [], (input_name,), (sample,)
+    with torch.inference_mode():
+        for k, stage in enumerate(stages):
+            out = stage(*carry)
+            n_carry = len(out) - 3
+            carry_names = tuple(f"s{k}_carry{i}" for i in range(n_carry))
+            ios.append(StageIO(k, inputs, carry_names, f"s{k}_logits", f"s{k}_conf", f"s{k}_pred"))
+            inputs, carry = carry_names, out[:n_carry]
+    return ios
+
+
+def run_stages(stages: list[Stage], x: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Chain the stages on `x`; returns each stage's (logits, conf, pred)."""
+    results, carry = [], (x,)
+    for stage in stages:
+        out = stage(*carry)
+        carry = out[:-3]
+        results.append(tuple(out[-3:]))
+    return results
+
+
+def check_staging(model: nn.Module, stages: list[Stage], x: torch.Tensor, atol: float = 1e-5) -> float:
+    """Max abs difference between the chained stages' exit logits and the model's own forward.
+
+    Raises when it exceeds `atol`: a stage split that changes the maths must not ship.
+    """
+    with torch.inference_mode():
+        reference = model(x)
+        staged = run_stages(stages, x)
+    if len(reference) != len(staged):
+        raise SpecError(f"model: forward() returns {len(reference)} exits but the model has {len(staged)} stages")
+    worst = max(float((ref - got[0]).abs().max()) for ref, got in zip(reference, staged))
+    if worst > atol:
+        raise SpecError(f"model: chained stages differ from the model's forward by {worst:.3g} (> {atol:g}); check blocks/exits")
+    return worst

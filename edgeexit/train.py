@@ -1,0 +1,111 @@
+"""Multi-exit training: summed per-exit cross-entropy, or the EENets cost-aware loss.
+
+`ce`: unweighted sum of every exit's cross-entropy (the MSDNet/RANet recipe); exits with a
+confidence branch also learn to predict whether their own answer is right (binary
+cross-entropy against correctness), so `gating.confidence: learned` has a trained head.
+`eenets`: the recursive cost-aware loss of EENets, walking from the last exit back:
+`cum_pred = c_k p_k + (1 - c_k) cum_pred`, `cum_cost = c_k cost_k + (1 - c_k) cum_cost`,
+`loss = NLL(cum_pred) + lambda * mean(cum_cost)`, cost_k being exit k's share of the
+full network's FLOPs.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from edgeexit.data import Dataset, normalize
+from edgeexit.errors import SpecError
+from edgeexit.spec import Spec
+from edgeexit.staging import run_exits
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    val_accuracy: list[float]  # per exit, after the last epoch
+    losses: list[float]  # mean training loss per epoch
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same weights: python, numpy and torch generators all start from `seed`."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def exit_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 512) -> list[float]:
+    """Top-1 accuracy of every exit on normalised inputs `x` (model in eval mode)."""
+    model.eval()
+    correct = None
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            logits, _ = run_exits(model, torch.from_numpy(x[i:i + batch]))
+            hits = [int((lg.argmax(1).numpy() == y[i:i + batch]).sum()) for lg in logits]
+            correct = hits if correct is None else [a + b for a, b in zip(correct, hits)]
+    return [c / len(x) for c in correct]
+
+
+def _ce_loss(logits, learned, target) -> torch.Tensor:
+    loss = sum(F.cross_entropy(lg, target) for lg in logits)
+    for lg, conf in zip(logits, learned):
+        if conf is not None:
+            right = (lg.argmax(1) == target).float()
+            loss = loss + F.binary_cross_entropy(conf.clamp(1e-6, 1 - 1e-6), right)
+    return loss
+
+
+def _eenets_loss(logits, learned, target, costs: list[float], lam: float) -> torch.Tensor:
+    if any(c is None for c in learned):
+        raise SpecError("train.loss: 'eenets' needs exits with a confidence branch (e.g. model.arch: eenet_resnet)")
+    cum_pred = torch.softmax(logits[-1], 1)
+    cum_cost = torch.full_like(learned[-1], costs[-1])
+    for k in range(len(logits) - 2, -1, -1):
+        c = learned[k].unsqueeze(1)
+        cum_pred = c * torch.softmax(logits[k], 1) + (1 - c) * cum_pred
+        cum_cost = learned[k] * costs[k] + (1 - learned[k]) * cum_cost
+    nll = F.nll_loss(torch.log(cum_pred.clamp_min(1e-8)), target)
+    return nll + lam * cum_cost.mean()
+
+
+def train(model: nn.Module, spec: Spec, data: Dataset, costs: list[float] | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train `model` in place on the spec's train split; SGD with cosine decay, fixed seed.
+
+    `costs` (cumulative FLOPs share per exit, last = 1) is needed by the `eenets` loss.
+    """
+    cfg = spec.train
+    seed_everything(cfg.seed)
+    x = torch.from_numpy(normalize(data.train.x, spec.input.mean, spec.input.std))
+    y = torch.from_numpy(data.train.y)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    steps = cfg.epochs * ((len(x) + cfg.batch_size - 1) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses = []
+    bar = tqdm(range(cfg.epochs), desc=f"train {spec.name}", unit="epoch", disable=not progress, leave=False)
+    for _ in bar:
+        model.train()
+        total, order = 0.0, torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            logits, learned = run_exits(model, x[idx])
+            if cfg.loss == "eenets":
+                loss = _eenets_loss(logits, learned, y[idx], costs, cfg.cost_lambda)
+            else:
+                loss = _ce_loss(logits, learned, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / len(x))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    val = exit_accuracy(model, normalize(data.val.x, spec.input.mean, spec.input.std), data.val.y)
+    return TrainResult(val_accuracy=val, losses=losses)
