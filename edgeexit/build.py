@@ -61,7 +61,7 @@ def prepare_model(spec: Spec, data: Dataset, progress: bool = True) -> tuple[tor
         return model.eval(), None
     costs = cumulative_costs(model, spec) if spec.train.loss == "eenets" else None
     result = train(model, spec, data, costs=costs, progress=progress)
-    return model.eval(), {"val_accuracy": result.val_accuracy, "loss": result.losses, **asdict(spec.train)}
+    return model.eval(), {"val_accuracy": result.val_accuracy, "epoch_loss": result.losses, "config": asdict(spec.train)}
 
 
 def cumulative_costs(model: torch.nn.Module, spec: Spec) -> list[float]:

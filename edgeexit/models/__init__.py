@@ -7,5 +7,5 @@ per-sample score in [0, 1]. `forward(x)` returns the list of every exit's logits
 the whole contract `edgeexit.staging` needs, for zoo models and for a user's factory.
 """
 
-from edgeexit.models.registry import ARCHITECTURES, build_model, register  # noqa: F401
+from edgeexit.models.registry import ARCHITECTURES, build_model, load_weights, register  # noqa: F401
 from edgeexit.models import eenet  # noqa: F401,E402  (registers its architectures)

@@ -1,0 +1,60 @@
+"""Shared fixtures: the shipped digits example built once, and small specs for edge cases."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "digits" / "model.yaml"
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def example_build(tmp_path_factory):
+    """The README's main job: `edgeexit build` on the shipped example, unchanged."""
+    from edgeexit.build import build
+    from edgeexit.spec import load_spec
+
+    out = tmp_path_factory.mktemp("example") / "bundle"
+    bundle, report = build(load_spec(EXAMPLE), out, progress=False)
+    return bundle, report
+
+
+@pytest.fixture(scope="session")
+def digits_raw():
+    """Raw digits images (N, 1, 8, 8) in pixel units and labels, straight from scikit-learn."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images.astype(np.float32)[:, None], d.target.astype(np.int64)
+
+
+def example_raw() -> dict:
+    """The shipped example yaml as a dict, to derive variants from."""
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def write_spec(folder: Path, raw: dict) -> Path:
+    """Write a yaml variant into `folder` (relative paths then resolve there)."""
+    path = folder / "model.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture()
+def twoscale_spec(tmp_path, digits_raw):
+    """A spec using the two-scale test model via a user factory and an .npz data source."""
+    shutil.copy(TESTS / "twoscale_model.py", tmp_path / "twoscale_model.py")
+    x, y = digits_raw
+    np.savez(tmp_path / "digits.npz", x=x[:, 0], y=y)  # (N, H, W): the loader adds the channel axis
+    raw = example_raw()
+    raw.update(name="twoscale", model={"factory": "twoscale_model:build", "args": {"width": 6, "depth": 3}},
+               data={"source": "digits.npz", "seed": 1}, train={"epochs": 3, "seed": 0}, output="out/twoscale")
+    yield write_spec(tmp_path, raw)
+    sys.modules.pop("twoscale_model", None)

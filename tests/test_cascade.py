@@ -1,0 +1,102 @@
+"""The gating loop: thresholds, compaction, input order, and backends that agree."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgeexit.runtime.cascade import NEVER, Cascade, trace
+from edgeexit.runtime.loader import open_backend
+from edgeexit.runtime.onnxruntime_backend import make_session
+
+
+@pytest.fixture(scope="module")
+def setup(example_build, digits_raw):
+    from edgeexit.data import normalize
+
+    bundle, _ = example_build
+    x = normalize(digits_raw[0][:300], bundle.input["mean"], bundle.input["std"])
+    return bundle, x, digits_raw[1][:300]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_zero_thresholds_exit_everything_at_exit_0(setup, backend):
+    bundle, x, _ = setup
+    result = Cascade(open_backend(bundle, backend), bundle.stage_ios, [0.0, 0.0, None])(x)
+    assert np.all(result.exit == 0)
+    assert list(result.stage_samples) == [len(x), 0, 0]
+    first = trace(open_backend(bundle, "onnxruntime"), bundle.stage_ios, x, 64)
+    np.testing.assert_array_equal(result.pred, first.exit_pred[:, 0])
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_thresholds_above_one_run_every_stage_and_match_monolithic(setup, backend):
+    bundle, x, _ = setup
+    result = Cascade(open_backend(bundle, backend), bundle.stage_ios, [1.01, 1.5, None])(x)
+    assert np.all(result.exit == len(bundle.stage_ios) - 1)
+    assert list(result.stage_samples) == [len(x)] * len(bundle.stage_ios)
+    logits = make_session(bundle.monolithic_path).run(["logits"], {"image": x})[0]
+    np.testing.assert_array_equal(result.pred, logits.argmax(1))  # exactly the monolithic prediction
+    np.testing.assert_allclose(result.logits, logits, atol=1e-4)
+    np.testing.assert_allclose(result.probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_compaction_keeps_input_order(setup):
+    """Each sample's result equals what its own exit says in a no-exit trace, in input order."""
+    bundle, x, _ = setup
+    backend = open_backend(bundle, "onnxruntime")
+    every = trace(backend, bundle.stage_ios, x, 1000)
+    # Thresholds at the median confidence: roughly half leave at each early exit, interleaved.
+    th = [float(np.median(every.exit_conf[:, 0])), float(np.median(every.exit_conf[:, 1])), None]
+    result = Cascade(backend, bundle.stage_ios, th)(x)
+    expected_exit = np.where(every.exit_conf[:, 0] >= th[0], 0, np.where(every.exit_conf[:, 1] >= th[1], 1, 2))
+    assert len(set(expected_exit.tolist())) == 3 and 0 < np.mean(expected_exit == 0) < 1
+    np.testing.assert_array_equal(result.exit, expected_exit)
+    np.testing.assert_array_equal(result.pred, every.exit_pred[np.arange(len(x)), expected_exit])
+    np.testing.assert_allclose(result.conf, every.exit_conf[np.arange(len(x)), expected_exit], atol=1e-6)
+    assert list(result.stage_samples) == [len(x), int(np.sum(expected_exit > 0)), int(np.sum(expected_exit > 1))]
+    # Same answers when the input is shuffled: order comes from the input, not from the exits.
+    perm = np.random.default_rng(0).permutation(len(x))
+    shuffled = Cascade(backend, bundle.stage_ios, th)(x[perm])
+    np.testing.assert_array_equal(shuffled.exit, result.exit[perm])
+    np.testing.assert_array_equal(shuffled.pred, result.pred[perm])
+
+
+def test_batched_run_equals_one_batch_and_backends_agree(setup):
+    bundle, x, _ = setup
+    th = bundle.thresholds
+    ort_result = Cascade(open_backend(bundle, "onnxruntime"), bundle.stage_ios, th)
+    whole, chunked = ort_result(x), ort_result.run_batched(x, 7)
+    np.testing.assert_array_equal(whole.exit, chunked.exit)
+    np.testing.assert_array_equal(whole.pred, chunked.pred)
+    np.testing.assert_array_equal(whole.stage_samples, chunked.stage_samples)
+    ref = Cascade(open_backend(bundle, "torch"), bundle.stage_ios, th)(x)
+    assert np.mean(ref.exit == whole.exit) >= 0.99  # a confidence right at a threshold may flip
+    assert np.mean(ref.pred == whole.pred) >= 0.99
+    np.testing.assert_allclose(ref.conf, whole.conf, atol=1e-4)
+
+
+def test_gather_stays_on_the_backend(setup):
+    """The cascade hands carried tensors back to the backend untouched: the torch backend's
+    tensors are never converted to numpy except conf, pred and leaving logits."""
+    bundle, x, _ = setup
+    backend = open_backend(bundle, "torch")
+    downloaded = []
+    original = backend.download
+    backend.download = lambda v: (downloaded.append(tuple(v.shape)), original(v))[1]
+    fed = []
+    run = backend.run
+    backend.run = lambda k, feeds: (fed.append({n: type(v) for n, v in feeds.items()}), run(k, feeds))[1]
+    Cascade(backend, bundle.stage_ios, [0.999, 0.999, None])(x[:32])
+    assert all(t is torch.Tensor for f in fed for t in f.values())
+    assert all(len(shape) <= 2 for shape in downloaded)  # (B,) decisions and (B, classes) logits only
+
+
+def test_threshold_count_is_checked(setup):
+    bundle, _, _ = setup
+    from edgeexit.errors import EdgeExitError
+
+    with pytest.raises(EdgeExitError, match="2 values for 3 exits"):
+        Cascade(open_backend(bundle, "onnxruntime"), bundle.stage_ios, [0.5, None])
+    assert NEVER > 1

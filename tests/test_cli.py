@@ -1,0 +1,115 @@
+"""The CLI end to end on the shipped example: build summary, run, inspect, train."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from conftest import example_raw, write_spec
+from edgeexit.cli import main
+from edgeexit.runtime.onnxruntime_backend import make_session
+
+
+def test_example_reaches_the_accuracy_floor_and_exits_early(example_build):
+    _, report = example_build
+    assert report["exit_accuracy"][-1] >= 0.95  # final exit on the test split
+    assert report["cascade_accuracy"] >= 0.95
+    assert abs(sum(report["exit_share"]) - 1) < 1e-9
+    assert report["exit_share"][0] > 0.5  # digits are easy: most leave at the first exit
+    assert report["cascade_flops"] < report["monolithic_flops"]
+    assert max(report["parity"]) <= 1e-4 and report["staged_max_abs_diff"] <= 1e-5
+    assert report["latency_ms"]["cascade"] > 0 and report["latency_ms"]["monolithic"] > 0
+
+
+def _by_hand(bundle, raw: np.ndarray):
+    """Run the stage ONNX files with plain onnxruntime sessions, one sample at a time."""
+    m = bundle.manifest
+    mean, std = np.float32(m["input"]["mean"][0]), np.float32(m["input"]["std"][0])
+    sessions = [make_session(bundle.path / s["onnx"]) for s in m["stages"]]
+    results = []
+    for image in raw:
+        feeds = {"image": ((image[None] - mean) / std).astype(np.float32)}
+        for k, (s, sess) in enumerate(zip(m["stages"], sessions)):
+            names = s["outputs"]["carry"] + [s["outputs"]["conf"], s["outputs"]["pred"]]
+            out = dict(zip(names, sess.run(names, feeds)))
+            th = m["gating"]["thresholds"][k]
+            if th is None or out[s["outputs"]["conf"]][0] >= th:
+                results.append((int(out[s["outputs"]["pred"]][0]), k, float(out[s["outputs"]["conf"]][0])))
+                break
+            feeds = {n: out[n] for n in s["outputs"]["carry"]}
+    return results
+
+
+def test_run_agrees_with_the_stage_files_by_hand(example_build, digits_raw, tmp_path, capsys):
+    bundle, _ = example_build
+    raw = digits_raw[0][-40:]
+    np.save(tmp_path / "images.npy", raw)
+    assert main(["run", str(bundle.path), "--input", str(tmp_path / "images.npy"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["samples"]
+    expected = _by_hand(bundle, raw)
+    assert [(r["class"], r["exit"]) for r in rows] == [(p, k) for p, k, _ in expected]
+    np.testing.assert_allclose([r["confidence"] for r in rows], [c for _, _, c in expected], atol=1e-5)
+    assert all(abs(sum(r["probabilities"]) - 1) < 1e-4 for r in rows)
+    # The table form and a single (C, H, W) image work too.
+    np.save(tmp_path / "one.npy", raw[0])
+    assert main(["run", str(bundle.path), "--input", str(tmp_path / "one.npy")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["index", "class", "exit", "confidence"]
+    assert out[1].split()[:3] == ["0", str(expected[0][0]), str(expected[0][1])]
+
+
+def test_run_rejects_wrong_input_shape(example_build, tmp_path, capsys):
+    bundle, _ = example_build
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3, 8, 8), np.float32))
+    assert main(["run", str(bundle.path), "--input", str(tmp_path / "bad.npy")]) == 2
+    assert "has shape [2, 3, 8, 8]; the bundle takes [N, 1, 8, 8]" in capsys.readouterr().err
+
+
+def test_inspect_text_and_json(example_build, capsys):
+    bundle, _ = example_build
+    assert main(["inspect", str(bundle.path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["verified"] and info["manifest"]["name"] == "digits-eenet"
+    assert main(["inspect", str(bundle.path)]) == 0
+    text = capsys.readouterr().out
+    assert "checksums verified" in text and "stages/stage2.onnx" in text
+
+
+def test_train_then_build_from_weights(tmp_path, capsys):
+    raw = example_raw()
+    raw["train"]["epochs"] = 2
+    raw["weights"] = "weights/model.pt"
+    spec = write_spec(tmp_path, raw)
+    assert main(["train", str(spec), "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("val accuracy per exit: ")
+    state = torch.load(tmp_path / "weights" / "model.pt", weights_only=True)
+    assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    assert main(["build", str(spec), "--quiet", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["training"] is None  # weights were loaded, not trained again
+    bundle_weights = torch.load(tmp_path / "build" / "digits-eenet" / "weights.pt", weights_only=True)
+    assert all(torch.equal(state[k], bundle_weights[k]) for k in state)
+
+
+def test_training_is_deterministic(tmp_path):
+    raw = example_raw()
+    raw["train"]["epochs"] = 1
+    spec = write_spec(tmp_path, raw)
+    for name in ("a.pt", "b.pt"):
+        assert main(["train", str(spec), "--quiet", "--out", str(tmp_path / name)]) == 0
+    a, b = (torch.load(tmp_path / n, weights_only=True) for n in ("a.pt", "b.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eenets_cost_aware_loss_trains(tmp_path, capsys):
+    raw = example_raw()
+    raw["train"].update(epochs=2, loss="eenets", cost_lambda=0.2)
+    raw["gating"] = {"confidence": "learned"}
+    spec = write_spec(tmp_path, raw)
+    assert main(["build", str(spec), "--quiet", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["thresholds"] == [0.5, 0.5, None]  # EENets' default rule for a learned confidence
+    assert report["training"]["epoch_loss"][-1] < report["training"]["epoch_loss"][0]
+    assert report["exit_accuracy"][-1] > 0.5
