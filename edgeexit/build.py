@@ -13,7 +13,7 @@ import json
 import platform
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,14 +26,16 @@ import torch
 import edgeexit
 from edgeexit.bundle import Bundle, load_bundle, write_bundle
 from edgeexit.data import Dataset, load_dataset, normalize
-from edgeexit.export.onnx import ExportedGraph, count_flops, export_checked, export_stages
+from edgeexit.devices import check_target, load_device
+from edgeexit.errors import SpecError
+from edgeexit.export.onnx import ExportedGraph, activation_bytes, count_flops, export_checked, export_stages
 from edgeexit.models import build_model
 from edgeexit.models.registry import load_weights
 from edgeexit.profile import per_sample_latency
 from edgeexit.runtime.cascade import Cascade, gate_thresholds, trace
 from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from edgeexit.spec import Spec
-from edgeexit.staging import Monolithic, StageIO, check_staging, make_stages, stage_io
+from edgeexit.staging import Monolithic, StageIO, check_staging, make_stages, per_stage, stage_io
 from edgeexit.train import seed_everything, train
 
 PARITY_SAMPLES = 64  # real samples used for the ONNX-vs-torch parity check
@@ -52,28 +54,54 @@ def default_thresholds(confidence: str, n_exits: int) -> list[float | None]:
     return [0.5 if confidence == "learned" else 0.9] * (n_exits - 1) + [None]
 
 
-def prepare_model(spec: Spec, data: Dataset, progress: bool = True) -> tuple[torch.nn.Module, dict | None]:
-    """The spec's model with weights: loaded from `weights`, or trained when none are given."""
-    seed_everything(spec.train.seed)  # the initial weights depend on the seed too
-    model = build_model(spec.model, spec.input, spec.base_dir)
+def new_model(spec: Spec) -> torch.nn.Module:
+    """The spec's model with its seeded initial weights (the seed fixes them too)."""
+    seed_everything(spec.train.seed)
+    return build_model(spec.model, spec.input, spec.base_dir).eval()
+
+
+def fit_or_load(model: torch.nn.Module, spec: Spec, data: Dataset, progress: bool = True) -> dict | None:
+    """Load `weights` into `model`, or train it when the spec gives none; returns the training record."""
     if spec.weights is not None:
         load_weights(model, spec.weights)
-        return model.eval(), None
-    costs = cumulative_costs(model, spec) if spec.train.loss == "eenets" else None
+        return None
+    costs = None
+    if spec.train.loss == "eenets":
+        cum = np.cumsum([c.flops for c in stage_costs(model, spec)])
+        costs = list(cum / cum[-1])  # each exit's cumulative FLOPs as a share of the deepest exit's
     result = train(model, spec, data, costs=costs, progress=progress)
-    return model.eval(), {"val_accuracy": result.val_accuracy, "epoch_loss": result.losses, "config": asdict(spec.train)}
+    model.eval()
+    return {"val_accuracy": result.val_accuracy, "epoch_loss": result.losses, "config": asdict(spec.train)}
 
 
-def cumulative_costs(model: torch.nn.Module, spec: Spec) -> list[float]:
-    """Each exit's cumulative FLOPs as a share of the deepest exit's (the EENets cost)."""
-    stages = make_stages(model.eval(), "max_softmax")
-    carry, flops = (torch.zeros(1, *spec.input.shape),), []
-    for stage in stages:
-        flops.append(count_flops(stage, carry))
-        with torch.inference_mode():
-            carry = tuple(stage(*carry)[:-3])
-    cum = np.cumsum(flops)
-    return list(cum / cum[-1])
+@dataclass(frozen=True)
+class StageCost:
+    flops: int  # per sample
+    activation_bytes: int  # per sample, all intermediates (upper bound)
+    weight_bytes: int
+
+
+def stage_costs(model: torch.nn.Module, spec: Spec) -> list[StageCost]:
+    """Per-stage compute, activation and weight size at one sample (independent of the weights' values)."""
+    def measure(_k, stage, carry):
+        weights = sum(p.numel() * p.element_size() for p in stage.parameters())
+        return StageCost(count_flops(stage, carry), activation_bytes(stage, carry), weights)
+
+    return per_stage(make_stages(model, "max_softmax"), torch.zeros(1, *spec.input.shape), measure)
+
+
+def check_device(spec: Spec, model: torch.nn.Module) -> None:
+    """Refuse, before any training or export, what the target device cannot run (one line)."""
+    n = len(model.blocks)
+    for index in spec.export.stage_precision:
+        if index >= n:
+            raise SpecError(f"export.stage_precision.{index}: the model has {n} stages (0..{n - 1})")
+    costs = stage_costs(model, spec)
+    check_target(load_device(spec.target.device),
+                 precisions=sorted({spec.export.precision_of(k) for k in range(n)}),
+                 use_dla=spec.target.dla_core is not None, batch_max=spec.export.batch.max,
+                 bytes_per_sample=max(c.activation_bytes for c in costs),
+                 weight_bytes=sum(c.weight_bytes for c in costs))
 
 
 def _toolchain() -> dict[str, str]:
@@ -146,7 +174,11 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
     data = load_dataset(spec)
     log(f"[1/6] data: {spec.data.kind}, train/val/calibration/test = "
         f"{len(data.train.y)}/{len(data.val.y)}/{len(data.calibration.y)}/{len(data.test.y)}")
-    model, trained = prepare_model(spec, data, progress)
+    model = new_model(spec)
+    check_device(spec, model)
+    if {spec.export.precision, *spec.export.stage_precision.values()} != {"fp32"}:
+        raise SpecError("export.precision: only fp32 is built in this version")
+    trained = fit_or_load(model, spec, data, progress)
     thresholds = list(spec.gating.thresholds or default_thresholds(spec.gating.confidence, len(model.blocks)))
     gate_thresholds(thresholds, len(model.blocks))
     log(f"[2/6] model: {spec.model.arch or spec.model.factory}, {len(model.blocks)} exits, "

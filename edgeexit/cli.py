@@ -30,14 +30,16 @@ def _cmd_build(args) -> int:
 def _cmd_train(args) -> int:
     import torch
 
-    from edgeexit.build import log, prepare_model
+    from edgeexit.build import check_device, fit_or_load, log, new_model
     from edgeexit.data import load_dataset
     from edgeexit.spec import load_spec
 
     spec = load_spec(args.spec, require_weights=False)
     out = Path(args.out) if args.out else (spec.weights or spec.output.parent / f"{spec.name}.pt")
     data = load_dataset(spec)
-    model, trained = prepare_model(dataclasses.replace(spec, weights=None), data, progress=not args.quiet)
+    model = new_model(spec)
+    check_device(spec, model)
+    trained = fit_or_load(model, dataclasses.replace(spec, weights=None), data, progress=not args.quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
     torch.save(model.state_dict(), partial)

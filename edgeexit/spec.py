@@ -21,6 +21,8 @@ CONFIDENCE_KINDS = ("max_softmax", "margin", "entropy", "learned")
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
 DTYPES = ("float32",)
 LOSSES = ("ce", "eenets")
+PRECISIONS = ("fp32", "fp16", "int8")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 SPLITS = ("train", "val", "calibration", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -66,16 +68,32 @@ class BatchRange:
 
 
 @dataclass(frozen=True)
+class QuantSpec:
+    method: str  # activation range calibration: minmax | entropy | percentile
+    samples: int  # calibration images (from the calibration split)
+
+
+@dataclass(frozen=True)
 class ExportSpec:
     opset: int
     batch: BatchRange
     parity_atol: float
+    precision: str  # every stage's precision unless overridden
+    stage_precision: dict[int, str]  # stage index -> precision
+    calibration: QuantSpec
+    tolerance_pt: float  # allowed final-exit accuracy drop vs fp32, in percentage points
+    fallback: str | None  # precision a stage may fall back to when it breaks the tolerance
+
+    def precision_of(self, stage: int) -> str:
+        """The precision stage `stage` is exported in."""
+        return self.stage_precision.get(stage, self.precision)
 
 
 @dataclass(frozen=True)
 class TargetSpec:
     device: str
     backend: str
+    dla_core: int | None  # run the TensorRT engines on this DLA core (GPU fallback), or None
 
 
 @dataclass(frozen=True)
@@ -290,26 +308,46 @@ def _gating(raw: Any) -> GatingSpec:
 
 
 def _export(raw: Any) -> ExportSpec:
-    e = _mapping(raw, "export", set(), {"opset", "batch", "parity_atol"})
+    e = _mapping(raw, "export", set(), {"opset", "batch", "parity_atol", "precision", "stage_precision",
+                                        "calibration", "tolerance_pt", "fallback"})
     b = _mapping(e.get("batch", {}), "export.batch", set(), {"min", "opt", "max"})
     lo = _int(b.get("min", 1), "export.batch.min", 1)
     hi = _int(b.get("max", 64), "export.batch.max", 1)
     opt = _int(b.get("opt", min(max(lo, 8), hi)), "export.batch.opt", 1)
     if not lo <= opt <= hi:
         raise SpecError(f"export.batch: need min <= opt <= max, got min={lo}, opt={opt}, max={hi}")
+    stage_precision = {}
+    overrides = e.get("stage_precision") or {}
+    if not isinstance(overrides, dict):
+        raise SpecError(f"export.stage_precision: expected a mapping of stage index to precision, got {_type_name(overrides)}")
+    for key, value in overrides.items():
+        index = _int(key, f"export.stage_precision.{key}", 0)
+        stage_precision[index] = _choice(value, f"export.stage_precision.{key}", PRECISIONS)
+    c = _mapping(e.get("calibration") or {}, "export.calibration", set(), {"method", "samples"})
+    fallback = e.get("fallback")
     return ExportSpec(
         # 13 is the oldest opset TensorRT's parser takes well; 17 is what TensorRT 8.5 (JetPack 5) reads.
         opset=_int(e.get("opset", 17), "export.opset", 13, 21),
         batch=BatchRange(lo, opt, hi),
         parity_atol=_float(e.get("parity_atol", 1e-4), "export.parity_atol", 0.0, lo_open=True),
+        precision=_choice(e.get("precision", "fp32"), "export.precision", PRECISIONS),
+        stage_precision=stage_precision,
+        calibration=QuantSpec(
+            method=_choice(c.get("method", "minmax"), "export.calibration.method", CALIBRATION_METHODS),
+            samples=_int(c.get("samples", 256), "export.calibration.samples", 1),
+        ),
+        tolerance_pt=_float(e.get("tolerance_pt", 0.5), "export.tolerance_pt", 0.0),
+        fallback=None if fallback is None else _choice(fallback, "export.fallback", PRECISIONS),
     )
 
 
 def _target(raw: Any) -> TargetSpec:
-    t = _mapping(raw, "target", set(), {"device", "backend"})
+    t = _mapping(raw, "target", set(), {"device", "backend", "dla"})
+    dla = t.get("dla")
     return TargetSpec(
         device=_str(t.get("device", "host-cpu"), "target.device"),
         backend=_choice(t.get("backend", "auto"), "target.backend", BACKENDS),
+        dla_core=None if dla is None else _int(dla, "target.dla", 0, 1),
     )
 
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
 
-from edgeexit.errors import SpecError
+from edgeexit.errors import EdgeExitError, SpecError
+
+T = TypeVar("T")
 
 
 def as_tuple(value) -> tuple[torch.Tensor, ...]:
@@ -134,6 +137,16 @@ def stage_io(stages: list[Stage], sample: torch.Tensor, input_name: str) -> list
     return ios
 
 
+def per_stage(stages: list[Stage], x: torch.Tensor, measure: Callable[[int, Stage, tuple], T]) -> list[T]:
+    """`measure(k, stage, carry)` for every stage, each fed the real carry of the stages before."""
+    results, carry = [], (x,)
+    for k, stage in enumerate(stages):
+        results.append(measure(k, stage, carry))
+        with torch.inference_mode():
+            carry = tuple(stage(*carry)[:-3])
+    return results
+
+
 def run_stages(stages: list[Stage], x: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
     """Chain the stages on `x`; returns each stage's (logits, conf, pred)."""
     results, carry = [], (x,)
@@ -153,8 +166,8 @@ def check_staging(model: nn.Module, stages: list[Stage], x: torch.Tensor, atol: 
         reference = model(x)
         staged = run_stages(stages, x)
     if len(reference) != len(staged):
-        raise SpecError(f"model: forward() returns {len(reference)} exits but the model has {len(staged)} stages")
+        raise EdgeExitError(f"model: forward() returns {len(reference)} exits but the model has {len(staged)} stages")
     worst = max(float((ref - got[0]).abs().max()) for ref, got in zip(reference, staged))
     if worst > atol:
-        raise SpecError(f"model: chained stages differ from the model's forward by {worst:.3g} (> {atol:g}); check blocks/exits")
+        raise EdgeExitError(f"model: chained stages differ from the model's forward by {worst:.3g} (> {atol:g}); check blocks/exits")
     return worst

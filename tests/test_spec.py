@@ -85,6 +85,13 @@ def test_unknown_model_argument_is_named(tmp_path):
     (lambda r: r.update(weights="weights/missing.pt"), "weights: file not found"),
     (lambda r: r["input"].update(shape=[1, 8, 9]), "input.shape: [1, 8, 9] does not match the data (images are [1, 8, 8])"),
     (lambda r: r["gating"].update(thresholds=[0.9, None]), "gating.thresholds: 2 values for 3 exits"),
+    (lambda r: (r["target"].update(device="jetson-nano"), r["export"].update(precision="int8")),
+     "export.precision: int8 has no fast hardware support on jetson-nano"),
+    (lambda r: (r["target"].update(device="jetson-orin-nano-8gb", dla=0), r["export"].update(precision="fp16")),
+     "target.dla: jetson-orin-nano-8gb has no DLA cores"),
+    (lambda r: (r["target"].update(device="jetson-nano"), r["export"]["batch"].update(max=2_000_000)),
+     "export.batch.max: 2000000 needs"),
+    (lambda r: r["export"].update(stage_precision={7: "fp16"}), "export.stage_precision.7: the model has 3 stages"),
 ])
 def test_cli_build_fails_cleanly_and_writes_nothing(tmp_path, capsys, mutate, message):
     raw = copy.deepcopy(example_raw())

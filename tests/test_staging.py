@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeexit.errors import SpecError
+from edgeexit.errors import EdgeExitError, SpecError
 from edgeexit.models import build_model
 from edgeexit.spec import load_spec
 from edgeexit.staging import check_staging, confidence, make_stages, run_stages, stage_io
@@ -49,7 +49,7 @@ def test_broken_split_is_caught(twoscale_spec):
     _, other = _model(twoscale_spec)  # same seed, same weights...
     with torch.no_grad():
         other.blocks[1].fine.weight.mul_(2)  # ...until one block differs
-    with pytest.raises(SpecError, match="chained stages differ"):
+    with pytest.raises(EdgeExitError, match="chained stages differ"):
         check_staging(model, make_stages(other, "max_softmax"), torch.randn(3, *spec.input.shape))
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from edgeexit.errors import EdgeExitError
-from edgeexit.staging import StageIO
+from edgeexit.staging import StageIO, per_stage
 
 
 PARITY_RTOL = 1e-5  # float32 reassociation (fused Conv+BN, other summation order) is ~1e-6 relative
@@ -41,6 +41,27 @@ def count_flops(module: nn.Module, args: tuple[torch.Tensor, ...]) -> int:
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         module(*args)
     return int(counter.get_total_flops() // max(1, args[0].shape[0]))
+
+
+def activation_bytes(module: nn.Module, args: tuple[torch.Tensor, ...]) -> int:
+    """Bytes of every intermediate tensor of one forward pass, per sample (an upper bound:
+    an engine reuses memory). Used to check that a batch range fits a device's memory."""
+    total = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal total
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
+    try:
+        with torch.inference_mode():
+            module(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    return total // max(1, args[0].shape[0])
 
 
 def _export_kwargs() -> dict:
@@ -101,9 +122,5 @@ def export_stages(stages: list[nn.Module], ios: list[StageIO], x: torch.Tensor, 
                   opset: int, atol: float, rtol: float = PARITY_RTOL) -> list[ExportedGraph]:
     """Export every stage to `out_dir/stage{k}.onnx`, each checked on the real carry of `x`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    exported, carry = [], (x,)
-    for stage, io in zip(stages, ios):
-        exported.append(export_checked(stage, carry, out_dir / f"stage{io.index}.onnx", io, opset, atol, rtol))
-        with torch.inference_mode():
-            carry = tuple(stage(*carry)[:len(io.carry)])
-    return exported
+    return per_stage(stages, x, lambda k, stage, carry: export_checked(
+        stage, carry, out_dir / f"stage{k}.onnx", ios[k], opset, atol, rtol))
