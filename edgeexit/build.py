@@ -214,7 +214,20 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
         write_bundle(root, _manifest(spec, exported, mono, thresholds, root), dest)
     bundle = load_bundle(dest)
     log(f"[6/6] bundle: {dest} ({len(bundle.manifest['files'])} files, checksums verified)")
+    if load_device(spec.target.device).kind == "jetson" or spec.target.backend == "tensorrt":
+        bundle = _engines(bundle, spec, progress)
     return bundle, report
+
+
+def _engines(bundle: Bundle, spec: Spec, progress: bool) -> Bundle:
+    """TensorRT engines for the target when TensorRT is here; otherwise say so and keep the bundle."""
+    from edgeexit.export.tensorrt import NOT_INSTALLED, build_engines, trt_available
+
+    if not trt_available():
+        log(NOT_INSTALLED)
+        return bundle
+    build_engines(bundle.path, spec.target.device, progress=progress, dla_core=spec.target.dla_core)
+    return load_bundle(bundle.path)
 
 
 def format_summary(bundle: Bundle, report: dict[str, Any]) -> str:

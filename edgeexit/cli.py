@@ -1,4 +1,4 @@
-"""The `edgeexit` command: build | train | run | inspect | devices.
+"""The `edgeexit` command: build | train | run | inspect | engines | devices.
 
 User errors (bad yaml, missing files, tampered bundles) print one line on stderr and exit 2;
 anything else is a bug and keeps its traceback.
@@ -125,6 +125,19 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_engines(args) -> int:
+    from edgeexit.bundle import load_bundle
+    from edgeexit.export.tensorrt import build_engines
+
+    bundle = load_bundle(args.bundle)
+    device = args.device or bundle.manifest["target"]["device"]
+    dla = args.dla if args.dla is not None else bundle.manifest["target"].get("dla_core")
+    out = build_engines(bundle.path, device, precision=args.precision, progress=not args.quiet, dla_core=dla,
+                        optimization_level=args.opt_level)
+    print(f"engines: {out}")
+    return 0
+
+
 def _cmd_devices(args) -> int:
     from edgeexit.devices import format_table, list_devices, profile_to_dict
 
@@ -154,7 +167,8 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="classify images with a bundle's cascade")
     r.add_argument("bundle")
     r.add_argument("--input", required=True, help=".npy of raw images, [N, C, H, W] or one [C, H, W]")
-    r.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "torch"))
+    r.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "torch", "tensorrt"),
+                   help="auto: TensorRT engines where TensorRT is installed and built, else onnxruntime")
     r.add_argument("--device", default="cpu", help="torch device for --backend torch (cpu, cuda, cuda:1)")
     r.add_argument("--thresholds", help="override the bundle's thresholds, e.g. 0.9,0.8,null")
     r.add_argument("--json", action="store_true")
@@ -164,6 +178,15 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=_cmd_inspect)
+
+    e = sub.add_parser("engines", help="build TensorRT engines for a bundle's stages (run on the target device)")
+    e.add_argument("bundle")
+    e.add_argument("--device", help="device profile (default: the bundle's target.device)")
+    e.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="override every stage's precision")
+    e.add_argument("--dla", type=int, help="DLA core to build for (GPU fallback on)")
+    e.add_argument("--opt-level", type=int, help="TensorRT builder optimization level (8.6+)")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(fn=_cmd_engines)
 
     d = sub.add_parser("devices", help="list the target device profiles")
     d.add_argument("--json", action="store_true")

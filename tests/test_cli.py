@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import example_raw, write_spec
@@ -113,3 +114,23 @@ def test_eenets_cost_aware_loss_trains(tmp_path, capsys):
     assert report["thresholds"] == [0.5, 0.5, None]  # EENets' default rule for a learned confidence
     assert report["training"]["epoch_loss"][-1] < report["training"]["epoch_loss"][0]
     assert report["exit_accuracy"][-1] > 0.5
+
+
+def test_jetson_build_without_tensorrt_says_so_and_stays_valid(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from edgeexit.export.tensorrt import trt_available
+
+    if trt_available():
+        pytest.skip("TensorRT is installed: engines are built instead (covered in test_tensorrt.py)")
+    raw = example_raw()
+    raw["train"]["epochs"] = 1
+    raw["target"] = {"device": "jetson-orin-nano-8gb", "backend": "auto"}
+    spec = write_spec(tmp_path, raw)
+    assert main(["build", str(spec), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "tensorrt: not installed here (import tensorrt failed); the bundle stays valid" in err
+    bundle = tmp_path / "build" / "digits-eenet"
+    assert main(["inspect", str(bundle)]) == 0
+    capsys.readouterr()
+    assert main(["engines", str(bundle)]) == 2
+    assert capsys.readouterr().err.strip().startswith("edgeexit: error: tensorrt: not installed here")

@@ -6,7 +6,7 @@ from edgeexit.bundle import Bundle
 from edgeexit.errors import EdgeExitError
 from edgeexit.runtime.backend import Backend
 
-RUNTIME_BACKENDS = ("auto", "onnxruntime", "torch")
+RUNTIME_BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
 
 
 def torch_stages(bundle: Bundle):
@@ -27,9 +27,24 @@ def torch_stages(bundle: Bundle):
     return make_stages(model.eval(), bundle.manifest["gating"]["confidence"])
 
 
+def resolve_backend(bundle: Bundle, kind: str) -> str:
+    """`auto` -> tensorrt where TensorRT imports and the bundle has engines, else onnxruntime."""
+    if kind != "auto":
+        return kind
+    from edgeexit.export.tensorrt import trt_available
+
+    return "tensorrt" if bundle.manifest.get("engines") and trt_available() else "onnxruntime"
+
+
 def open_backend(bundle: Bundle, kind: str = "auto", device: str = "cpu", threads: int | None = None) -> Backend:
-    """A backend running `bundle`'s stages: onnxruntime (CPU), or torch on `device` (reference)."""
-    if kind in ("auto", "onnxruntime"):
+    """A backend running `bundle`'s stages: TensorRT engines (GPU), onnxruntime (CPU), or the
+    torch reference on `device` (cpu, cuda, cuda:1)."""
+    kind = resolve_backend(bundle, kind)
+    if kind == "tensorrt":
+        from edgeexit.runtime.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend.from_bundle(bundle)
+    if kind == "onnxruntime":
         from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(bundle.stage_paths, bundle.stage_ios, threads)

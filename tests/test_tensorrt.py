@@ -1,0 +1,1065 @@
+"""TensorRT engine builder and backend.
+
+TensorRT and pycuda exist only on NVIDIA machines, so most of this file runs against small
+stand-ins registered in ``sys.modules``:
+
+- ``fake_trt(version)``: a TensorRT module that carries only the names that version really has
+  (see TRT_NAMES / OBJECT_NAMES and where each was read) and records what the builder does with
+  them; touching a name the version lacks raises AttributeError, as the real binding would.
+- ``fake_pycuda()`` + the fake TensorRT runtime: a *simulator* of device memory (numpy bytes
+  behind integer pointers) whose engines run the stage's ONNX graph on onnxruntime, so the
+  backend's shape setting, address binding, output-buffer reuse and on-device gathers can be
+  checked end to end against the onnxruntime backend. It checks the bookkeeping, not CUDA.
+
+Tests needing the real libraries use ``pytest.importorskip`` and skip here with a reason.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import hashlib
+import json
+import os
+import sys
+import types
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeexit.errors import EdgeExitError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "digits" / "model.yaml"
+BUILDER_SRC = ROOT / "edgeexit" / "export" / "tensorrt.py"
+BACKEND_SRC = ROOT / "edgeexit" / "runtime" / "tensorrt_backend.py"
+DEVICE = "jetson-agx-orin-64gb"
+
+VERSIONS = {"8.5": "8.5.2.2", "10.3": "10.3.0.26", "11.0": "11.0.0.114"}
+
+# --- which `trt.X` / `trt.X.Y` names each TensorRT version has --------------------------------
+# Read from:
+#   8.5  NVIDIA/TensorRT python/src/infer/pyCore.cpp at the 8.5 release (BuilderFlag without a
+#        STRONGLY_TYPED network flag, PreviewFeature *_0805, ENABLE_TACTIC_HEURISTIC, no
+#        builder_optimization_level) and python/src/parsers/pyOnnx.cpp of 8.x (ParserError:
+#        code/desc/file/line/func/node only).
+#   10.x NVIDIA/TensorRT python/src/infer/pyCore.cpp of 10.1x (NetworkDefinitionCreationFlag
+#        EXPLICIT_BATCH [deprecated, ignored] + STRONGLY_TYPED, BuilderFlag FP16/INT8/GPU_FALLBACK,
+#        MemoryPoolType.WORKSPACE, builder_optimization_level) and pyOnnx.cpp of 10.x
+#        (ParserError node_name/node_operator).
+#   11.x docs.nvidia.com/deeplearning/tensorrt/11.0.0 Python API (NetworkDefinitionCreationFlag:
+#        STRONGLY_TYPED [deprecated, ignored], PREFER_AOT/JIT_PYTHON_PLUGINS; no EXPLICIT_BATCH)
+#        and the 10.x->11.x Python migration reference (removed: BuilderFlag.FP16/INT8/BF16/FP8/
+#        INT4/FP4/OBEY_/PREFER_PRECISION_CONSTRAINTS/DIRECT_IO, int8_calibrator, quantization
+#        flags, platform_has_fast_fp16/int8). GPU_FALLBACK, DeviceType.DLA and WORKSPACE in 11:
+#        C++ 11.4.1 IBuilderConfig member list (getDLACore, getDefaultDeviceType,
+#        getMemoryPoolLimit) and the 11.3 "Strongly Typed Networks for DLA" page (lists the flags
+#        not valid for DLA: FP16, INT8, OBEY/PREFER_PRECISION_CONSTRAINTS; GPU_FALLBACK stays) -
+#        not read from 11.x binding source.
+ALL = frozenset(VERSIONS)
+TRT_NAMES: dict[str, frozenset] = {
+    "__version__": ALL,
+    "ILogger": ALL,
+    "ILogger.WARNING": ALL,
+    "ILogger.ERROR": ALL,
+    "Builder": ALL,
+    "OnnxParser": ALL,
+    "Runtime": ALL,
+    "NetworkDefinitionCreationFlag": ALL,
+    "NetworkDefinitionCreationFlag.EXPLICIT_BATCH": frozenset({"8.5", "10.3"}),
+    "NetworkDefinitionCreationFlag.STRONGLY_TYPED": frozenset({"10.3", "11.0"}),
+    "BuilderFlag": ALL,
+    "BuilderFlag.FP16": frozenset({"8.5", "10.3"}),
+    "BuilderFlag.INT8": frozenset({"8.5", "10.3"}),
+    "BuilderFlag.GPU_FALLBACK": ALL,
+    "MemoryPoolType": ALL,
+    "MemoryPoolType.WORKSPACE": ALL,
+    "DeviceType": ALL,
+    "DeviceType.GPU": ALL,
+    "DeviceType.DLA": ALL,
+    "TensorIOMode": ALL,
+    "TensorIOMode.INPUT": ALL,
+    "TensorIOMode.OUTPUT": ALL,
+}
+
+# Methods/properties on TensorRT objects that edgeexit uses, per version (same sources).
+OBJECT_NAMES = {
+    "Builder": {v: {"create_network", "create_builder_config", "create_optimization_profile",
+                    "build_serialized_network", "num_DLA_cores"} for v in VERSIONS},
+    "Network": {v: {"num_inputs", "get_input"} for v in VERSIONS},
+    "Parser": {v: {"parse_from_file", "num_errors", "get_error"} for v in VERSIONS},
+    "ParserError": {"8.5": {"code", "desc", "file", "line", "func", "node"},
+                    "10.3": {"code", "desc", "file", "line", "func", "node", "node_name", "node_operator"},
+                    "11.0": {"code", "desc", "file", "line", "func", "node", "node_name", "node_operator"}},
+    "Config": {"8.5": {"set_memory_pool_limit", "set_flag", "default_device_type", "DLA_core",
+                       "create_timing_cache", "set_timing_cache", "get_timing_cache",
+                       "add_optimization_profile"},
+               "10.3": {"set_memory_pool_limit", "set_flag", "default_device_type", "DLA_core",
+                        "create_timing_cache", "set_timing_cache", "get_timing_cache",
+                        "add_optimization_profile", "builder_optimization_level"},
+               "11.0": {"set_memory_pool_limit", "set_flag", "default_device_type", "DLA_core",
+                        "create_timing_cache", "set_timing_cache", "get_timing_cache",
+                        "add_optimization_profile", "builder_optimization_level"}},
+    "Profile": {v: {"set_shape"} for v in VERSIONS},
+    "Cache": {v: {"serialize"} for v in VERSIONS},
+    "Runtime": {v: {"deserialize_cuda_engine", "DLA_core"} for v in VERSIONS},
+    "Engine": {v: {"num_io_tensors", "get_tensor_name", "get_tensor_mode", "get_tensor_dtype",
+                   "get_tensor_profile_shape", "create_execution_context"} for v in VERSIONS},
+    "Context": {v: {"set_input_shape", "get_tensor_shape", "set_tensor_address", "execute_async_v3"}
+                for v in VERSIONS},
+}
+
+
+class _Strict:
+    """Public attributes limited to `_allowed` (the names the emulated version has)."""
+
+    _allowed: frozenset = frozenset()
+
+    def __getattribute__(self, name):
+        if not name.startswith("_") and name not in type(self)._allowed:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r} in this TensorRT")
+        return object.__getattribute__(self, name)
+
+    def __setattr__(self, name, value):
+        if not name.startswith("_") and name not in type(self)._allowed:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r} in this TensorRT")
+        object.__setattr__(self, name, value)
+
+
+def _strict(base, kind, version):
+    return type(f"{kind}_{version}", (base,), {"_allowed": frozenset(OBJECT_NAMES[kind][version])})
+
+
+# --- the fake TensorRT builder -----------------------------------------------------------------
+
+
+class _Tensor:
+    def __init__(self, name, shape):
+        self.name, self.shape = name, shape
+
+
+class _Network(_Strict):
+    def __init__(self, flags):
+        self._flags, self._inputs = flags, []
+
+    @property
+    def num_inputs(self):
+        return len(self._inputs)
+
+    def get_input(self, i):
+        return self._inputs[i]
+
+
+class _ParserError(_Strict):
+    def __init__(self, desc, node, node_name="", node_operator=""):
+        self._desc, self._node, self._name, self._op = desc, node, node_name, node_operator
+
+    def code(self):
+        return 8
+
+    def desc(self):
+        return self._desc
+
+    def file(self):
+        return "ModelImporter.cpp"
+
+    def line(self):
+        return 1
+
+    def func(self):
+        return "parseGraph"
+
+    def node(self):
+        return self._node
+
+    def node_name(self):
+        return self._name
+
+    def node_operator(self):
+        return self._op
+
+
+class _Parser(_Strict):
+    def __init__(self, state, network, logger):
+        self._state, self._network, self._errors = state, network, []
+
+    def parse_from_file(self, path):
+        import onnx
+
+        self._state.parsed = path
+        if self._state.parser_errors:
+            self._errors = [self._state.ParserError(*e) for e in self._state.parser_errors]
+            return False
+        model = onnx.load(path, load_external_data=False)
+        self._state.onnx_bytes = Path(path).read_bytes()
+        for value in model.graph.input:
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+            self._network._inputs.append(_Tensor(value.name, tuple(dims)))
+        return True
+
+    @property
+    def num_errors(self):
+        return len(self._errors)
+
+    def get_error(self, i):
+        return self._errors[i]
+
+
+class _Profile(_Strict):
+    def __init__(self, state):
+        self._state = state
+
+    def set_shape(self, name, lo, opt, hi):
+        self._state.profile[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+
+class _Cache(_Strict):
+    def __init__(self, blob):
+        self._blob = bytes(blob)
+
+    def serialize(self):
+        return self._blob + b"+timed"
+
+
+class _Config(_Strict):
+    def __init__(self, state):
+        self._state = state
+        self._cache = None
+        # Properties exist (with TensorRT's defaults) wherever the version has them.
+        for name, default in (("default_device_type", 0), ("DLA_core", -1), ("builder_optimization_level", 3)):
+            if name in type(self)._allowed:
+                object.__setattr__(self, name, default)
+
+    def set_memory_pool_limit(self, pool, size):
+        self._state.pool_limits[pool] = size
+
+    def set_flag(self, flag):
+        self._state.flags.append(flag)
+
+    def create_timing_cache(self, blob):
+        self._state.cache_loaded = bytes(blob)
+        return self._state.Cache(blob)
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        self._cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return self._cache
+
+    def add_optimization_profile(self, profile):
+        self._state.profiles_added += 1
+        return 0
+
+
+class _Builder(_Strict):
+    def __init__(self, state, logger):
+        self._state, self._logger = state, logger
+        self._state.logger = logger
+
+    @property
+    def num_DLA_cores(self):
+        return self._state.dla_cores
+
+    def create_network(self, flags=0):
+        self._state.network_flags = flags
+        return self._state.Network(flags)
+
+    def create_builder_config(self):
+        self._state.config = self._state.Config(self._state)
+        return self._state.config
+
+    def create_optimization_profile(self):
+        return self._state.Profile(self._state)
+
+    def build_serialized_network(self, network, config):
+        if self._state.fail_build:
+            self._logger.log(self._state.module.ILogger.ERROR, "Error Code 2: out of memory\n(allocation failed)")
+            return None
+        # A fake plan the fake runtime below can execute: the ONNX itself plus the profile.
+        plan = {"onnx": base64.b64encode(self._state.onnx_bytes).decode(), "profile": self._state.profile,
+                "int64_as_int32": self._state.version_key == "8.5"}
+        return json.dumps(plan).encode()
+
+
+def fake_trt(version_key: str, *, dla_cores: int = 0):
+    """A tensorrt module for one version; `module._state` records what the builder did."""
+    names = {n for n, vs in TRT_NAMES.items() if version_key in vs}
+    mod = types.ModuleType("tensorrt")
+    state = types.SimpleNamespace(
+        version_key=version_key, module=mod, dla_cores=dla_cores, parser_errors=[], fail_build=False,
+        flags=[], pool_limits={}, profile={}, profiles_added=0, network_flags=None, config=None,
+        cache_loaded=None, parsed=None, onnx_bytes=b"", logger=None,
+        Network=_strict(_Network, "Network", version_key),
+        ParserError=_strict(_ParserError, "ParserError", version_key),
+        Config=_strict(_Config, "Config", version_key),
+        Profile=_strict(_Profile, "Profile", version_key),
+        Cache=_strict(_Cache, "Cache", version_key))
+    mod._state = state
+    mod.__version__ = VERSIONS[version_key]
+
+    class ILogger:
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = 0, 1, 2, 3, 4
+
+        def __init__(self):
+            pass
+
+    mod.ILogger = ILogger
+
+    def enum(name):
+        members = {n.split(".", 1)[1]: i for i, n in enumerate(sorted(names)) if n.startswith(name + ".")}
+        return type(name, (), members)
+
+    for name in ("NetworkDefinitionCreationFlag", "BuilderFlag", "MemoryPoolType", "DeviceType", "TensorIOMode"):
+        setattr(mod, name, enum(name))
+    builder_cls = _strict(_Builder, "Builder", version_key)
+    parser_cls = _strict(_Parser, "Parser", version_key)
+    mod.Builder = lambda logger: builder_cls(state, logger)
+    mod.OnnxParser = lambda network, logger: parser_cls(state, network, logger)
+    mod.Runtime = lambda logger: _strict(_Runtime, "Runtime", version_key)(mod, logger)
+    return mod
+
+
+def flag_names(mod, enum_name, value_set):
+    enum = getattr(mod, enum_name)
+    return {n for n in dir(enum) if not n.startswith("_") and getattr(enum, n) in value_set}
+
+
+def network_flag_names(mod):
+    bits = mod._state.network_flags
+    enum = mod.NetworkDefinitionCreationFlag
+    return {n for n in dir(enum) if not n.startswith("_") and bits & (1 << getattr(enum, n))}
+
+
+# --- the fake runtime (a simulator: engines run the ONNX on onnxruntime) ----------------------
+
+
+class _DataType:
+    def __init__(self, name):
+        self.name = name
+
+
+_ORT_TO_TRT = {"tensor(float)": "FLOAT", "tensor(float16)": "HALF", "tensor(int64)": "INT64",
+               "tensor(int32)": "INT32", "tensor(int8)": "INT8", "tensor(bool)": "BOOL"}
+
+
+class _Engine(_Strict):
+    def __init__(self, mod, plan):
+        import onnxruntime as ort
+
+        self._mod = mod
+        self._session = ort.InferenceSession(base64.b64decode(plan["onnx"]), providers=["CPUExecutionProvider"])
+        self._profile = {k: [tuple(s) for s in v] for k, v in plan["profile"].items()}
+        self._in = [i.name for i in self._session.get_inputs()]
+        self._out = [o.name for o in self._session.get_outputs()]
+        self._types, self._static = {}, {}
+        for v in [*self._session.get_inputs(), *self._session.get_outputs()]:
+            t = _ORT_TO_TRT[v.type]
+            self._types[v.name] = "INT32" if (t == "INT64" and plan["int64_as_int32"]) else t
+            self._static[v.name] = tuple(d if isinstance(d, int) else -1 for d in v.shape)
+
+    @property
+    def num_io_tensors(self):
+        return len(self._in) + len(self._out)
+
+    def get_tensor_name(self, i):
+        return (self._in + self._out)[i]
+
+    def get_tensor_mode(self, name):
+        return self._mod.TensorIOMode.INPUT if name in self._in else self._mod.TensorIOMode.OUTPUT
+
+    def get_tensor_dtype(self, name):
+        return _DataType(self._types[name])
+
+    def get_tensor_profile_shape(self, name, profile_index):
+        assert profile_index == 0
+        return self._profile[name]
+
+    def create_execution_context(self):
+        return _strict(_Context, "Context", self._mod._state.version_key)(self)
+
+
+class _Context(_Strict):
+    def __init__(self, engine):
+        self._engine, self._shapes, self._addr = engine, {}, {}
+
+    def set_input_shape(self, name, shape):
+        lo, _, hi = self._engine._profile[name]
+        shape = tuple(shape)
+        ok = len(shape) == len(lo) and all(a <= s <= b for a, s, b in zip(lo, shape, hi))
+        if ok:
+            self._shapes[name] = shape
+        return ok
+
+    def get_tensor_shape(self, name):
+        if name in self._engine._in:
+            return self._shapes[name]
+        batch = next(iter(self._shapes.values()))[0]
+        return tuple(batch if d < 0 else d for d in self._engine._static[name])
+
+    def set_tensor_address(self, name, ptr):
+        self._addr[name] = int(ptr)
+        return True
+
+    def execute_async_v3(self, stream_handle):
+        feeds = {}
+        for name in self._engine._in:
+            dtype = np.dtype(_NUMPY[self._engine._types[name]])
+            shape = self._shapes[name]
+            feeds[name] = SIM.read(self._addr[name], shape, dtype).copy()
+        outs = self._engine._session.run(self._engine._out, feeds)
+        for name, value in zip(self._engine._out, outs):
+            dtype = np.dtype(_NUMPY[self._engine._types[name]])
+            SIM.write(self._addr[name], np.ascontiguousarray(value.astype(dtype)))
+        return True
+
+
+_NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32, "INT8": np.int8,
+          "BOOL": np.bool_}
+
+
+class _Runtime(_Strict):
+    def __init__(self, mod, logger):
+        self._mod = mod
+
+    def deserialize_cuda_engine(self, blob):
+        return _strict(_Engine, "Engine", self._mod._state.version_key)(self._mod, json.loads(bytes(blob)))
+
+
+class _Memory:
+    """Device memory: integer pointers into numpy byte arrays; freed blocks are reused."""
+
+    def __init__(self):
+        self.blocks: dict[int, np.ndarray] = {}
+        self.free: dict[int, list[int]] = {}
+        self.next = 1 << 20
+        self.copies = 0
+        self.launches = 0
+
+    def alloc(self, size):
+        size = max(int(size), 1)
+        if self.free.get(size):
+            return self.free[size].pop()
+        base = self.next
+        self.next += (size + 255) // 256 * 256 + 256  # 256-byte aligned, with a gap
+        self.blocks[base] = np.full(size, 0xAB, np.uint8)  # garbage, as cudaMalloc gives
+        return base
+
+    def release(self, base):
+        self.free.setdefault(self.blocks[base].size, []).append(base)
+
+    def view(self, ptr, nbytes):
+        for base, mem in self.blocks.items():
+            if base <= ptr and ptr + nbytes <= base + mem.size:
+                return mem[ptr - base: ptr - base + nbytes]
+        raise AssertionError(f"simulated device: 0x{ptr:x}+{nbytes} is outside every allocation")
+
+    def read(self, ptr, shape, dtype):
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        return self.view(ptr, n).view(dtype).reshape(shape)
+
+    def write(self, ptr, array):
+        self.view(ptr, array.nbytes)[:] = np.frombuffer(array.tobytes(), np.uint8)
+
+
+SIM = _Memory()
+
+
+class _Block:
+    def __init__(self, size, pooled):
+        self.ptr = SIM.alloc(size)
+        if pooled:
+            weakref.finalize(self, SIM.release, self.ptr)
+
+    def __int__(self):
+        return self.ptr
+
+    def free(self):
+        pass
+
+
+def fake_pycuda(compile_ok: bool):
+    """pycuda.driver / tools / compiler over the simulated memory (synchronous stream)."""
+    driver = types.ModuleType("pycuda.driver")
+    driver.init = lambda: None
+
+    class _PrimaryContext:
+        def push(self):
+            driver.pushed += 1
+
+        def pop(self):
+            driver.pushed -= 1
+
+    class Device:
+        def __init__(self, i):
+            self.i = i
+
+        def retain_primary_context(self):
+            return _PrimaryContext()
+
+    class Stream:
+        handle = 0x5EED
+
+        def synchronize(self):
+            pass
+
+    class Event:
+        def record(self, stream=None):
+            pass
+
+        def query(self):
+            return True
+
+    def to_host(host, src, stream=None):
+        host[...] = SIM.read(int(src), host.shape, host.dtype)
+
+    def to_device(dst, host, stream=None):
+        SIM.write(int(dst), np.ascontiguousarray(host))
+
+    def dtod(dst, src, size, stream=None):
+        SIM.copies += 1
+        SIM.view(int(dst), size)[:] = SIM.view(int(src), size)
+
+    driver.pushed = 0
+    driver.Device, driver.Stream, driver.Event = Device, Stream, Event
+    driver.mem_alloc = lambda size: _Block(size, pooled=False)
+    driver.memcpy_htod_async, driver.memcpy_dtoh_async, driver.memcpy_dtod_async = to_device, to_host, dtod
+
+    tools = types.ModuleType("pycuda.tools")
+
+    class DeviceMemoryPool:
+        def allocate(self, size):
+            return _Block(size, pooled=True)
+
+        def stop_holding(self):
+            pass
+
+    class PageLockedMemoryPool:
+        def allocate(self, shape, dtype, order="C"):
+            return np.empty(shape, dtype, order=order)
+
+        def stop_holding(self):
+            pass
+
+    tools.DeviceMemoryPool, tools.PageLockedMemoryPool = DeviceMemoryPool, PageLockedMemoryPool
+
+    compiler = types.ModuleType("pycuda.compiler")
+
+    class _Kernel:
+        def __init__(self, unit):
+            self.unit = unit
+
+        def prepare(self, arg_types):
+            assert arg_types == "PPPqq"
+            return self
+
+        def prepared_async_call(self, grid, block, stream, dst, src, rows, n_rows, row_units):
+            # What gather_rows_u32 / gather_rows_u8 compute, element unit by element unit.
+            SIM.launches += 1
+            assert isinstance(grid, tuple) and isinstance(block, tuple) and stream is not None
+            idx = SIM.read(rows, (n_rows,), np.int64)
+            row_bytes = row_units * self.unit
+            for i, r in enumerate(idx):
+                SIM.view(dst + i * row_bytes, row_bytes)[:] = SIM.view(src + int(r) * row_bytes, row_bytes)
+
+    class SourceModule:
+        def __init__(self, source, nvcc="nvcc", **kwargs):
+            if not compile_ok:
+                raise OSError("nvcc was not found (is it on the PATH?)")
+            assert "gather_rows_u32" in source and "gather_rows_u8" in source
+
+        def get_function(self, name):
+            return _Kernel(4 if name.endswith("u32") else 1)
+
+    compiler.SourceModule = SourceModule
+    package = types.ModuleType("pycuda")
+    package.driver, package.tools, package.compiler = driver, tools, compiler
+    return {"pycuda": package, "pycuda.driver": driver, "pycuda.tools": tools, "pycuda.compiler": compiler}
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built_bundle(tmp_path_factory):
+    """The shipped example, built once with the CLI (~15 s)."""
+    from edgeexit.cli import main
+
+    out = tmp_path_factory.mktemp("trt") / "bundle"
+    assert main(["build", str(EXAMPLE), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture()
+def bundle(built_bundle, tmp_path):
+    """A private copy of the built bundle (tests rewrite it)."""
+    import shutil
+
+    dest = tmp_path / "bundle"
+    shutil.copytree(built_bundle, dest)
+    return dest
+
+
+@pytest.fixture()
+def use_trt(monkeypatch):
+    """Install fake_trt(version) as `tensorrt`; returns the module."""
+    def install(version_key, **kwargs):
+        mod = fake_trt(version_key, **kwargs)
+        monkeypatch.setitem(sys.modules, "tensorrt", mod)
+        return mod
+    return install
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def stage0(bundle_path: Path) -> Path:
+    return bundle_path / "stages" / "stage0.onnx"
+
+
+def qdq_model(path: Path) -> Path:
+    """A tiny explicitly quantized graph (Q/DQ around an identity) with a dynamic batch."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="quant"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="dequant")]
+    graph = helper.make_graph(
+        nodes, "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.INT8, [], [0])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def build(onnx_path, tmp_path, **kwargs):
+    from edgeexit.export.tensorrt import build_engine, graph_facts
+
+    facts = graph_facts(onnx_path)
+    args = dict(batch=(1, 16, 256), input_shapes=facts.input_shapes, precision="fp32", workspace_mb=512,
+                timing_cache=tmp_path / "timing.cache")
+    args.update(kwargs)
+    return build_engine(onnx_path, tmp_path / "stage.plan", **args)
+
+
+# --- without TensorRT ------------------------------------------------------------------------------
+
+
+def test_no_tensorrt_fails_in_one_line_and_leaves_the_bundle_untouched(bundle, monkeypatch):
+    from edgeexit.bundle import load_bundle
+    from edgeexit.export.tensorrt import NOT_INSTALLED, build_engines, trt_available
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+    assert not trt_available()
+    before = snapshot(bundle)
+    parent_before = sorted(p.name for p in bundle.parent.iterdir())
+    with pytest.raises(EdgeExitError) as err:
+        build_engines(bundle, DEVICE)
+    assert str(err.value) == NOT_INSTALLED
+    assert "\n" not in str(err.value) and "edgeexit engines BUNDLE" in str(err.value)
+    assert snapshot(bundle) == before
+    assert sorted(p.name for p in bundle.parent.iterdir()) == parent_before  # no staging left over
+    load_bundle(bundle)  # still verifies
+
+
+def test_backend_module_imports_without_tensorrt_and_refuses_cleanly(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    import edgeexit.runtime.tensorrt_backend as tb
+
+    with pytest.raises(EdgeExitError, match="TensorRT is not installed"):
+        tb.TensorRTBackend([], [])
+
+
+def test_versions_parse():
+    from edgeexit.export.tensorrt import engine_key, parse_version
+
+    assert parse_version("10.3.0.26") == (10, 3, 0, 26)
+    assert parse_version("8.5.2.2") == (8, 5, 2, 2)
+    assert parse_version("11.0.0b1") == (11, 0, 0)
+    assert engine_key("jetson-orin-nx-16gb", (10, 3, 0)) == "jetson-orin-nx-16gb-trt10.3"
+
+
+def test_graph_facts(bundle, tmp_path):
+    from edgeexit.export.tensorrt import graph_facts
+
+    facts = graph_facts(stage0(bundle))
+    assert facts.precision == "fp32"
+    assert facts.input_shapes == {"image": (1, 8, 8)}
+    assert facts.node_names[0] and len(facts.node_names) == len(facts.node_ops)
+    assert graph_facts(qdq_model(tmp_path / "q.onnx")).precision == "int8"
+
+
+# --- version-dependent builder branches (fake TensorRT) ---------------------------------------------
+
+
+def test_trt85_explicit_batch_no_optimization_level_no_strong_typing(bundle, tmp_path, use_trt):
+    trt = use_trt("8.5")
+    meta = build(stage0(bundle), tmp_path, optimization_level=3)
+    st = trt._state
+    assert network_flag_names(trt) == {"EXPLICIT_BATCH"}
+    assert not hasattr(st.config, "builder_optimization_level")  # never touched: 8.5 has none
+    assert meta["optimization_level"] is None and meta["strongly_typed"] is False
+    assert st.flags == [] and meta["builder_flags"] == []
+    assert st.pool_limits == {trt.MemoryPoolType.WORKSPACE: 512 << 20}
+    assert st.profile == {"image": ((1, 1, 8, 8), (16, 1, 8, 8), (256, 1, 8, 8))} and st.profiles_added == 1
+    assert (tmp_path / "stage.plan").read_bytes().startswith(b"{")
+    assert (tmp_path / "timing.cache").read_bytes() == b"+timed"
+    assert meta["profile"]["inputs"]["image"][2] == [256, 1, 8, 8] and meta["tensorrt"] == "8.5.2.2"
+
+
+def test_trt85_weak_typing_flags_for_fp16_and_qdq_int8(bundle, tmp_path, use_trt):
+    trt = use_trt("8.5")
+    build(stage0(bundle), tmp_path, precision="fp16")
+    assert flag_names(trt, "BuilderFlag", trt._state.flags) == {"FP16"}
+    assert network_flag_names(trt) == {"EXPLICIT_BATCH"}
+
+    trt = use_trt("8.5")
+    meta = build(qdq_model(tmp_path / "q.onnx"), tmp_path, precision="int8", batch=(1, 8, 64))
+    assert flag_names(trt, "BuilderFlag", trt._state.flags) == {"INT8"}  # 8.x: Q/DQ needs INT8
+    assert meta["graph_precision"] == "int8" and meta["strongly_typed"] is False
+
+
+def test_trt10_strongly_typed_for_graph_precision_and_optimization_level(bundle, tmp_path, use_trt):
+    trt = use_trt("10.3")
+    meta = build(qdq_model(tmp_path / "q.onnx"), tmp_path, precision="int8", optimization_level=4)
+    assert network_flag_names(trt) == {"STRONGLY_TYPED"}  # no EXPLICIT_BATCH: ignored since 10.0
+    assert trt._state.flags == []  # precision comes from the Q/DQ nodes, no INT8 flag
+    assert trt._state.config.builder_optimization_level == 4 and meta["optimization_level"] == 4
+
+    trt = use_trt("10.3")
+    meta = build(stage0(bundle), tmp_path)  # fp32 graph at fp32: weakly typed, no flags
+    assert network_flag_names(trt) == set() and trt._state.flags == [] and not meta["strongly_typed"]
+
+    trt = use_trt("10.3")
+    build(stage0(bundle), tmp_path, precision="fp16")  # fp16 from an fp32 graph: the FP16 flag
+    assert network_flag_names(trt) == set() and flag_names(trt, "BuilderFlag", trt._state.flags) == {"FP16"}
+
+
+def test_trt11_always_strongly_typed_and_never_touches_removed_flags(bundle, tmp_path, use_trt):
+    trt = use_trt("11.0")
+    assert not hasattr(trt.BuilderFlag, "FP16") and not hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
+    meta = build(qdq_model(tmp_path / "q.onnx"), tmp_path, precision="int8")
+    assert network_flag_names(trt) == {"STRONGLY_TYPED"} and trt._state.flags == []
+    assert meta["strongly_typed"] is True
+
+    trt = use_trt("11.0")
+    meta = build(stage0(bundle), tmp_path)
+    assert meta["strongly_typed"] is True and trt._state.flags == []
+
+    use_trt("11.0")
+    with pytest.raises(EdgeExitError, match="strongly typed") as err:
+        build(stage0(bundle), tmp_path, precision="fp16")
+    assert "export.precision: fp16" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_int8_without_qdq_is_refused(bundle, tmp_path, use_trt):
+    use_trt("10.3")
+    with pytest.raises(EdgeExitError, match="explicit Q/DQ"):
+        build(stage0(bundle), tmp_path, precision="int8")
+    use_trt("8.5")
+    with pytest.raises(EdgeExitError, match="Q/DQ"):
+        build(qdq_model(tmp_path / "q.onnx"), tmp_path, precision="fp16")
+
+
+def test_parser_errors_name_the_nodes(bundle, tmp_path, use_trt):
+    from edgeexit.export.tensorrt import graph_facts
+
+    trt = use_trt("10.3")
+    trt._state.parser_errors = [("Unsupported operator FancyOp\nno importer", 3, "/block/fancy", "FancyOp")]
+    with pytest.raises(EdgeExitError) as err:
+        build(stage0(bundle), tmp_path)
+    text = str(err.value)
+    assert "cannot parse stage0.onnx" in text and "node '/block/fancy' (FancyOp)" in text and "\n" not in text
+
+    trt = use_trt("8.5")  # 8.5: only a node index; the name comes from the graph itself
+    trt._state.parser_errors = [("Assertion failed: axis", 1), ("graph error", -1)]
+    with pytest.raises(EdgeExitError) as err:
+        build(stage0(bundle), tmp_path)
+    facts = graph_facts(stage0(bundle))
+    assert f"node {facts.node_names[1]!r} ({facts.node_ops[1]}): Assertion failed: axis" in str(err.value)
+    assert "graph: graph error" in str(err.value)
+    assert not (tmp_path / "stage.plan").exists()
+
+
+def test_failed_build_is_one_line_and_writes_nothing(bundle, tmp_path, use_trt):
+    trt = use_trt("10.3")
+    trt._state.fail_build = True
+    with pytest.raises(EdgeExitError) as err:
+        build(stage0(bundle), tmp_path)
+    assert "out of memory" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "stage.plan").exists() and not (tmp_path / "timing.cache").exists()
+
+
+def test_dla_settings(bundle, tmp_path, use_trt):
+    trt = use_trt("10.3", dla_cores=2)
+    build(stage0(bundle), tmp_path, precision="fp16", dla_core=1)
+    cfg = trt._state.config
+    assert cfg.default_device_type == trt.DeviceType.DLA and cfg.DLA_core == 1
+    assert flag_names(trt, "BuilderFlag", trt._state.flags) == {"FP16", "GPU_FALLBACK"}
+    use_trt("10.3", dla_cores=2)
+    with pytest.raises(EdgeExitError, match="fp16 or int8"):
+        build(stage0(bundle), tmp_path, precision="fp32", dla_core=0)
+    use_trt("10.3", dla_cores=0)
+    with pytest.raises(EdgeExitError, match="0 DLA core"):
+        build(stage0(bundle), tmp_path, precision="fp16", dla_core=0)
+
+
+def test_tensorrt_older_than_85_is_refused(bundle, tmp_path, use_trt):
+    trt = use_trt("8.5")
+    trt.__version__ = "8.2.1.8"
+    with pytest.raises(EdgeExitError, match="older than 8.5"):
+        build(stage0(bundle), tmp_path)
+
+
+# --- build_engines on a real bundle (fake TensorRT) -------------------------------------------------
+
+
+def test_build_engines_adds_engines_and_reseals_the_bundle(bundle, use_trt, capsys):
+    from edgeexit.bundle import load_bundle
+    from edgeexit.export.tensorrt import build_engines
+
+    before = snapshot(bundle)
+    trt = use_trt("10.3")
+    out = build_engines(bundle, DEVICE, optimization_level=3)
+    key = f"{DEVICE}-trt10.3"
+    assert out == bundle / "engines" / key
+    loaded = load_bundle(bundle)  # every checksum, the new files included
+    entry = loaded.manifest["engines"][key]
+    assert entry["stages"] == [f"engines/{key}/stage{k}.plan" for k in range(3)]
+    assert entry["tensorrt"] == "10.3.0.26" and entry["metadata"] == f"engines/{key}/engine.json"
+    for rel in [*entry["stages"], entry["metadata"], f"engines/{key}/timing.cache"]:
+        assert rel in loaded.manifest["files"] and (bundle / rel).is_file()
+    meta = json.loads((bundle / entry["metadata"]).read_text())
+    assert [m["stage"] for m in meta["stages"]] == [0, 1, 2] and meta["workspace_mb"] == 4096
+    assert meta["stages"][1]["profile"]["inputs"]["s0_carry0"] == [[1, 32, 8, 8], [16, 32, 8, 8], [256, 32, 8, 8]]
+    assert trt._state.pool_limits == {trt.MemoryPoolType.WORKSPACE: 4096 << 20}  # from the device profile
+    after = snapshot(bundle)
+    assert {k: v for k, v in after.items() if k in before and k != "manifest.json"} == \
+        {k: v for k, v in before.items() if k != "manifest.json"}  # nothing else changed
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no staging left
+    err = capsys.readouterr().err
+    assert "stage 3/3" in err
+
+    use_trt("10.3")  # rebuilding replaces the set and reuses its timing cache
+    build_engines(bundle, DEVICE, progress=False)
+    assert sorted(load_bundle(bundle).manifest["engines"]) == [key]
+    assert sys.modules["tensorrt"]._state.cache_loaded.startswith(b"+timed")
+
+
+def test_build_engines_failure_leaves_the_bundle_as_it_was(bundle, use_trt):
+    from edgeexit.bundle import load_bundle
+    from edgeexit.export.tensorrt import build_engines
+
+    before = snapshot(bundle)
+    trt = use_trt("10.3")
+    trt._state.fail_build = True
+    with pytest.raises(EdgeExitError, match="building stage0.onnx"):
+        build_engines(bundle, DEVICE, progress=False)
+    assert snapshot(bundle) == before
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]
+    load_bundle(bundle)
+
+
+def test_build_engines_checks_the_device(bundle, use_trt):
+    from edgeexit.export.tensorrt import build_engines
+
+    use_trt("10.3")
+    with pytest.raises(EdgeExitError, match="has no TensorRT"):
+        build_engines(bundle, "host-cpu", progress=False)
+    with pytest.raises(EdgeExitError, match="DLA core"):
+        build_engines(bundle, "jetson-orin-nano-8gb", dla_core=0, progress=False)
+    with pytest.raises(EdgeExitError, match="unknown device"):
+        build_engines(bundle, "no-such-device", progress=False)
+
+
+# --- the backend on the simulator ---------------------------------------------------------------
+
+
+def test_contiguous_runs_and_launch_shape():
+    from edgeexit.runtime.tensorrt_backend import contiguous_runs, gather_launch
+
+    assert contiguous_runs([0, 1, 2, 5, 6, 9]) == [(0, 0, 3), (5, 3, 2), (9, 5, 1)]
+    assert contiguous_runs([4, 2, 3]) == [(4, 0, 1), (2, 1, 2)]
+    assert contiguous_runs([]) == []
+    assert gather_launch(10, 32 * 8 * 8 * 4) == ("u32", 2048, 80)
+    assert gather_launch(3, 3) == ("u8", 3, 1)
+    assert gather_launch(10**6, 4096)[2] == 65535  # grid-stride loop covers the rest
+
+
+def test_select_engines(bundle):
+    from edgeexit.bundle import Bundle
+    from edgeexit.runtime.tensorrt_backend import select_engines
+
+    manifest = {"engines": {f"{DEVICE}-trt10.3": {"stages": []}, "jetson-orin-nx-16gb-trt8.5": {"stages": []}}}
+    b = Bundle(bundle, manifest)
+    assert select_engines(b, version=(10, 3, 0))[0] == f"{DEVICE}-trt10.3"
+    assert select_engines(b, "jetson-orin-nx-16gb", version=(8, 5))[0] == "jetson-orin-nx-16gb-trt8.5"
+    with pytest.raises(EdgeExitError, match="no engines for TensorRT 11.0"):
+        select_engines(b, version=(11, 0))
+    with pytest.raises(EdgeExitError, match="edgeexit engines"):
+        select_engines(Bundle(bundle, {}), version=(10, 3))
+
+
+def digits_batch(bundle_path):
+    from edgeexit.bundle import load_bundle
+    from edgeexit.data import normalize
+
+    try:
+        from sklearn.datasets import load_digits
+
+        images = load_digits().images.astype(np.float32)[:, None][:300]
+    except ImportError:
+        images = np.random.default_rng(0).uniform(0, 16, (300, 1, 8, 8)).astype(np.float32)
+    b = load_bundle(bundle_path)
+    return b, normalize(images, b.input["mean"], b.input["std"])
+
+
+@pytest.mark.parametrize("version_key, gather", [("10.3", "kernel"), ("10.3", "memcpy"), ("8.5", "auto")])
+def test_backend_cascade_matches_onnxruntime_on_the_simulator(bundle, use_trt, monkeypatch, version_key, gather):
+    from edgeexit.export.tensorrt import build_engines
+    from edgeexit.runtime.cascade import Cascade, trace
+    from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from edgeexit.runtime.tensorrt_backend import DeviceTensor, TensorRTBackend
+
+    use_trt(version_key)
+    build_engines(bundle, DEVICE, progress=False)
+    b, x = digits_batch(bundle)
+    reference = OnnxRuntimeBackend(b.stage_paths, b.stage_ios)
+    traced = trace(reference, b.stage_ios, x, 64)
+    # Thresholds at the median confidence: about half leave at each early exit.
+    thresholds = [float(np.median(traced.exit_conf[:, 0])), float(np.median(traced.exit_conf[:, 1])), None]
+    want = Cascade(reference, b.stage_ios, thresholds).run_batched(x, 64, collect=True)
+
+    pycuda = fake_pycuda(compile_ok=gather != "memcpy")
+    for name, module in pycuda.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    SIM.copies = SIM.launches = 0
+    backend = TensorRTBackend.from_bundle(b, gather="auto" if gather == "auto" else gather)
+    with backend:
+        assert backend.gather_mode == ("memcpy" if gather == "memcpy" else "kernel")
+        got = Cascade(backend, b.stage_ios, thresholds).run_batched(x, 64, collect=True)
+        assert isinstance(backend.run(0, {"image": backend.upload(x[:5])})["s0_carry0"], DeviceTensor)
+    assert pycuda["pycuda.driver"].pushed == 0  # the context was released
+    np.testing.assert_array_equal(got.exit, want.exit)
+    np.testing.assert_array_equal(got.pred, want.pred)
+    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got.conf, want.conf, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got.stage_samples, want.stage_samples)
+    assert 0 < want.exit_shares()[0] < 1 and 0 < want.exit_shares()[1] < 1
+    if gather == "memcpy":
+        assert SIM.copies > 0 and SIM.launches == 0
+    else:
+        assert SIM.launches > 0 and SIM.copies == 0
+
+
+def test_backend_refuses_batches_outside_the_profile(bundle, use_trt, monkeypatch):
+    from edgeexit.bundle import load_bundle
+    from edgeexit.export.tensorrt import build_engines
+    from edgeexit.runtime.tensorrt_backend import TensorRTBackend
+
+    use_trt("10.3")
+    build_engines(bundle, DEVICE, progress=False)
+    for name, module in fake_pycuda(compile_ok=True).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    with TensorRTBackend.from_bundle(load_bundle(bundle)) as backend:
+        out = backend.run(0, {"image": np.zeros((3, 1, 8, 8))})  # a host float64 array is copied up as float32
+        assert out["s0_carry0"].shape == (3, 32, 8, 8) and backend.download(out["s0_logits"]).shape == (3, 10)
+        with pytest.raises(EdgeExitError, match="batches of 1..256"):
+            backend.run(0, {"image": backend.upload(np.zeros((300, 1, 8, 8), np.float32))})
+        with pytest.raises(EdgeExitError, match=r"takes \[N, 1, 8, 8\]"):
+            backend.run(0, {"image": backend.upload(np.zeros((2, 1, 4, 4), np.float32))})
+
+
+# --- the TensorRT names used by the code exist where they are used --------------------------------
+
+
+def _trt_chains(tree: ast.AST) -> set[str]:
+    """Every `trt.X` / `trt.X.Y` accessed in a module (longest chain, dunders below the top cut)."""
+    chains = set()
+
+    class Visitor(ast.NodeVisitor):
+        def visit_Attribute(self, node):
+            parts, cur = [], node
+            while isinstance(cur, ast.Attribute):
+                parts.append(cur.attr)
+                cur = cur.value
+            if isinstance(cur, ast.Name) and cur.id == "trt":
+                parts.reverse()
+                chains.add(".".join(p for i, p in enumerate(parts[:2]) if i == 0 or not p.startswith("__")))
+                return  # do not also count the inner prefix
+            self.generic_visit(node)
+
+    Visitor().visit(tree)
+    return chains
+
+
+def _hasattr_guards(tree: ast.AST) -> set[str]:
+    """'X.Y' for every hasattr(trt.X, "Y") in a module."""
+    guards = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hasattr"
+                and len(node.args) == 2 and isinstance(node.args[1], ast.Constant)):
+            target = node.args[0]
+            if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "trt":
+                guards.add(f"{target.attr}.{node.args[1].value}")
+    return guards
+
+
+@pytest.mark.parametrize("source", [BUILDER_SRC, BACKEND_SRC], ids=["builder", "backend"])
+def test_every_trt_name_exists_and_version_specific_ones_are_guarded(source):
+    tree = ast.parse(source.read_text())
+    used = _trt_chains(tree)
+    assert used, "expected TensorRT names in the module"
+    unknown = sorted(used - set(TRT_NAMES))
+    assert not unknown, f"names not in any supported TensorRT version's list: {unknown}"
+    guards = _hasattr_guards(tree)
+    for name in sorted(used):
+        if TRT_NAMES[name] != ALL:
+            assert name in guards, f"trt.{name} exists only in {sorted(TRT_NAMES[name])}; guard it with hasattr"
+
+
+def test_fake_modules_match_the_name_lists():
+    for key in VERSIONS:
+        mod = fake_trt(key)
+        for name, versions in TRT_NAMES.items():
+            obj = mod
+            present = True
+            for part in name.split("."):
+                if not hasattr(obj, part):
+                    present = False
+                    break
+                obj = getattr(obj, part)
+            assert present == (key in versions), (key, name)
+
+
+# --- on real hardware --------------------------------------------------------------------------------
+
+
+def test_real_tensorrt_cascade_matches_onnxruntime(bundle):
+    """On a machine with TensorRT + pycuda + a GPU: build real engines and compare with onnxruntime.
+
+    The device profile is taken from EDGEEXIT_TRT_DEVICE (default jetson-agx-orin-64gb).
+    """
+    pytest.importorskip("tensorrt", reason="TensorRT is installed only on NVIDIA machines (JetPack)")
+    pytest.importorskip("pycuda.driver", reason="pycuda is installed only on NVIDIA machines")
+    from edgeexit.export.tensorrt import build_engines, gpu_info
+    from edgeexit.runtime.cascade import Cascade
+    from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from edgeexit.runtime.tensorrt_backend import TensorRTBackend
+
+    if gpu_info() is None:
+        pytest.skip("no CUDA device visible")
+    device = os.environ.get("EDGEEXIT_TRT_DEVICE", DEVICE)
+    build_engines(bundle, device, progress=False)
+    b, x = digits_batch(bundle)
+    thresholds = b.thresholds
+    want = Cascade(OnnxRuntimeBackend(b.stage_paths, b.stage_ios), b.stage_ios, thresholds).run_batched(x, 64)
+    with TensorRTBackend.from_bundle(b, device) as backend:
+        got = Cascade(backend, b.stage_ios, thresholds).run_batched(x, 64)
+    assert np.mean(got.pred == want.pred) > 0.99
+    np.testing.assert_allclose(got.conf[got.exit == want.exit], want.conf[got.exit == want.exit], atol=1e-3)
