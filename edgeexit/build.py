@@ -28,6 +28,7 @@ from edgeexit.bundle import Bundle, load_bundle, write_bundle
 from edgeexit.data import Dataset, load_dataset, normalize
 from edgeexit.devices import check_target, load_device
 from edgeexit.errors import SpecError
+from edgeexit.export.precision import apply_precision, convert
 from edgeexit.export.onnx import ExportedGraph, activation_bytes, count_flops, export_checked, export_stages
 from edgeexit.models import build_model
 from edgeexit.models.registry import load_weights
@@ -111,7 +112,23 @@ def _toolchain() -> dict[str, str]:
             "onnx": onnx.__version__, "onnxsim": onnxsim.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def _manifest(spec: Spec, exported: list[ExportedGraph], mono: ExportedGraph, thresholds, root: Path) -> dict[str, Any]:
+def _monolithic_precision(spec: Spec, path: Path, x_cal: np.ndarray) -> str:
+    """The monolithic baseline in the yaml's main precision, so comparisons are like for like."""
+    precision = spec.export.precision
+    if precision != "fp32":
+        fp32 = path.with_name("monolithic.fp32.onnx")
+        path.rename(fp32)
+        convert(fp32, path, precision, {spec.input.name: x_cal[:spec.export.calibration.samples]},
+                spec.export.calibration.method)
+    return precision
+
+
+def _manifest(spec: Spec, exported: list[ExportedGraph], precisions: list[str], mono: ExportedGraph,
+              mono_precision: str, thresholds, root: Path) -> dict[str, Any]:
+    def fp32_copy(path: Path) -> dict[str, str]:
+        copy = path.with_name(path.stem + ".fp32.onnx")
+        return {"onnx_fp32": copy.relative_to(root).as_posix()} if copy.exists() else {}
+
     return {
         "name": spec.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -121,12 +138,14 @@ def _manifest(spec: Spec, exported: list[ExportedGraph], mono: ExportedGraph, th
         "stages": [
             {"index": g.io.index, "onnx": g.path.relative_to(root).as_posix(), "inputs": list(g.io.inputs),
              "outputs": {"carry": list(g.io.carry), "logits": g.io.logits, "conf": g.io.conf, "pred": g.io.pred},
-             "precision": "fp32", "flops": g.flops, "params": g.params, "parity_max_abs_diff": g.parity}
-            for g in exported
+             "precision": p, **fp32_copy(g.path), "flops": g.flops, "params": g.params,
+             "parity_max_abs_diff": g.parity}
+            for g, p in zip(exported, precisions)
         ],
         "gating": {"confidence": spec.gating.confidence, "thresholds": thresholds},
         "monolithic": mono.path.relative_to(root).as_posix(),
-        "monolithic_cost": {"flops": mono.flops, "params": mono.params, "parity_max_abs_diff": mono.parity},
+        "monolithic_cost": {"flops": mono.flops, "params": mono.params, "parity_max_abs_diff": mono.parity,
+                            "precision": mono_precision},
         "model": {"arch": spec.model.arch, "factory": spec.model.factory, "args": spec.model.args},
         "weights": "weights.pt",
         "export": {"opset": spec.export.opset, "batch": asdict(spec.export.batch)},
@@ -153,6 +172,8 @@ def evaluate(bundle_root: Path, ios: list[StageIO], mono_path: Path, mono_io: St
     cum_flops = np.cumsum(flops)
     mono = OnnxRuntimeBackend([mono_path], [mono_io], LATENCY_THREADS)
     mono_names = list(mono_io.outputs)
+    mono_pred = np.concatenate([mono.run(0, {mono_io.inputs[0]: x[i:i + batch]})["pred"]
+                                for i in range(0, len(x), batch)])
     timing = per_sample_latency(
         {"cascade": cascade, "monolithic": lambda s: mono.sessions[0].run(mono_names, {mono_io.inputs[0]: s})}, x)
     return {
@@ -163,6 +184,7 @@ def evaluate(bundle_root: Path, ios: list[StageIO], mono_path: Path, mono_io: St
         "cascade_accuracy": float((gated.pred == y).mean()),
         "cascade_flops": float((shares * cum_flops).sum()),
         "monolithic_flops": int(mono_flops),
+        "monolithic_accuracy": float(np.mean(mono_pred == y)),
         "latency_ms": {"cascade": timing["cascade"] * 1e3, "monolithic": timing["monolithic"] * 1e3,
                        "backend": "onnxruntime-cpu", "batch": 1, "threads": LATENCY_THREADS},
     }
@@ -172,16 +194,14 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
     """Run the whole pipeline for `spec`; returns the verified bundle and its report."""
     dest = (output or spec.output).resolve()
     data = load_dataset(spec)
-    log(f"[1/6] data: {spec.data.kind}, train/val/calibration/test = "
+    log(f"[1/7] data: {spec.data.kind}, train/val/calibration/test = "
         f"{len(data.train.y)}/{len(data.val.y)}/{len(data.calibration.y)}/{len(data.test.y)}")
     model = new_model(spec)
     check_device(spec, model)
-    if {spec.export.precision, *spec.export.stage_precision.values()} != {"fp32"}:
-        raise SpecError("export.precision: only fp32 is built in this version")
     trained = fit_or_load(model, spec, data, progress)
     thresholds = list(spec.gating.thresholds or default_thresholds(spec.gating.confidence, len(model.blocks)))
     gate_thresholds(thresholds, len(model.blocks))
-    log(f"[2/6] model: {spec.model.arch or spec.model.factory}, {len(model.blocks)} exits, "
+    log(f"[2/7] model: {spec.model.arch or spec.model.factory}, {len(model.blocks)} exits, "
         + ("trained: val accuracy per exit " + ", ".join(f"{a:.1%}" for a in trained["val_accuracy"])
            if trained else f"weights {spec.weights.name}"))
 
@@ -191,7 +211,7 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
     stages = make_stages(model, spec.gating.confidence)
     staged_diff = check_staging(model, stages, sample)
     ios = stage_io(stages, sample, spec.input.name)
-    log(f"[3/6] stages: staged vs monolithic logits max abs diff {staged_diff:.2e}")
+    log(f"[3/7] stages: staged vs monolithic logits max abs diff {staged_diff:.2e}")
 
     with tempfile.TemporaryDirectory(prefix="edgeexit-build-") as tmp:
         root = Path(tmp)
@@ -199,21 +219,27 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
         mono_io = StageIO(0, (spec.input.name,), (), "logits", "conf", "pred")
         mono = export_checked(Monolithic(model, spec.gating.confidence), (sample,), root / "monolithic.onnx",
                               mono_io, spec.export.opset, spec.export.parity_atol)
-        log("[4/6] onnx: " + ", ".join(f"stage{g.io.index} {g.parity:.1e}" for g in exported)
+        log("[4/7] onnx: " + ", ".join(f"stage{g.io.index} {g.parity:.1e}" for g in exported)
             + f", monolithic {mono.parity:.1e} (max abs diff vs torch, opset {spec.export.opset})")
         torch.save(model.state_dict(), root / "weights.pt")
+        precision = apply_precision(root / "stages", ios, spec, norm(data.calibration.x), x_test, data.test.y, log)
+        mono_precision = _monolithic_precision(spec, mono.path, norm(data.calibration.x))
+        log(f"[5/7] precision: stages {', '.join(precision.precisions)}, monolithic {mono_precision}; final exit "
+            f"drop {precision.report['final_drop_pt']:.2f} pt vs fp32 (tolerance {spec.export.tolerance_pt:g})")
 
         report = evaluate(root, ios, mono.path, mono_io, thresholds, x_test, data.test.y, spec.export.batch.max,
                           [g.flops for g in exported], mono.flops)
         report.update({"name": spec.name, "thresholds": thresholds, "confidence": spec.gating.confidence,
                        "staged_max_abs_diff": staged_diff, "parity": [g.parity for g in exported],
                        "monolithic_parity": mono.parity, "pred_agreement": [g.pred_agreement for g in exported],
-                       "training": trained})
-        log(f"[5/6] evaluated on {report['samples']} test samples (onnxruntime CPU)")
+                       "training": trained, "precision": precision.report,
+                       "monolithic_precision": mono_precision})
+        log(f"[6/7] evaluated on {report['samples']} test samples (onnxruntime CPU)")
         (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        write_bundle(root, _manifest(spec, exported, mono, thresholds, root), dest)
+        write_bundle(root, _manifest(spec, exported, precision.precisions, mono, mono_precision, thresholds, root),
+                     dest)
     bundle = load_bundle(dest)
-    log(f"[6/6] bundle: {dest} ({len(bundle.manifest['files'])} files, checksums verified)")
+    log(f"[7/7] bundle: {dest} ({len(bundle.manifest['files'])} files, checksums verified)")
     if load_device(spec.target.device).kind == "jetson" or spec.target.backend == "tensorrt":
         bundle = _engines(bundle, spec, progress)
     return bundle, report
@@ -232,22 +258,32 @@ def _engines(bundle: Bundle, spec: Spec, progress: bool) -> Bundle:
 
 def format_summary(bundle: Bundle, report: dict[str, Any]) -> str:
     """The table `edgeexit build` ends with: what each exit does and what early exit bought."""
+    prec = report["precision"]
+    mixed = set(prec["stages"]) != {"fp32"}
     lines = [f"{report['name']}: {len(report['exit_accuracy'])} exits, {report['samples']} test samples, "
              f"confidence {report['confidence']}", ""]
-    lines.append(f"{'exit':>4}  {'threshold':>9}  {'cum. MFLOPs':>11}  {'accuracy':>8}  {'exit share':>10}")
+    head = f"{'exit':>4}  {'precision':>9}  {'threshold':>9}  {'cum. MFLOPs':>11}  {'accuracy':>8}  {'exit share':>10}"
+    lines.append(head + (f"  {'fp32 acc.':>9}  {'agreement':>9}" if mixed else ""))
     for k, (th, fl, acc, share) in enumerate(zip(report["thresholds"], report["cumulative_flops"],
                                                   report["exit_accuracy"], report["exit_share"])):
         th_txt = "all" if th is None or k == len(report["thresholds"]) - 1 else f"{th:g}"
-        lines.append(f"{k:>4}  {th_txt:>9}  {fl / 1e6:>11.3f}  {acc:>8.1%}  {share:>10.1%}")
+        row = f"{k:>4}  {prec['stages'][k]:>9}  {th_txt:>9}  {fl / 1e6:>11.3f}  {acc:>8.1%}  {share:>10.1%}"
+        if mixed:
+            row += f"  {prec['exits'][k]['fp32_accuracy']:>9.1%}  {prec['exits'][k]['agreement']:>9.1%}"
+        lines.append(row)
     lat = report["latency_ms"]
-    mono_acc = report["exit_accuracy"][-1]
     lines += [
         "",
         f"cascade:    accuracy {report['cascade_accuracy']:.1%}  {report['cascade_flops'] / 1e6:.3f} MFLOPs/sample "
         f"({report['cascade_flops'] / report['monolithic_flops']:.0%} of monolithic)",
-        f"monolithic: accuracy {mono_acc:.1%}  {report['monolithic_flops'] / 1e6:.3f} MFLOPs/sample",
-        f"latency per sample ({lat['backend']}, batch {lat['batch']}, {lat['threads']} thread, same run): cascade {lat['cascade']:.4f} ms, "
-        f"monolithic {lat['monolithic']:.4f} ms -> {lat['cascade'] / lat['monolithic']:.2f}x",
-        f"bundle: {bundle.path}",
+        f"monolithic: accuracy {report['monolithic_accuracy']:.1%}  {report['monolithic_flops'] / 1e6:.3f} MFLOPs/sample"
+        f" ({report['monolithic_precision']})",
+        f"latency per sample ({lat['backend']}, batch {lat['batch']}, {lat['threads']} thread, same run): "
+        f"cascade {lat['cascade']:.4f} ms, monolithic {lat['monolithic']:.4f} ms -> {lat['cascade'] / lat['monolithic']:.2f}x",
     ]
+    if mixed:
+        lines.append(f"precision: final exit {prec['final_drop_pt']:.2f} pt below fp32 (tolerance {prec['tolerance_pt']:g} pt), "
+                     f"int8 calibrated with {prec['calibration']['method']} on {prec['calibration']['samples']} samples"
+                     + "".join(f"; stage {k} fell back {f['from']} -> {f['to']}" for k, f in prec["fallbacks"].items()))
+    lines.append(f"bundle: {bundle.path}")
     return "\n".join(lines)

@@ -12,15 +12,26 @@ from edgeexit.runtime.backend import Backend
 from edgeexit.staging import StageIO
 
 
+# onnxruntime CPU fuses DQ->Conv->Q into an integer convolution only when the Q feeding it
+# has one consumer. INT8 stage graphs carry a dedicated Q/DQ pair per consumer (what
+# TensorRT wants too), but common subexpression elimination merges the pairs back and
+# leaves shared residual inputs in float (int8 then runs 1.5-2.6x slower than fp32; see
+# bench/precision.py). Disabling it does not change fp32 graphs' speed.
+DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
+
+
 def make_session(path: Path, threads: int | None = None,
-                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
-    """An InferenceSession with full graph optimisation; `threads` caps intra-op threads."""
+                 providers: Sequence[str] = ("CPUExecutionProvider",),
+                 disabled_optimizers: Sequence[str] = DISABLED_OPTIMIZERS) -> ort.InferenceSession:
+    """An InferenceSession with full graph optimisation (less `disabled_optimizers`, see above);
+    `threads` caps intra-op threads."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: the per-node "not assigned" chatter is noise here
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers),
+                                disabled_optimizers=list(disabled_optimizers))
 
 
 class OnnxRuntimeBackend(Backend):
