@@ -60,6 +60,19 @@ def gate_thresholds(thresholds: Sequence[float | None], n_stages: int) -> list[f
     return values
 
 
+class _Results:
+    """Per-sample results written at input positions as samples leave, exit by exit."""
+
+    def __init__(self, n: int, classes: int, dtype):
+        self.pred = np.full(n, -1, np.int64)
+        self.conf = np.zeros(n, np.float32)
+        self.exit = np.full(n, -1, np.int64)
+        self.logits = np.zeros((n, classes), dtype)
+
+    def put(self, where: np.ndarray, logits: np.ndarray, conf: np.ndarray, pred: np.ndarray, k: int) -> None:
+        self.logits[where], self.conf[where], self.pred[where], self.exit[where] = logits, conf, pred, k
+
+
 class Cascade:
     """Confidence-gated execution of a staged model on any `Backend`."""
 
@@ -72,15 +85,12 @@ class Cascade:
         n, k_total, be = len(x), len(self.ios), self.backend
         if n == 0:
             raise EdgeExitError("input: empty batch")
-        pred = np.full(n, -1, np.int64)
-        conf = np.zeros(n, np.float32)
-        exit_index = np.full(n, -1, np.int64)
-        kept: np.ndarray | None = None  # logits of the exit each sample took
         seconds, samples = np.zeros(k_total), np.zeros(k_total, np.int64)
         exit_conf = np.full((n, k_total), np.nan, np.float32) if collect else None
         exit_pred = np.full((n, k_total), -1, np.int64) if collect else None
+        results: _Results | None = None  # allocated when the first samples leave before the rest
 
-        active, last = np.arange(n), k_total - 1
+        active = np.arange(n)
         feeds = {self.ios[0].inputs[0]: be.upload(x)}
         for k, io in enumerate(self.ios):
             start = time.perf_counter()
@@ -89,32 +99,27 @@ class Cascade:
             samples[k] = len(active)
             if collect:
                 exit_conf[active, k], exit_pred[active, k] = c, p
-            leave = None if k == last else c >= self.thresholds[k]
+            leave = None if k == k_total - 1 else c >= self.thresholds[k]
             if leave is None or np.count_nonzero(leave) == len(active):  # everyone left: done
-                kept = self._retire(kept, be.download(out[io.logits]), active, slice(None), c, p, k,
-                                    pred, conf, exit_index)
+                logits = be.download(out[io.logits])
                 seconds[k] = time.perf_counter() - start
+                if results is None:  # all n left together, in input order: these arrays are the result
+                    return CascadeResult(p.astype(np.int64, copy=False), logits, c, np.full(n, k), seconds,
+                                         samples, exit_conf, exit_pred)
+                results.put(active, logits, c, p, k)
                 break
             if leave.any():  # some leave: record them, gather the rest on the backend
                 rows, keep = np.flatnonzero(leave), np.flatnonzero(~leave)
                 logits = be.download(be.take(out[io.logits], rows))
-                kept = self._retire(kept, logits, active, rows, c, p, k, pred, conf, exit_index)
+                results = results or _Results(n, logits.shape[1], logits.dtype)
+                results.put(active[rows], logits, c[rows], p[rows], k)
                 feeds = {name: be.take(out[name], keep) for name in io.carry}
                 active = active[keep]
             else:
                 feeds = {name: out[name] for name in io.carry}
             seconds[k] = time.perf_counter() - start
-        return CascadeResult(pred, kept, conf, exit_index, seconds, samples, exit_conf, exit_pred)
-
-    @staticmethod
-    def _retire(kept, logits, active, rows, c, p, k, pred, conf, exit_index):
-        """Write the leaving samples' results at their input positions; returns the logits store."""
-        if kept is None:
-            kept = np.zeros((len(pred), logits.shape[1]), logits.dtype)
-        done = active[rows]
-        kept[done] = logits
-        pred[done], conf[done], exit_index[done] = p[rows], c[rows], k
-        return kept
+        return CascadeResult(results.pred, results.logits, results.conf, results.exit, seconds, samples,
+                             exit_conf, exit_pred)
 
     def run_batched(self, x: np.ndarray, batch: int, collect: bool = False) -> CascadeResult:
         """The cascade over `x` in chunks of `batch` (the engines' batch limit), merged in order."""
