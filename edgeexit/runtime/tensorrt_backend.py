@@ -61,27 +61,19 @@ _MAX_GRID = 65535
 
 GATHER_SOURCE = r"""
 // dst[i, :] = src[rows[i], :] for i < n_rows; rows are whole rows of `row_units` units.
-__global__ void gather_rows_u32(unsigned int *dst, const unsigned int *src, const long long *rows,
-                                long long n_rows, long long row_units)
-{
-    const long long total = n_rows * row_units;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (long long)blockDim.x * gridDim.x) {
-        const long long r = i / row_units;
-        dst[i] = src[rows[r] * row_units + (i - r * row_units)];
-    }
+#define GATHER_ROWS(NAME, T)                                                                   \
+__global__ void NAME(T *dst, const T *src, const long long *rows, long long n_rows,            \
+                     long long row_units)                                                      \
+{                                                                                              \
+    const long long total = n_rows * row_units;                                                \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;           \
+         i += (long long)blockDim.x * gridDim.x) {                                             \
+        const long long r = i / row_units;                                                     \
+        dst[i] = src[rows[r] * row_units + (i - r * row_units)];                               \
+    }                                                                                          \
 }
-
-__global__ void gather_rows_u8(unsigned char *dst, const unsigned char *src, const long long *rows,
-                               long long n_rows, long long row_units)
-{
-    const long long total = n_rows * row_units;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (long long)blockDim.x * gridDim.x) {
-        const long long r = i / row_units;
-        dst[i] = src[rows[r] * row_units + (i - r * row_units)];
-    }
-}
+GATHER_ROWS(gather_rows_u32, unsigned int)
+GATHER_ROWS(gather_rows_u8, unsigned char)
 """
 
 
