@@ -202,3 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeExitError as exc:
         print(f"edgeexit: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout piped into a reader that stopped early (`| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
