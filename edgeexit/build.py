@@ -33,7 +33,9 @@ from edgeexit.export.onnx import ExportedGraph, activation_bytes, count_flops, e
 from edgeexit.models import build_model
 from edgeexit.models.registry import load_weights
 from edgeexit.profile import per_sample_latency
-from edgeexit.runtime.cascade import Cascade, gate_thresholds, trace
+from calibration.gating import shared_threshold_sweep
+from edgeexit.plots import plot_tradeoff
+from edgeexit.runtime.cascade import NEVER, Cascade, gate_thresholds, trace
 from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from edgeexit.spec import Spec
 from edgeexit.staging import Monolithic, StageIO, check_staging, make_stages, per_stage, stage_io
@@ -165,7 +167,8 @@ def evaluate(bundle_root: Path, ios: list[StageIO], mono_path: Path, mono_io: St
     """
     backend = OnnxRuntimeBackend([bundle_root / f"stages/stage{io.index}.onnx" for io in ios], ios, LATENCY_THREADS)
     every = trace(backend, ios, x, batch)
-    exit_acc = (every.exit_pred == y[:, None]).mean(axis=0)
+    correct = every.exit_pred == y[:, None]
+    exit_acc = correct.mean(axis=0)
     cascade = Cascade(backend, ios, thresholds)
     gated = cascade.run_batched(x, batch)
     shares = gated.exit_shares()
@@ -176,8 +179,12 @@ def evaluate(bundle_root: Path, ios: list[StageIO], mono_path: Path, mono_io: St
                                 for i in range(0, len(x), batch)])
     timing = per_sample_latency(
         {"cascade": cascade, "monolithic": lambda s: mono.sessions[0].run(mono_names, {mono_io.inputs[0]: s})}, x)
+    grid = np.concatenate([np.linspace(0.0, 1.0, 51), [NEVER]])
+    tradeoff = shared_threshold_sweep(every.exit_conf, correct, cum_flops / 1e6, grid)
+    tradeoff["threshold"][-1] = None  # no early exit: the full-depth end of the curve
     return {
         "samples": int(len(y)),
+        "tradeoff": {"threshold": tradeoff["threshold"], "accuracy": tradeoff["accuracy"], "mflops": tradeoff["cost"]},
         "exit_accuracy": [float(a) for a in exit_acc],
         "exit_share": [float(s) for s in shares],
         "cumulative_flops": [int(f) for f in cum_flops],
@@ -236,6 +243,8 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
                        "monolithic_precision": mono_precision})
         log(f"[6/7] evaluated on {report['samples']} test samples (onnxruntime CPU)")
         (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if not plot_tradeoff(report, root / "tradeoff.png"):
+            log("      no tradeoff.png: matplotlib is not installed (pip install 'edgeexit[plot]')")
         write_bundle(root, _manifest(spec, exported, precision.precisions, mono, mono_precision, thresholds, root),
                      dest)
     bundle = load_bundle(dest)

@@ -1,0 +1,39 @@
+"""Pictures of what a build measured (matplotlib, optional: `pip install 'edgeexit[plot]'`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def plot_tradeoff(report: dict[str, Any], path: Path) -> bool:
+    """Accuracy vs compute per sample: the shared-threshold curve, the bundle's thresholds and
+    the monolithic model, on the test split. Returns False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    curve = sorted(zip(report["tradeoff"]["mflops"], report["tradeoff"]["accuracy"]))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot([c for c, _ in curve], [100 * a for _, a in curve], ".-", color="tab:blue", lw=0.8, ms=4,
+            label="one threshold for every early exit (0..1)")
+    ax.plot([report["cascade_flops"] / 1e6], [100 * report["cascade_accuracy"]], "o", color="tab:orange", ms=8,
+            label=f"bundle thresholds {report['thresholds'][:-1]}")
+    ax.plot([report["monolithic_flops"] / 1e6], [100 * report["monolithic_accuracy"]], "s", color="tab:gray", ms=7,
+            label="monolithic (final exit only)")
+    for k, (f, a) in enumerate(zip(report["cumulative_flops"], report["exit_accuracy"])):
+        ax.annotate(f"exit {k}", (f / 1e6, 100 * a), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                    color="tab:green")
+        ax.plot([f / 1e6], [100 * a], ".", color="tab:green")
+    ax.set_xlabel("MFLOPs per sample (expected)")
+    ax.set_ylabel(f"test accuracy, % ({report['samples']} samples)")
+    ax.set_title(f"{report['name']}: early exit trade-off ({report['confidence']})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
