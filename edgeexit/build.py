@@ -1,10 +1,12 @@
 """`edgeexit build`: model.yaml -> a verified bundle and a report of what early exit bought.
 
-Steps: validate the spec and data, get weights (load or train), cut the model into
-stages and prove the cut, export and parity-check every stage, evaluate the exits and
-the cascade on the test split with onnxruntime, time cascade vs monolithic in one run,
-and seal the bundle. Everything is written in a temporary directory first; the output
-appears only once the whole build has succeeded.
+Steps: validate the spec, the data and the target device, get weights (load or train),
+cut the model into stages and prove the cut, export and parity-check every stage,
+convert stages to their precision (checked against fp32 on the test split), evaluate the
+exits and the cascade with onnxruntime, time cascade vs monolithic in one run, plot the
+trade-off, seal the bundle, and build TensorRT engines where TensorRT is installed.
+Everything is written in a temporary directory first; the output appears only once the
+whole build has succeeded.
 """
 
 from __future__ import annotations
@@ -24,17 +26,16 @@ import onnxruntime
 import torch
 
 import edgeexit
+from calibration.gating import shared_threshold_sweep
 from edgeexit.bundle import Bundle, load_bundle, write_bundle
 from edgeexit.data import Dataset, load_dataset, normalize
 from edgeexit.devices import check_target, load_device
 from edgeexit.errors import SpecError
-from edgeexit.export.precision import apply_precision, convert
 from edgeexit.export.onnx import ExportedGraph, activation_bytes, count_flops, export_checked, export_stages
-from edgeexit.models import build_model
-from edgeexit.models.registry import load_weights
-from edgeexit.profile import per_sample_latency
-from calibration.gating import shared_threshold_sweep
+from edgeexit.export.precision import apply_precision, convert
+from edgeexit.models import build_model, load_weights
 from edgeexit.plots import plot_tradeoff
+from edgeexit.profile import per_sample_latency
 from edgeexit.runtime.cascade import NEVER, Cascade, gate_thresholds, trace
 from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from edgeexit.spec import Spec
@@ -57,31 +58,31 @@ def default_thresholds(confidence: str, n_exits: int) -> list[float | None]:
     return [0.5 if confidence == "learned" else 0.9] * (n_exits - 1) + [None]
 
 
+@dataclass(frozen=True)
+class StageCost:
+    flops: int  # per sample
+    activation_bytes: int  # per sample, all intermediates (upper bound)
+    weight_bytes: int
+
+
 def new_model(spec: Spec) -> torch.nn.Module:
     """The spec's model with its seeded initial weights (the seed fixes them too)."""
     seed_everything(spec.train.seed)
     return build_model(spec.model, spec.input, spec.base_dir).eval()
 
 
-def fit_or_load(model: torch.nn.Module, spec: Spec, data: Dataset, progress: bool = True) -> dict | None:
-    """Load `weights` into `model`, or train it when the spec gives none; returns the training record."""
+def fit_or_load(model: torch.nn.Module, spec: Spec, data: Dataset, costs: list[StageCost],
+                progress: bool = True) -> dict | None:
+    """Load `weights` into `model`, or train it when the spec gives none; returns the training record.
+
+    `costs` (from `check_device`) give the EENets loss each exit's cumulative FLOPs share."""
     if spec.weights is not None:
         load_weights(model, spec.weights)
         return None
-    costs = None
-    if spec.train.loss == "eenets":
-        cum = np.cumsum([c.flops for c in stage_costs(model, spec)])
-        costs = list(cum / cum[-1])  # each exit's cumulative FLOPs as a share of the deepest exit's
-    result = train(model, spec, data, costs=costs, progress=progress)
+    cum = np.cumsum([c.flops for c in costs])
+    result = train(model, spec, data, costs=list(cum / cum[-1]), progress=progress)
     model.eval()
     return {"val_accuracy": result.val_accuracy, "epoch_loss": result.losses, "config": asdict(spec.train)}
-
-
-@dataclass(frozen=True)
-class StageCost:
-    flops: int  # per sample
-    activation_bytes: int  # per sample, all intermediates (upper bound)
-    weight_bytes: int
 
 
 def stage_costs(model: torch.nn.Module, spec: Spec) -> list[StageCost]:
@@ -93,8 +94,9 @@ def stage_costs(model: torch.nn.Module, spec: Spec) -> list[StageCost]:
     return per_stage(make_stages(model, "max_softmax"), torch.zeros(1, *spec.input.shape), measure)
 
 
-def check_device(spec: Spec, model: torch.nn.Module) -> None:
-    """Refuse, before any training or export, what the target device cannot run (one line)."""
+def check_device(spec: Spec, model: torch.nn.Module) -> list[StageCost]:
+    """Refuse, before any training or export, what the target device cannot run (one line);
+    returns the per-stage costs it measured."""
     n = len(model.blocks)
     for index in spec.export.stage_precision:
         if index >= n:
@@ -105,6 +107,7 @@ def check_device(spec: Spec, model: torch.nn.Module) -> None:
                  use_dla=spec.target.dla_core is not None, batch_max=spec.export.batch.max,
                  bytes_per_sample=max(c.activation_bytes for c in costs),
                  weight_bytes=sum(c.weight_bytes for c in costs))
+    return costs
 
 
 def _toolchain() -> dict[str, str]:
@@ -127,9 +130,9 @@ def _monolithic_precision(spec: Spec, path: Path, x_cal: np.ndarray) -> str:
 
 def _manifest(spec: Spec, exported: list[ExportedGraph], precisions: list[str], mono: ExportedGraph,
               mono_precision: str, thresholds, root: Path) -> dict[str, Any]:
-    def fp32_copy(path: Path) -> dict[str, str]:
+    def fp32_copy(path: Path) -> str | None:  # the fp32 graph of one deployed in fp16/int8
         copy = path.with_name(path.stem + ".fp32.onnx")
-        return {"onnx_fp32": copy.relative_to(root).as_posix()} if copy.exists() else {}
+        return copy.relative_to(root).as_posix() if copy.exists() else None
 
     return {
         "name": spec.name,
@@ -140,12 +143,13 @@ def _manifest(spec: Spec, exported: list[ExportedGraph], precisions: list[str], 
         "stages": [
             {"index": g.io.index, "onnx": g.path.relative_to(root).as_posix(), "inputs": list(g.io.inputs),
              "outputs": {"carry": list(g.io.carry), "logits": g.io.logits, "conf": g.io.conf, "pred": g.io.pred},
-             "precision": p, **fp32_copy(g.path), "flops": g.flops, "params": g.params,
+             "precision": p, "onnx_fp32": fp32_copy(g.path), "flops": g.flops, "params": g.params,
              "parity_max_abs_diff": g.parity}
             for g, p in zip(exported, precisions)
         ],
         "gating": {"confidence": spec.gating.confidence, "thresholds": thresholds},
         "monolithic": mono.path.relative_to(root).as_posix(),
+        "monolithic_fp32": fp32_copy(mono.path),
         "monolithic_cost": {"flops": mono.flops, "params": mono.params, "parity_max_abs_diff": mono.parity,
                             "precision": mono_precision},
         "model": {"arch": spec.model.arch, "factory": spec.model.factory, "args": spec.model.args},
@@ -204,8 +208,7 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
     log(f"[1/7] data: {spec.data.kind}, train/val/calibration/test = "
         f"{len(data.train.y)}/{len(data.val.y)}/{len(data.calibration.y)}/{len(data.test.y)}")
     model = new_model(spec)
-    check_device(spec, model)
-    trained = fit_or_load(model, spec, data, progress)
+    trained = fit_or_load(model, spec, data, check_device(spec, model), progress)
     thresholds = list(spec.gating.thresholds or default_thresholds(spec.gating.confidence, len(model.blocks)))
     gate_thresholds(thresholds, len(model.blocks))
     log(f"[2/7] model: {spec.model.arch or spec.model.factory}, {len(model.blocks)} exits, "

@@ -38,8 +38,8 @@ def _cmd_train(args) -> int:
     out = Path(args.out) if args.out else (spec.weights or spec.output.parent / f"{spec.name}.pt")
     data = load_dataset(spec)
     model = new_model(spec)
-    check_device(spec, model)
-    trained = fit_or_load(model, dataclasses.replace(spec, weights=None), data, progress=not args.quiet)
+    trained = fit_or_load(model, dataclasses.replace(spec, weights=None), data, check_device(spec, model),
+                          progress=not args.quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
     torch.save(model.state_dict(), partial)

@@ -42,6 +42,7 @@ def test_int8_bundle_keeps_accuracy_and_passes_qdq_checks(int8_build):
         assert [(i.name, i.type.tensor_type.elem_type) for i in onnx.load(str(path)).graph.input] == \
                [(i.name, i.type.tensor_type.elem_type) for i in fp32.graph.input]  # float boundary
     assert bundle.manifest["monolithic_cost"]["precision"] == "int8"
+    assert bundle.manifest["monolithic_fp32"] in bundle.manifest["files"]
     assert report["cascade_accuracy"] >= 0.95
 
 
@@ -61,7 +62,7 @@ def test_mixed_precision_per_stage(tmp_path):
     raw["target"]["device"] = "jetson-orin-nano-8gb"  # host-cpu refuses fp16 (no fast fp16 kernels)
     bundle, report = build(load_spec(write_spec(tmp_path, raw)), tmp_path / "b", progress=False)
     assert [s["precision"] for s in bundle.manifest["stages"]] == ["fp32", "int8", "fp16"]
-    assert "onnx_fp32" not in bundle.manifest["stages"][0]
+    assert bundle.manifest["stages"][0]["onnx_fp32"] is None  # deployed in fp32: no second copy
     fp16 = onnx.load(str(bundle.path / bundle.manifest["stages"][2]["onnx"]))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
     assert report["precision"]["exits"][2]["agreement"] >= 0.95
