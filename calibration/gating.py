@@ -17,9 +17,9 @@ def exits_taken(conf: np.ndarray, thresholds) -> np.ndarray:
     last exit takes the rest (its threshold is ignored). Same rule as the runtime cascade."""
     conf = np.asarray(conf)
     k_total = conf.shape[1]
-    th = np.array([np.inf if t is None else t for t in thresholds[:-1]] + [-np.inf], dtype=np.float64)
-    if len(th) != k_total:
-        raise ValueError(f"{len(thresholds)} thresholds for {k_total} exits")
+    if len(thresholds) != k_total or any(t is None for t in thresholds[:-1]):
+        raise ValueError(f"need {k_total} thresholds, only the last may be None; got {list(thresholds)}")
+    th = np.array([*thresholds[:-1], -np.inf], dtype=np.float64)
     leaves = conf >= th[None, :]
     return np.argmax(leaves, axis=1)  # the last column is all True, so argmax finds the first exit taken
 

@@ -99,4 +99,6 @@ def test_threshold_count_is_checked(setup):
 
     with pytest.raises(EdgeExitError, match="2 values for 3 exits"):
         Cascade(open_backend(bundle, "onnxruntime"), bundle.stage_ios, [0.5, None])
+    with pytest.raises(EdgeExitError, match="only the last threshold may be null"):
+        Cascade(open_backend(bundle, "onnxruntime"), bundle.stage_ios, [None, 0.5, None])
     assert NEVER > 1

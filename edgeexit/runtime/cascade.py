@@ -55,9 +55,9 @@ def gate_thresholds(thresholds: Sequence[float | None], n_stages: int) -> list[f
     """Validate per-exit thresholds; the last exit's (None or 0) becomes 'take all'."""
     if len(thresholds) != n_stages:
         raise EdgeExitError(f"gating.thresholds: {len(thresholds)} values for {n_stages} exits; give one per exit (last = null)")
-    values = [float(t) if t is not None else -NEVER for t in thresholds]
-    values[-1] = -NEVER
-    return values
+    if any(t is None for t in thresholds[:-1]):
+        raise EdgeExitError("gating.thresholds: only the last threshold may be null")
+    return [float(t) for t in thresholds[:-1]] + [-NEVER]
 
 
 class _Results:
