@@ -1,0 +1,61 @@
+"""Data sources: digits, .npz and image folders, checked against the input section."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import example_raw, write_spec
+from edgeexit.data import load_dataset
+from edgeexit.errors import SpecError
+from edgeexit.spec import load_spec
+
+
+def _folder_spec(tmp_path, digits_raw, classes=("0", "1", "2"), per_class=12):
+    from PIL import Image
+
+    x, y = digits_raw
+    root = tmp_path / "images"
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i, image in enumerate(x[y == label][:per_class]):
+            Image.fromarray((image[0] * 15).astype(np.uint8), mode="L").save(root / name / f"{i}.png")
+    raw = example_raw()
+    raw["input"].update(classes=list(classes), mean=[0.0], std=[255.0])
+    raw["data"] = {"source": "images", "splits": {"train": 0.5, "val": 0.2, "calibration": 0.1, "test": 0.2}}
+    return raw
+
+
+def test_image_folder_loads_with_labels_from_folder_names(tmp_path, digits_raw):
+    pytest.importorskip("PIL")
+    spec = load_spec(write_spec(tmp_path, _folder_spec(tmp_path, digits_raw)))
+    data = load_dataset(spec)
+    total = sum(len(s.y) for s in (data.train, data.val, data.calibration, data.test))
+    assert total == 36 and data.train.x.shape[1:] == (1, 8, 8)
+    assert set(np.concatenate([data.train.y, data.test.y]).tolist()) <= {0, 1, 2}
+    assert data.train.x.max() <= 255 and data.train.x.max() > 100  # pixel units, as the files hold them
+
+
+def test_image_folder_classes_must_match(tmp_path, digits_raw):
+    pytest.importorskip("PIL")
+    raw = _folder_spec(tmp_path, digits_raw)
+    raw["input"]["classes"] = ["0", "1", "seven"]
+    with pytest.raises(SpecError, match=r"has class folders \['0', '1', '2'\], but input.classes is"):
+        load_dataset(load_spec(write_spec(tmp_path, raw)))
+
+
+def test_npz_labels_are_checked(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((20, 1, 8, 8), np.float32), y=np.full(20, 12))
+    raw = example_raw()
+    raw["data"] = {"source": "d.npz"}
+    with pytest.raises(SpecError, match=r"input.classes: 10 classes, but the labels span 12..12"):
+        load_dataset(load_spec(write_spec(tmp_path, raw)))
+
+
+def test_splits_are_disjoint_and_seeded(tmp_path):
+    spec = load_spec(write_spec(tmp_path, example_raw()))
+    a, b = load_dataset(spec), load_dataset(spec)
+    np.testing.assert_array_equal(a.test.x, b.test.x)
+    splits = [a.train, a.val, a.calibration, a.test]
+    images = [x.tobytes() for s in splits for x in s.x]
+    assert len(images) == len(set(images)) == 1797  # digits has no duplicate images: no sample in two splits
