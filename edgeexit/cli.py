@@ -120,6 +120,11 @@ def _cmd_inspect(args) -> int:
               f"{', '.join(s['inputs'])} -> {', '.join(s['outputs']['carry']) or '(none)'}")
     mono = m.get("monolithic_cost", {})
     print(f"monolithic: {m['monolithic']}" + (f"  {mono['flops'] / 1e6:.3f} MFLOPs" if mono else ""))
+    for key, entry in m.get("engines", {}).items():
+        print(f"engines: {key} ({len(entry['stages'])} plans, TensorRT {entry.get('tensorrt', '?')}, "
+              f"precision {entry.get('precision')}, DLA {entry.get('dla_core')})")
+    if not m.get("engines"):
+        print("engines: none (build them on the device with `edgeexit engines BUNDLE`)")
     tc = m.get("toolchain", {})
     print("toolchain: " + ", ".join(f"{k} {v}" for k, v in tc.items()))
     return 0
