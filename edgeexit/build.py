@@ -232,8 +232,9 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
         log("[4/7] onnx: " + ", ".join(f"stage{g.io.index} {g.parity:.1e}" for g in exported)
             + f", monolithic {mono.parity:.1e} (max abs diff vs torch, opset {spec.export.opset})")
         torch.save(model.state_dict(), root / "weights.pt")
-        precision = apply_precision(root / "stages", ios, spec, norm(data.calibration.x), x_test, data.test.y, log)
-        mono_precision = _monolithic_precision(spec, mono.path, norm(data.calibration.x))
+        x_cal = norm(data.calibration.x)
+        precision = apply_precision(root / "stages", ios, spec, x_cal, x_test, data.test.y, log)
+        mono_precision = _monolithic_precision(spec, mono.path, x_cal)
         log(f"[5/7] precision: stages {', '.join(precision.precisions)}, monolithic {mono_precision}; final exit "
             f"drop {precision.report['final_drop_pt']:.2f} pt vs fp32 (tolerance {spec.export.tolerance_pt:g})")
 

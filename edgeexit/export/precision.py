@@ -74,7 +74,7 @@ def apply_precision(stage_dir: Path, ios: list[StageIO], spec, x_cal: np.ndarray
 
     def converted(precisions: list[str], upto: int) -> CascadeResult:
         paths = [deployed[k] if k <= upto and precisions[k] != "fp32" else fp32[k] for k in range(n)]
-        return trace(OnnxRuntimeBackend(paths, ios), ios, x_test, batch)
+        return reference if paths == fp32 else trace(OnnxRuntimeBackend(paths, ios), ios, x_test, batch)
 
     precisions, fallbacks = list(wanted), {}
     for k, p in enumerate(precisions):
@@ -84,9 +84,9 @@ def apply_precision(stage_dir: Path, ios: list[StageIO], spec, x_cal: np.ndarray
         result = converted(precisions, n - 1)
         if _final_drop_pt(reference, result, y_test) <= exp.tolerance_pt:
             break
-        culprit = next(k for k in range(n) if precisions[k] != "fp32"
-                       and _final_drop_pt(reference, converted(precisions, k), y_test) > exp.tolerance_pt)
-        drop = _final_drop_pt(reference, converted(precisions, culprit), y_test)
+        drops = ((k, _final_drop_pt(reference, converted(precisions, k), y_test))
+                 for k in range(n) if precisions[k] != "fp32")
+        culprit, drop = next((k, d) for k, d in drops if d > exp.tolerance_pt)
         if exp.fallback is None or culprit in fallbacks or exp.fallback == precisions[culprit]:
             raise SpecError(
                 f"export.precision: stage {culprit} in {precisions[culprit]} costs the final exit {drop:.2f} pt "
