@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeexit.errors import EdgeExitError
+from edgeexit.spec import BACKENDS, PRECISIONS
 
 
 def _cmd_build(args) -> int:
@@ -172,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="classify images with a bundle's cascade")
     r.add_argument("bundle")
     r.add_argument("--input", required=True, help=".npy of raw images, [N, C, H, W] or one [C, H, W]")
-    r.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "torch", "tensorrt"),
+    r.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="auto: TensorRT engines where TensorRT is installed and built, else onnxruntime")
     r.add_argument("--device", default="cpu", help="torch device for --backend torch (cpu, cuda, cuda:1)")
     r.add_argument("--thresholds", help="override the bundle's thresholds, e.g. 0.9,0.8,null")
@@ -187,7 +188,7 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("engines", help="build TensorRT engines for a bundle's stages (run on the target device)")
     e.add_argument("bundle")
     e.add_argument("--device", help="device profile (default: the bundle's target.device)")
-    e.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="override every stage's precision")
+    e.add_argument("--precision", choices=PRECISIONS, help="override every stage's precision")
     e.add_argument("--dla", type=int, help="DLA core to build for (GPU fallback on)")
     e.add_argument("--opt-level", type=int, help="TensorRT builder optimization level (8.6+)")
     e.add_argument("--quiet", action="store_true")

@@ -5,8 +5,7 @@ from __future__ import annotations
 from edgeexit.bundle import Bundle
 from edgeexit.errors import EdgeExitError
 from edgeexit.runtime.backend import Backend
-
-RUNTIME_BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+from edgeexit.spec import BACKENDS
 
 
 def torch_stages(bundle: Bundle):
@@ -52,4 +51,4 @@ def open_backend(bundle: Bundle, kind: str = "auto", device: str = "cpu", thread
         from edgeexit.runtime.torch_backend import TorchBackend
 
         return TorchBackend(torch_stages(bundle), bundle.stage_ios, device)
-    raise EdgeExitError(f"backend: {kind!r} is not available here (choose from: {', '.join(RUNTIME_BACKENDS)})")
+    raise EdgeExitError(f"backend: {kind!r} is not available here (choose from: {', '.join(BACKENDS)})")
