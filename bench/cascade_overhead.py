@@ -19,7 +19,6 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from edgeexit.export.onnx import export_checked, export_stages

@@ -1,4 +1,6 @@
-"""Threshold search against measured latency budgets (numpy only; never imports torch).
+"""Thresholds chosen against measured latency budgets (numpy only; never imports torch).
 
-Filled in by the calibration work; importable now so the distribution layout is final.
+The inputs are numbers, never models: per-sample, per-exit confidence and prediction
+(`traces`), and per-stage seconds as a function of batch size (`latency`). `solvers`
+searches the threshold space on a validation split; `gating` replays the runtime's rule.
 """

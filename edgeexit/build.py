@@ -28,7 +28,7 @@ import torch
 import edgeexit
 from calibration.gating import shared_threshold_sweep
 from edgeexit.bundle import Bundle, load_bundle, write_bundle
-from edgeexit.data import Dataset, load_dataset, normalize
+from edgeexit.data import Dataset, data_record, load_dataset, normalize
 from edgeexit.devices import check_target, load_device
 from edgeexit.errors import SpecError
 from edgeexit.export.onnx import ExportedGraph, activation_bytes, count_flops, export_checked, export_stages
@@ -129,7 +129,7 @@ def _monolithic_precision(spec: Spec, path: Path, x_cal: np.ndarray) -> str:
 
 
 def _manifest(spec: Spec, exported: list[ExportedGraph], precisions: list[str], mono: ExportedGraph,
-              mono_precision: str, thresholds, root: Path) -> dict[str, Any]:
+              mono_precision: str, thresholds, costs: list[StageCost], root: Path) -> dict[str, Any]:
     def fp32_copy(path: Path) -> str | None:  # the fp32 graph of one deployed in fp16/int8
         copy = path.with_name(path.stem + ".fp32.onnx")
         return copy.relative_to(root).as_posix() if copy.exists() else None
@@ -144,8 +144,8 @@ def _manifest(spec: Spec, exported: list[ExportedGraph], precisions: list[str], 
             {"index": g.io.index, "onnx": g.path.relative_to(root).as_posix(), "inputs": list(g.io.inputs),
              "outputs": {"carry": list(g.io.carry), "logits": g.io.logits, "conf": g.io.conf, "pred": g.io.pred},
              "precision": p, "onnx_fp32": fp32_copy(g.path), "flops": g.flops, "params": g.params,
-             "parity_max_abs_diff": g.parity}
-            for g, p in zip(exported, precisions)
+             "activation_bytes": c.activation_bytes, "parity_max_abs_diff": g.parity}
+            for g, p, c in zip(exported, precisions, costs)
         ],
         "gating": {"confidence": spec.gating.confidence, "thresholds": thresholds},
         "monolithic": mono.path.relative_to(root).as_posix(),
@@ -153,6 +153,7 @@ def _manifest(spec: Spec, exported: list[ExportedGraph], precisions: list[str], 
         "monolithic_cost": {"flops": mono.flops, "params": mono.params, "parity_max_abs_diff": mono.parity,
                             "precision": mono_precision},
         "model": {"arch": spec.model.arch, "factory": spec.model.factory, "args": spec.model.args},
+        "data": data_record(spec.data),
         "weights": "weights.pt",
         "export": {"opset": spec.export.opset, "batch": asdict(spec.export.batch)},
         "target": asdict(spec.target),
@@ -208,7 +209,8 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
     log(f"[1/7] data: {spec.data.kind}, train/val/calibration/test = "
         f"{len(data.train.y)}/{len(data.val.y)}/{len(data.calibration.y)}/{len(data.test.y)}")
     model = new_model(spec)
-    trained = fit_or_load(model, spec, data, check_device(spec, model), progress)
+    costs = check_device(spec, model)
+    trained = fit_or_load(model, spec, data, costs, progress)
     thresholds = list(spec.gating.thresholds or default_thresholds(spec.gating.confidence, len(model.blocks)))
     gate_thresholds(thresholds, len(model.blocks))
     log(f"[2/7] model: {spec.model.arch or spec.model.factory}, {len(model.blocks)} exits, "
@@ -249,13 +251,29 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
         (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         if not plot_tradeoff(report, root / "tradeoff.png"):
             log("      no tradeoff.png: matplotlib is not installed (pip install 'edgeexit[plot]')")
-        write_bundle(root, _manifest(spec, exported, precision.precisions, mono, mono_precision, thresholds, root),
-                     dest)
+        write_bundle(root, _manifest(spec, exported, precision.precisions, mono, mono_precision, thresholds, costs,
+                                     root), dest)
     bundle = load_bundle(dest)
     log(f"[7/7] bundle: {dest} ({len(bundle.manifest['files'])} files, checksums verified)")
     if load_device(spec.target.device).kind == "jetson" or spec.target.backend == "tensorrt":
         bundle = _engines(bundle, spec, progress)
+    elif spec.budget.latency_ms is not None:
+        bundle, report["calibration"] = _calibrate(bundle, spec, progress)
     return bundle, report
+
+
+def _calibrate(bundle: Bundle, spec: Spec, progress: bool) -> tuple[Bundle, dict[str, Any]]:
+    """The target is this host and there is a budget: profile here, calibrate, prove it on the test split."""
+    from calibration.solvers import Budget
+    from edgeexit.calibrate import calibrate
+
+    b = spec.budget
+    budget = Budget(b.latency_ms / 1e3, b.batch, {"mean": None, "p95": 0.95, "p99": 0.99}[b.tail])
+    backend = OnnxRuntimeBackend(bundle.stage_paths, bundle.stage_ios, LATENCY_THREADS)
+    bundle, record = calibrate(bundle, backend, budget, threads=LATENCY_THREADS, progress=progress)
+    log(f"calibrated: thresholds {record['thresholds']} for {record['budget']['metric']} <= {b.latency_ms:g} ms "
+        f"(calibration.json, pareto.png, profile.json)")
+    return bundle, record
 
 
 def _engines(bundle: Bundle, spec: Spec, progress: bool) -> Bundle:
@@ -298,5 +316,10 @@ def format_summary(bundle: Bundle, report: dict[str, Any]) -> str:
         lines.append(f"precision: final exit {prec['final_drop_pt']:.2f} pt below fp32 (tolerance {prec['tolerance_pt']:g} pt), "
                      f"int8 calibrated with {prec['calibration']['method']} on {prec['calibration']['samples']} samples"
                      + "".join(f"; stage {k} fell back {f['from']} -> {f['to']}" for k, f in prec["fallbacks"].items()))
+    if report.get("calibration"):
+        from edgeexit.calibrate import format_calibration
+
+        lines += ["", "calibrated against the latency budget (written into the bundle):",
+                  format_calibration(report["calibration"], curve=False)]
     lines.append(f"bundle: {bundle.path}")
     return "\n".join(lines)

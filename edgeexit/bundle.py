@@ -51,13 +51,23 @@ def write_bundle(staging: Path, manifest: dict[str, Any], dest: Path) -> Path:
     """
     if dest.exists() and not (dest / MANIFEST).is_file() and any(dest.iterdir()):
         raise BundleError(f"output: {dest} exists and is not an edgeexit bundle; remove it or choose another output")
-    manifest = {**manifest, "format": FORMAT, "files": checksums(staging)}
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    old = None
     try:
         shutil.copytree(staging, partial, dirs_exist_ok=True)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return _seal_into_place(partial, manifest, dest)
+
+
+def _seal_into_place(partial: Path, manifest: dict[str, Any], dest: Path) -> Path:
+    """Write the manifest (with checksums) into `partial` and swap it in for `dest`."""
+    old = None
+    try:
+        manifest = {**manifest, "format": FORMAT, "files": checksums(partial)}
+        (partial / MANIFEST).unlink(missing_ok=True)  # may be a hard link to the live bundle's manifest
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)
@@ -70,6 +80,13 @@ def write_bundle(staging: Path, manifest: dict[str, Any], dest: Path) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 @dataclass(frozen=True)
@@ -156,3 +173,27 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
             if actual != digest:
                 raise BundleError(f"bundle: {rel} fails its checksum (manifest {digest[:12]}..., file {actual[:12]}...): modified after the build")
     return Bundle(path, manifest)
+
+
+def update_bundle(bundle: Bundle, files: dict[str, bytes], manifest_updates: dict[str, Any]) -> Bundle:
+    """Add or replace `files` (relative path -> content) and manifest fields of a verified
+    bundle, all or nothing: the new bundle is assembled beside the old one (unchanged files
+    hard-linked), resealed with fresh checksums and swapped in with one rename."""
+    for rel in files:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or rel == MANIFEST:
+            raise BundleError(f"bundle: cannot write {rel} into a bundle")
+    dest = bundle.path.resolve()
+    partial = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        shutil.copytree(dest, partial, dirs_exist_ok=True, copy_function=_link_or_copy)
+        for rel, content in files.items():
+            target = partial / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)  # never write through a hard link into the live bundle
+            target.write_bytes(content)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    manifest = {k: v for k, v in bundle.manifest.items() if k not in ("files", "format")}
+    _seal_into_place(partial, {**manifest, **manifest_updates}, dest)
+    return load_bundle(dest)

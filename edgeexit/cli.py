@@ -1,4 +1,4 @@
-"""The `edgeexit` command: build | train | run | inspect | engines | devices.
+"""The `edgeexit` command: build | train | run | trace | profile | calibrate | inspect | engines | devices.
 
 User errors (bad yaml, missing files, tampered bundles) print one line on stderr and exit 2;
 anything else is a bug and keeps its traceback.
@@ -102,6 +102,77 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _batch_list(text: str) -> list[int]:
+    try:
+        sizes = sorted({int(b) for b in text.split(",")})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 1:
+        raise EdgeExitError(f"--batch: {text!r} is not a comma-separated list of batch sizes >= 1")
+    return sizes
+
+
+def _cmd_trace(args) -> int:
+    from calibration.traces import save_traces
+    from edgeexit.bundle import load_bundle
+    from edgeexit.runtime.loader import open_backend
+    from edgeexit.tracing import record_traces, split_inputs
+
+    bundle = load_bundle(args.bundle)
+    x, y = split_inputs(bundle, args.split, args.data)
+    traces = record_traces(bundle, open_backend(bundle, args.backend, args.device), x, y, args.split)
+    out = save_traces(args.out or f"{bundle.name}.{args.split}.traces.npz", traces)
+    acc = traces.correct.mean(axis=0)
+    print(f"traces: {out} ({len(traces)} samples x {traces.exits} exits; exit accuracy "
+          + ", ".join(f"{a:.1%}" for a in acc) + ")")
+    return 0
+
+
+def _cmd_profile(args) -> int:
+    from edgeexit.bundle import load_bundle, update_bundle
+    from edgeexit.calibrate import read_profiles
+    from edgeexit.jetson import TegrastatsSampler, jetson_facts
+    from edgeexit.profile import PROFILE, format_profile, profile_bundle, profile_key
+    from edgeexit.runtime.loader import open_backend, open_monolithic
+    from edgeexit.tracing import split_inputs
+
+    bundle = load_bundle(args.bundle)
+    batches = _batch_list(args.batch)
+    x, _ = split_inputs(bundle, args.split, args.data)
+    backend = open_backend(bundle, args.backend, args.device, args.threads)
+    mono = open_monolithic(bundle, backend.name, args.device, args.threads)
+    thresholds = _parse_thresholds(args.thresholds) or bundle.thresholds
+    power = TegrastatsSampler if jetson_facts() is not None and not args.no_power else None
+    entry = profile_bundle(backend, bundle.stage_ios, mono, bundle.monolithic_io, x, batches, thresholds,
+                           iters=args.iters, warmup=args.warmup, threads=args.threads, power=power,
+                           progress=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
+    profiles = read_profiles(bundle)
+    key = profile_key(entry["backend"], entry["device"])
+    profiles["profiles"][key] = entry
+    update_bundle(bundle, {PROFILE: (json.dumps(profiles, indent=2) + "\n").encode()}, {"profile": PROFILE})
+    print(json.dumps(entry, indent=2) if args.json else format_profile(entry) + f"\nsaved: {bundle.path / PROFILE} [{key}]")
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from calibration.solvers import Budget
+    from edgeexit.bundle import load_bundle
+    from edgeexit.calibrate import calibrate, format_calibration
+    from edgeexit.runtime.loader import open_backend
+
+    bundle = load_bundle(args.bundle)
+    if not args.budget_ms > 0:
+        raise EdgeExitError(f"--budget-ms: {args.budget_ms:g} is not a positive latency")
+    tail = {"mean": None, "p95": 0.95, "p99": 0.99}[args.tail]
+    budget = Budget(args.budget_ms / 1e3, args.batch, tail, args.confidence)
+    backend = open_backend(bundle, args.backend, args.device, args.threads)
+    bundle, record = calibrate(bundle, backend, budget, args.solver, args.latency, args.val_traces, args.test_traces,
+                               {"val": args.data_val, "test": args.data_test}, args.threads, args.iters,
+                               measure=not args.no_measure, progress=not args.quiet)
+    print(json.dumps(record, indent=2) if args.json else format_calibration(record) + f"\nbundle: {bundle.path}")
+    return 0
+
+
 def _cmd_inspect(args) -> int:
     from edgeexit.bundle import load_bundle
 
@@ -193,6 +264,56 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--opt-level", type=int, help="TensorRT builder optimization level (8.6+)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(fn=_cmd_engines)
+
+    tr = sub.add_parser("trace", help="record every exit's confidence and prediction on a data split (.npz)")
+    tr.add_argument("bundle")
+    tr.add_argument("--split", default="val", help="split of the bundle's data: train, val, calibration or test")
+    tr.add_argument("--data", help=".npz with x and y to trace instead of the bundle's data")
+    tr.add_argument("--backend", default="auto", choices=BACKENDS)
+    tr.add_argument("--device", default="cpu", help="torch device for --backend torch")
+    tr.add_argument("--out", help="output .npz (default: <bundle name>.<split>.traces.npz)")
+    tr.set_defaults(fn=_cmd_trace)
+
+    pr = sub.add_parser("profile", help="per-stage and end-to-end latency on this machine (and power on a Jetson)")
+    pr.add_argument("bundle")
+    pr.add_argument("--backend", default="auto", choices=BACKENDS)
+    pr.add_argument("--device", default="cpu", help="torch device for --backend torch (cpu, cuda)")
+    pr.add_argument("--batch", default="1,8,32", help="batch sizes, comma-separated (default 1,8,32)")
+    pr.add_argument("--iters", type=int, default=200, help="timed calls per runner and batch size")
+    pr.add_argument("--warmup", type=int, default=20, help="untimed calls first")
+    pr.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    pr.add_argument("--thresholds", help="thresholds for the gated cascade (default: the bundle's)")
+    pr.add_argument("--split", default="test", help="real samples to run (a split of the bundle's data)")
+    pr.add_argument("--data", help=".npz with x (and y) to run instead of the bundle's data")
+    pr.add_argument("--no-power", action="store_true", help="on a Jetson, skip tegrastats power sampling")
+    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--quiet", action="store_true")
+    pr.set_defaults(fn=_cmd_profile)
+
+    c = sub.add_parser("calibrate", help="thresholds that maximise accuracy under a latency budget")
+    c.add_argument("bundle")
+    c.add_argument("--budget-ms", type=float, required=True, help="latency budget of one cascade call, ms")
+    c.add_argument("--tail", default="mean", choices=("mean", "p95", "p99"),
+                   help="what must stay under the budget: the mean call latency (default) or a percentile")
+    c.add_argument("--batch", type=int, default=1, help="samples per cascade call (default 1)")
+    c.add_argument("--solver", default="optimise", choices=("optimise", "geometric"))
+    c.add_argument("--confidence", type=float, default=0.95,
+                   help="mean budget: one-sided confidence that it holds on unseen samples (default 0.95)")
+    c.add_argument("--latency", default="auto", choices=("auto", "profile", "estimate"),
+                   help="profile: the bundle's profile.json; estimate: the target's peak figures; "
+                        "auto: profile.json, else profile now on a matching machine, else estimate")
+    c.add_argument("--backend", default="auto", choices=BACKENDS)
+    c.add_argument("--device", default="cpu", help="torch device for --backend torch")
+    c.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    c.add_argument("--iters", type=int, default=200, help="timed calls per batch size when profiling now")
+    c.add_argument("--val-traces", help="validation traces (.npz from `edgeexit trace`) instead of tracing now")
+    c.add_argument("--test-traces", help="test traces instead of tracing now")
+    c.add_argument("--data-val", help=".npz (x, y) to fit on instead of the bundle's val split")
+    c.add_argument("--data-test", help=".npz (x, y) to report on instead of the bundle's test split")
+    c.add_argument("--no-measure", action="store_true", help="skip re-running the cascade to check the budget")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(fn=_cmd_calibrate)
 
     d = sub.add_parser("devices", help="list the target device profiles")
     d.add_argument("--json", action="store_true")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeexit.errors import SpecError
-from edgeexit.spec import IMAGE_SUFFIXES, SPLITS, Spec
+from edgeexit.errors import EdgeExitError, SpecError
+from edgeexit.spec import IMAGE_SUFFIXES, SPLITS, DataSpec, InputSpec, Spec
 
 
 @dataclass(frozen=True)
@@ -95,26 +95,63 @@ def load_dataset(spec: Spec) -> Dataset:
 
     Raises a one-line SpecError when the data disagrees with `input.shape` or `input.classes`.
     """
-    if spec.data.kind == "digits":
+    return load_splits(spec.data, spec.input)
+
+
+def load_splits(data: DataSpec, inp: InputSpec) -> Dataset:
+    """`load_dataset` from its two parts (a bundle records both, so a split can be rebuilt later)."""
+    if data.kind == "digits":
         x, y = _digits()
-    elif spec.data.kind == "npz":
-        x, y = _npz(spec.data.path)
+    elif data.kind == "npz":
+        x, y = _npz(data.path)
     else:
-        x, y = _folder(spec.data.path, spec.input.classes, spec.input.shape)
-    if tuple(x.shape[1:]) != spec.input.shape:
+        x, y = _folder(data.path, inp.classes, inp.shape)
+    if tuple(x.shape[1:]) != inp.shape:
         raise SpecError(
-            f"input.shape: {list(spec.input.shape)} does not match the data (images are {list(x.shape[1:])})"
+            f"input.shape: {list(inp.shape)} does not match the data (images are {list(x.shape[1:])})"
         )
-    n_classes = len(spec.input.classes)
+    n_classes = len(inp.classes)
     if y.min() < 0 or y.max() >= n_classes:
         raise SpecError(f"input.classes: {n_classes} classes, but the labels span {int(y.min())}..{int(y.max())}")
-    order = np.random.default_rng(spec.data.seed).permutation(len(x))
+    order = np.random.default_rng(data.seed).permutation(len(x))
     splits, start = {}, 0
     for name in SPLITS:
-        count = int(round(spec.data.splits[name] * len(x)))
+        count = int(round(data.splits[name] * len(x)))
         idx = order[start:start + count]
         if len(idx) == 0:
             raise SpecError(f"data.splits.{name}: the split is empty with {len(x)} samples; give it a larger fraction")
         splits[name] = Split(x[idx], y[idx])
         start += count
     return Dataset(**splits)
+
+
+def data_record(data: DataSpec) -> dict:
+    """The manifest's `data` entry: enough to rebuild the same splits where the bundle goes."""
+    return {"source": "digits" if data.kind == "digits" else str(data.path), "splits": dict(data.splits),
+            "seed": data.seed}
+
+
+def bundle_split(manifest: dict, split: str, override: str | Path | None = None) -> Split:
+    """Raw images and labels of one split of the data a bundle was built from, or of `override`
+    (an .npz with `x` and `y`, taken whole) where that data is not at hand."""
+    inp = manifest["input"]
+    input_spec = InputSpec(inp["name"], tuple(inp["shape"][1:]), inp["dtype"], tuple(inp["mean"]),
+                           tuple(inp["std"]), tuple(manifest["classes"]))
+    if override is not None:
+        x, y = _npz(Path(override))
+        if tuple(x.shape[1:]) != input_spec.shape:
+            raise EdgeExitError(f"--data: {override} has images {list(x.shape[1:])}; the bundle takes "
+                                f"{list(input_spec.shape)}")
+        return Split(x, y)
+    record = manifest.get("data")
+    if record is None:
+        raise EdgeExitError("bundle: no `data` record (built by an older edgeexit); pass --data FILE.npz")
+    if split not in SPLITS:
+        raise EdgeExitError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
+    source = record["source"]
+    path = None if source == "digits" else Path(source)
+    if path is not None and not path.exists():
+        raise EdgeExitError(f"data: {source} (the bundle's data) is not on this machine; pass --data FILE.npz")
+    kind = "digits" if path is None else ("npz" if path.suffix == ".npz" else "folder")
+    data = DataSpec(kind, path, {k: float(v) for k, v in record["splits"].items()}, int(record["seed"]))
+    return getattr(load_splits(data, input_spec), split)

@@ -6,15 +6,23 @@ from pathlib import Path
 from typing import Any
 
 
-def plot_tradeoff(report: dict[str, Any], path: Path) -> bool:
-    """Accuracy vs compute per sample: the shared-threshold curve, the bundle's thresholds and
-    the monolithic model, on the test split. Returns False when matplotlib is not installed."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_tradeoff(report: dict[str, Any], path: Path) -> bool:
+    """Accuracy vs compute per sample: the shared-threshold curve, the bundle's thresholds and
+    the monolithic model, on the test split. Returns False when matplotlib is not installed."""
+    plt = _pyplot()
+    if plt is None:
         return False
     curve = sorted(zip(report["tradeoff"]["mflops"], report["tradeoff"]["accuracy"]))
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
@@ -31,6 +39,35 @@ def plot_tradeoff(report: dict[str, Any], path: Path) -> bool:
     ax.set_xlabel("MFLOPs per sample (expected)")
     ax.set_ylabel(f"test accuracy, % ({report['samples']} samples)")
     ax.set_title(f"{report['name']}: early exit trade-off ({report['confidence']})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_pareto(record: dict[str, Any], name: str, path: Path) -> bool:
+    """Test accuracy vs latency of both threshold solvers over a sweep of budgets, with the
+    calibrated point (and its re-measured latency). Returns False without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    styles = {"geometric": ("s--", "tab:gray", "geometric (MSDNet/RANet)"), "optimise": ("o-", "tab:blue", "optimiser")}
+    for solver, (style, color, label) in styles.items():
+        pts = sorted((r[solver]["mean_ms"], 100 * r[solver]["accuracy"]) for r in record["pareto"] if r[solver])
+        if pts:
+            ax.plot(*zip(*pts), style, color=color, ms=4, lw=1, label=label)
+    b, test = record["budget"], record["test"]
+    ax.axvline(b["ms"], color="tab:red", lw=0.8, ls=":", label=f"budget {b['ms']:.4g} ms ({b['metric']})")
+    ax.plot([test["mean_ms"]], [100 * test["accuracy"]], "*", color="tab:orange", ms=12, label="calibrated (modelled)")
+    if record.get("measured"):
+        ax.plot([record["measured"]["chosen"]["mean_ms"]], [100 * test["accuracy"]], "x", color="tab:red", ms=9,
+                label="calibrated (measured)")
+    ax.set_xlabel(f"mean call latency, ms (batch {b['batch']}, {'estimate' if record['latency']['estimate'] else 'measured model'})")
+    ax.set_ylabel(f"test accuracy, % ({record['splits']['report']['samples']} samples)")
+    ax.set_title(f"{name}: accuracy under a latency budget (fit on val, shown on test)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

@@ -1,18 +1,34 @@
-"""Latency measurement shared by the build summary and the benchmarks.
+"""Latency (and, on a Jetson, power) of a bundle's stages, measured on the machine it runs on.
 
-Runners are timed interleaved, sample by sample, in one process, so machine noise and
-frequency drift hit every runner alike; a ratio of two runners from one call is the
-number to trust, not either absolute time.
+`profile_bundle` times, per batch size and after a warm-up: every stage as the cascade
+runs it (the stage call plus the exit decision: `CascadeResult.stage_seconds` of a
+full-depth cascade run on its own, as a deployment runs it), whole calls in which every
+sample leaves at exit k (what the cost model is built from: back-to-back calls that stop
+early keep their stages' weights hot in cache, which per-stage times inside a full-depth
+call miss), the cascade's own overhead around its stages, the compaction gather after each stage, and end to end the monolithic
+graph, the full-depth cascade and the cascade at the bundle's thresholds, interleaved
+call by call so that machine noise hits them alike. The result is one `profile.json` entry, keyed by backend and device.
+
+`per_sample_latency` is the lighter timer the build summary and the benchmarks use.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import time
-from typing import Any, Callable
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from edgeexit.runtime.backend import Backend
+from edgeexit.runtime.cascade import NEVER, Cascade
+from edgeexit.staging import StageIO
+
 Runner = Callable[[np.ndarray], Any]
+PROFILE = "profile.json"
 
 
 def per_sample_latency(runners: dict[str, Runner], x: np.ndarray, rounds: int = 3, warmup: int = 20) -> dict[str, float]:
@@ -39,3 +55,194 @@ def per_sample_latency(runners: dict[str, Runner], x: np.ndarray, rounds: int = 
         for name in names:
             best[name] = min(best[name], spent[name] / len(x))
     return best
+
+
+def stats_ms(seconds: Sequence[float]) -> dict[str, float]:
+    """Mean and percentiles of a list of durations, in milliseconds."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"mean_ms": float(ms.mean()), "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
+            "calls": int(len(ms))}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_facts(backend: Backend, threads: int | None) -> dict[str, Any]:
+    """Where the numbers were taken: CPU/GPU, Jetson power mode and clocks, library versions."""
+    from edgeexit.jetson import jetson_facts
+
+    facts: dict[str, Any] = {
+        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "python": platform.python_version(), "backend": backend.name, "threads": threads,
+        "libraries": {p: v for p in ("onnxruntime", "torch", "tensorrt", "pycuda", "numpy")
+                      if (v := _version(p)) is not None},
+    }
+    gpu = getattr(backend, "device_name", None)
+    if gpu:
+        facts["gpu"] = gpu
+    jetson = jetson_facts()
+    if jetson is not None:
+        facts["jetson"] = jetson
+    return facts
+
+
+def device_id(facts: dict[str, Any]) -> str:
+    """The device a profile entry belongs to: the Jetson model, else the GPU, else the CPU."""
+    if "jetson" in facts:
+        return facts["jetson"].get("model") or "jetson"
+    return facts.get("gpu") or facts["cpu"]
+
+
+def profile_key(backend: str, device: str) -> str:
+    """`profile.json` key of one backend on one device."""
+    return f"{backend}@{device}"
+
+
+def _gather_seconds(backend: Backend, ios: Sequence[StageIO], x: np.ndarray, iters: int) -> list[float]:
+    """Mean seconds to compact every stage's carry to half its rows (the cascade's gather)."""
+    rows = np.arange(0, len(x), 2)
+    feeds, result = {ios[0].inputs[0]: backend.upload(x)}, []
+    for k, io in enumerate(ios):
+        out = backend.run(k, feeds)
+        backend.download(out[io.conf])
+        spent = [0.0]
+        if k < len(ios) - 1 and len(x) > 1:
+            spent = []
+            for _ in range(iters):
+                start = time.perf_counter()
+                [backend.take(out[name], rows) for name in io.carry]
+                backend.download(backend.take(out[io.conf], rows))  # waits for the gathers on a device
+                spent.append(time.perf_counter() - start)
+        result.append(float(np.mean(spent)))
+        feeds = {name: out[name] for name in io.carry}
+    return result
+
+
+def profile_batch(backend: Backend, ios: Sequence[StageIO], mono: Backend | None, mono_io: StageIO,
+                  x: np.ndarray, batch: int, thresholds: Sequence[float | None], iters: int,
+                  warmup: int, power: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Every figure of one batch size; `x` (normalised, real samples) is cycled in chunks of `batch`."""
+    k_total = len(ios)
+    full = Cascade(backend, ios, [NEVER] * (k_total - 1) + [None])
+    gated = Cascade(backend, ios, thresholds)
+    runners: dict[str, Cascade] = {"cascade_full": full, "cascade": gated}
+    if mono is not None:
+        runners["monolithic"] = Cascade(mono, [mono_io], [None])
+    chunks = [np.take(x, np.arange(i, i + batch) % len(x), axis=0) for i in range(0, max(len(x), batch), batch)]
+    for i in range(warmup):
+        full(chunks[i % len(chunks)])
+    stage, overhead = np.zeros((iters, k_total)), np.zeros(iters)
+    for i in range(iters):  # the stages alone, as a deployed cascade runs them (no other graph in between)
+        start = time.perf_counter()
+        result = full(chunks[i % len(chunks)])
+        overhead[i] = time.perf_counter() - start - result.stage_seconds.sum()
+        stage[i] = result.stage_seconds
+    exit_calls = []
+    for k in range(k_total):  # calls in which every sample leaves at exit k, back to back
+        leave_k = Cascade(backend, ios, [NEVER] * k + [-NEVER] + [NEVER] * (k_total - 2 - k) + [None]
+                          if k < k_total - 1 else [NEVER] * (k_total - 1) + [None])
+        for i in range(warmup):
+            leave_k(chunks[i % len(chunks)])
+        spent = []
+        for i in range(iters):
+            start = time.perf_counter()
+            leave_k(chunks[i % len(chunks)])
+            spent.append(time.perf_counter() - start)
+        exit_calls.append(stats_ms(spent))
+    e2e = {name: [] for name in runners}
+    exits = np.zeros(k_total, np.int64)
+    names = list(runners)
+    for i in range(warmup):
+        for name in names:
+            runners[name](chunks[i % len(chunks)])
+    for i in range(iters):  # end to end, interleaved call by call so noise hits every runner alike
+        chunk = chunks[i % len(chunks)]
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            result = runners[name](chunk)
+            e2e[name].append(time.perf_counter() - start)
+            if name == "cascade":
+                exits += np.bincount(result.exit, minlength=k_total)
+    entry = {
+        "stages": [stats_ms(stage[:, k]) for k in range(k_total)],
+        "gather_ms": [s * 1e3 for s in _gather_seconds(backend, ios, chunks[0], max(10, iters // 10))],
+        "overhead_ms": stats_ms(np.maximum(overhead, 0.0)),
+        "exit_calls": exit_calls,
+        "end_to_end": {name: stats_ms(values) for name, values in e2e.items()},
+        "cascade_exit_shares": [float(s) for s in exits / exits.sum()],
+    }
+    if power:
+        entry["power"] = _power(gated, chunks, power)
+    return entry
+
+
+def _power(cascade: Cascade, chunks: list[np.ndarray], sampler: Callable[[], Any], seconds: float = 3.0) -> dict:
+    """Average power per rail and energy per inference of the gated cascade alone, run for
+    `seconds` under a power sampler (tegrastats on a Jetson)."""
+    calls = samples = 0
+    with sampler() as power:
+        start = time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            chunk = chunks[calls % len(chunks)]
+            cascade(chunk)
+            calls, samples = calls + 1, samples + len(chunk)
+    return {**power.summary(elapsed, inferences=samples), "runner": "cascade", "calls": calls}
+
+
+def profile_bundle(backend: Backend, ios: Sequence[StageIO], mono: Backend | None, mono_io: StageIO,
+                   x: np.ndarray, batches: Sequence[int], thresholds: Sequence[float | None],
+                   iters: int = 200, warmup: int = 20, threads: int | None = None,
+                   power: Callable[[], Any] | None = None,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """One `profile.json` entry: machine facts and `profile_batch` for every batch size."""
+    facts = machine_facts(backend, threads)
+    entry: dict[str, Any] = {
+        "backend": backend.name, "device": device_id(facts), "machine": facts,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "iters": iters, "warmup": warmup, "thresholds": list(thresholds), "samples": int(len(x)),
+        "stage_time": "stage call + exit decision, inside a full-depth cascade",
+        "batches": {},
+    }
+    for b in batches:
+        if progress:
+            progress(f"profiling batch {b}: {iters} timed calls per runner after {warmup} warm-up")
+        entry["batches"][str(b)] = profile_batch(backend, ios, mono, mono_io, x, b, thresholds, iters, warmup, power)
+    return entry
+
+
+def format_profile(entry: dict[str, Any]) -> str:
+    """The table `edgeexit profile` prints: per batch size, per stage and end to end (ms)."""
+    m = entry["machine"]
+    lines = [f"{entry['backend']} on {entry['device']} ({m['cpu_count']} CPUs, threads {m['threads']}; "
+             f"{entry['iters']} timed calls after {entry['warmup']} warm-up)"]
+    if "jetson" in m:
+        j = m["jetson"]
+        lines.append(f"jetson: L4T {j.get('l4t')}, power mode {j.get('nvpmodel')}, jetson_clocks {j.get('jetson_clocks')}")
+    for b, row in entry["batches"].items():
+        lines += ["", f"batch {b}:  {'mean':>8}  {'p50':>8}  {'p90':>8}  {'p99':>8}  (ms)"]
+        named = [(f"stage {k}", s) for k, s in enumerate(row["stages"])] + [("overhead", row["overhead_ms"])]
+        named += list(row["end_to_end"].items())
+        for name, s in named:
+            lines.append(f"{name:>14}  {s['mean_ms']:>8.4f}  {s['p50_ms']:>8.4f}  {s['p90_ms']:>8.4f}  {s['p99_ms']:>8.4f}")
+        lines.append(f"{'cascade exits':>14}  " + " / ".join(f"{s:.1%}" for s in row["cascade_exit_shares"]))
+        if "power" in row:
+            p = row["power"]
+            lines.append(f"{'power':>14}  {p.get('total_power_w') or float('nan'):.2f} W, "
+                         f"{p.get('energy_per_inference_mj') or float('nan'):.3f} mJ per inference ({p.get('total_rail')})")
+    return "\n".join(lines)

@@ -99,6 +99,8 @@ class TargetSpec:
 @dataclass(frozen=True)
 class BudgetSpec:
     latency_ms: float | None
+    batch: int = 1  # samples per cascade call the budget applies to
+    tail: str = "mean"  # mean | p95 | p99: which figure of call latency must stay under the budget
 
 
 @dataclass(frozen=True)
@@ -352,9 +354,11 @@ def _target(raw: Any) -> TargetSpec:
 
 
 def _budget(raw: Any) -> BudgetSpec:
-    b = _mapping(raw, "budget", set(), {"latency_ms"})
+    b = _mapping(raw, "budget", set(), {"latency_ms", "batch", "tail"})
     latency = b.get("latency_ms")
-    return BudgetSpec(latency_ms=None if latency is None else _float(latency, "budget.latency_ms", 0.0, lo_open=True))
+    return BudgetSpec(latency_ms=None if latency is None else _float(latency, "budget.latency_ms", 0.0, lo_open=True),
+                      batch=_int(b.get("batch", 1), "budget.batch", 1),
+                      tail=_choice(b.get("tail", "mean"), "budget.tail", ("mean", "p95", "p99")))
 
 
 def _train(raw: Any) -> TrainSpec:
@@ -408,6 +412,8 @@ def parse_spec(raw: Any, base_dir: Path, source: Path | None = None, require_wei
         source=source,
         raw=raw,
     )
+    if spec.budget.batch > spec.export.batch.max:
+        raise SpecError(f"budget.batch: {spec.budget.batch} is above export.batch.max ({spec.export.batch.max})")
     _check_device(spec)
     return spec
 

@@ -496,6 +496,9 @@ def fake_pycuda(compile_ok: bool):
         def __init__(self, i):
             self.i = i
 
+        def name(self):  # pycuda.driver.Device.name()
+            return "Simulated GPU"
+
         def retain_primary_context(self):
             return _PrimaryContext()
 

@@ -8,11 +8,10 @@ from edgeexit.runtime.backend import Backend
 from edgeexit.spec import BACKENDS
 
 
-def torch_stages(bundle: Bundle):
-    """Rebuild the bundle's torch Stage modules from its model section and weights.pt."""
+def torch_model(bundle: Bundle):
+    """Rebuild the bundle's torch model (eval mode) from its model section and weights.pt."""
     from edgeexit.models import build_model, load_weights
     from edgeexit.spec import InputSpec, ModelSpec
-    from edgeexit.staging import make_stages
 
     m = bundle.manifest["model"]
     inp = bundle.input
@@ -23,7 +22,14 @@ def torch_stages(bundle: Bundle):
         bundle.path,
     )
     load_weights(model, bundle.path / bundle.manifest["weights"])
-    return make_stages(model.eval(), bundle.manifest["gating"]["confidence"])
+    return model.eval()
+
+
+def torch_stages(bundle: Bundle):
+    """The bundle's torch Stage modules (the reference the exported graphs were checked against)."""
+    from edgeexit.staging import make_stages
+
+    return make_stages(torch_model(bundle), bundle.manifest["gating"]["confidence"])
 
 
 def resolve_backend(bundle: Bundle, kind: str) -> str:
@@ -52,3 +58,20 @@ def open_backend(bundle: Bundle, kind: str = "auto", device: str = "cpu", thread
 
         return TorchBackend(torch_stages(bundle), bundle.stage_ios, device)
     raise EdgeExitError(f"backend: {kind!r} is not available here (choose from: {', '.join(BACKENDS)})")
+
+
+def open_monolithic(bundle: Bundle, kind: str = "auto", device: str = "cpu", threads: int | None = None) -> Backend | None:
+    """The monolithic baseline as a one-stage backend on the same kind of backend, or None
+    where the bundle has no such graph for it (TensorRT engines are built per stage only)."""
+    kind = resolve_backend(bundle, kind)
+    if kind == "onnxruntime":
+        from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend([bundle.monolithic_path], [bundle.monolithic_io], threads)
+    if kind == "torch":
+        from edgeexit.runtime.torch_backend import TorchBackend
+        from edgeexit.staging import Monolithic
+
+        model = Monolithic(torch_model(bundle), bundle.manifest["gating"]["confidence"])
+        return TorchBackend([model], [bundle.monolithic_io], device)
+    return None

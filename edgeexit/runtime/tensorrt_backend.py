@@ -227,6 +227,7 @@ class TensorRTBackend(Backend):
         self._inflight: list[tuple[Any, tuple]] = []
         self._ctx = None
         cuda.init()
+        self.device_name = cuda.Device(device).name()  # GPU name, for profiles
         self._ctx = cuda.Device(device).retain_primary_context()  # the context TensorRT's runtime API uses
         self._ctx.push()
         try:

@@ -21,6 +21,7 @@ class TorchBackend(Backend):
         self.device = torch.device(device)
         self.stages = [s.to(self.device).eval() for s in stages]
         self.ios = list(ios)
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
 
     def upload(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)

@@ -1,0 +1,138 @@
+"""What a cascade call costs, as a function of how many samples reach each stage.
+
+The cost model (used by every solver and by the reports):
+
+* A cascade call on a batch of B samples costs `overhead(B)` (upload, result assembly:
+  everything outside the stages) plus, for every stage k that at least one sample reaches,
+  `stage_k(n_k)` where n_k is the number of samples still active at k, plus a compaction
+  `gather_k(n_k)` after stage k when some samples leave there and some go on.
+* At batch 1 this is the familiar rule: a sample leaving at exit k costs the overhead plus
+  the sum of the stage latencies up to k.
+* A partially filled batch (n_k below B after compaction) is costed by linear
+  interpolation between the batch sizes that were profiled; below the smallest profiled
+  size it costs what that size costs (a call never gets cheaper than its floor); above
+  the largest, the last segment's per-sample slope is extended.
+
+Numbers come from `profile.json` (measured on the device by `edgeexit profile`) or, when
+no device is at hand, from a device profile's peak figures (`estimate`, marked as such).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from calibration.errors import CalibrationError
+
+
+def _interp(n: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Seconds of a call on n samples from seconds measured at batch sizes xs (0 for n == 0)."""
+    n = np.asarray(n, dtype=np.float64)
+    out = np.interp(n, xs, ys)
+    if len(xs) > 1:
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    else:
+        slope = ys[0] / xs[0]
+    above = n > xs[-1]
+    out[above] = ys[-1] + max(slope, 0.0) * (n[above] - xs[-1])
+    out[n <= 0] = 0.0
+    return out
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Seconds per stage call, compaction and cascade overhead at profiled batch sizes."""
+
+    batches: tuple[int, ...]  # profiled batch sizes, ascending
+    stage: np.ndarray  # (len(batches), K) seconds of stage k's call (run + decision)
+    gather: np.ndarray  # (len(batches), K) seconds to compact the carry after stage k (last column 0)
+    overhead: np.ndarray  # (len(batches),) seconds of a cascade call outside its stages
+    source: str  # where the numbers come from, for reports
+    estimate: bool = False  # True: derived from peak figures, not measured
+
+    def __post_init__(self):
+        b, k = len(self.batches), self.stage.shape[-1]
+        if self.stage.shape != (b, k) or self.gather.shape != (b, k) or self.overhead.shape != (b,):
+            raise CalibrationError(f"latency model: shapes stage {self.stage.shape}, gather {self.gather.shape}, "
+                                   f"overhead {self.overhead.shape} do not match {b} batch sizes")
+        if list(self.batches) != sorted(set(self.batches)) or self.batches[0] < 1:
+            raise CalibrationError(f"latency model: batch sizes {list(self.batches)} must be ascending and >= 1")
+        if (self.stage < 0).any() or (self.gather < 0).any() or (self.overhead < 0).any():
+            raise CalibrationError("latency model: negative seconds")
+
+    @property
+    def stages(self) -> int:
+        return self.stage.shape[1]
+
+    def stage_seconds(self, counts: np.ndarray) -> np.ndarray:
+        """(..., K) seconds of each stage given how many samples it runs on (0: not run)."""
+        xs = np.asarray(self.batches, dtype=np.float64)
+        return np.stack([_interp(counts[..., k], xs, self.stage[:, k]) for k in range(self.stages)], axis=-1)
+
+    def batch_seconds(self, taken: np.ndarray) -> np.ndarray:
+        """(M,) seconds of M cascade calls, given the exit each sample of each call takes ((M, B) ints)."""
+        taken = np.asarray(taken)
+        if taken.ndim == 1:
+            taken = taken[:, None]
+        xs = np.asarray(self.batches, dtype=np.float64)
+        counts = np.stack([(taken >= k).sum(axis=1) for k in range(self.stages)], axis=1)  # (M, K) reaching k
+        total = self.stage_seconds(counts).sum(axis=1) + _interp(np.full(len(taken), taken.shape[1]), xs,
+                                                                 self.overhead)
+        for k in range(self.stages - 1):
+            split = (counts[:, k + 1] > 0) & (counts[:, k + 1] < counts[:, k])
+            total += np.where(split, _interp(counts[:, k], xs, self.gather[:, k]), 0.0)
+        return total
+
+    def exit_seconds(self) -> np.ndarray:
+        """(K,) seconds of a batch-1 call that leaves at each exit (overhead + stages up to it)."""
+        return self.batch_seconds(np.arange(self.stages)[:, None])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (milliseconds), for calibration.json."""
+        return {"source": self.source, "estimate": self.estimate, "batches": list(self.batches),
+                "stage_ms": (self.stage * 1e3).round(6).tolist(), "gather_ms": (self.gather * 1e3).round(6).tolist(),
+                "overhead_ms": (self.overhead * 1e3).round(6).tolist()}
+
+
+def from_profile(entry: dict[str, Any], source: str) -> LatencyModel:
+    """The latency model of one `profile.json` entry (one backend on one device), mean figures.
+
+    Stage k costs the difference between whole calls that leave at exit k and at exit k-1
+    (measured back to back, as a stream of such calls runs), stage 0 what a call leaving at
+    exit 0 costs beyond the overhead; entries without those calls fall back to per-stage
+    times measured inside full-depth calls."""
+    try:
+        sizes = sorted(entry["batches"], key=int)
+        rows = [entry["batches"][b] for b in sizes]
+        overhead = np.array([r["overhead_ms"]["mean_ms"] for r in rows], dtype=np.float64) / 1e3
+        if all("exit_calls" in r for r in rows):
+            calls = np.array([[c["mean_ms"] for c in r["exit_calls"]] for r in rows], dtype=np.float64) / 1e3
+            calls = np.maximum.accumulate(calls, axis=1)  # leaving later never costs less
+            overhead = np.minimum(overhead, calls[:, 0])
+            stage = np.diff(calls, axis=1, prepend=overhead[:, None])
+        else:
+            stage = np.array([[s["mean_ms"] for s in r["stages"]] for r in rows], dtype=np.float64) / 1e3
+        gather = np.array([r["gather_ms"] for r in rows], dtype=np.float64) / 1e3
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CalibrationError(f"profile: entry {source!r} is malformed ({exc!r})") from None
+    return LatencyModel(tuple(int(b) for b in sizes), stage, gather, np.maximum(overhead, 0.0), source)
+
+
+def estimate(flops: Sequence[float], weight_bytes: Sequence[float], activation_bytes: Sequence[float],
+             peak_ops: Sequence[float], bandwidth: float, launch_s: float, source: str,
+             batches: Sequence[int] = (1, 8, 32)) -> LatencyModel:
+    """A roofline estimate when the device is not at hand: each stage call costs a fixed
+    launch time plus the larger of its compute time at `peak_ops` (ops/s, per stage, for its
+    precision) and its memory time (weights once, activations per sample) at `bandwidth`
+    (bytes/s). Peak figures are never reached by small layers, so this is a lower bound."""
+    flops, wb, ab, peak = (np.asarray(v, dtype=np.float64) for v in (flops, weight_bytes, activation_bytes, peak_ops))
+    if (peak <= 0).any() or bandwidth <= 0:
+        raise CalibrationError("latency estimate: the device profile has no peak figures for this precision")
+    b = np.asarray(batches, dtype=np.float64)[:, None]
+    stage = launch_s + np.maximum(b * flops / peak, (wb + b * ab) / bandwidth)
+    gather = np.full_like(stage, launch_s)
+    gather[:, -1] = 0.0
+    return LatencyModel(tuple(int(x) for x in batches), stage, gather, np.full(len(batches), launch_s), source,
+                        estimate=True)

@@ -1,0 +1,286 @@
+"""`edgeexit calibrate`: per-exit thresholds that meet a latency budget, proven on held-out data.
+
+Steps: trace the bundle on its validation and test splits (every exit evaluated), get a
+latency model (the bundle's `profile.json` for this backend and device, a fresh profile,
+or an estimate from the target device's peak figures), fit the geometric baseline and the
+optimiser on the validation split, score both on the test split, re-measure the chosen
+thresholds by running the cascade on the test split, and write `calibration.json`, the
+Pareto plot and the new thresholds into the bundle (one atomic update).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from calibration.latency import LatencyModel, estimate, from_profile
+from calibration.solvers import Budget, Scorer, best_feasible, geometric, optimise, tail_seconds
+from calibration.traces import Traces, load_traces
+from edgeexit.bundle import Bundle, update_bundle
+from edgeexit.errors import EdgeExitError
+from edgeexit.profile import PROFILE, device_id, machine_facts, profile_bundle, profile_key
+from edgeexit.runtime.backend import Backend
+from edgeexit.runtime.cascade import Cascade
+from edgeexit.tracing import record_traces, split_inputs
+
+CALIBRATION = "calibration.json"
+PARETO_PNG = "pareto.png"
+SOLVERS = ("optimise", "geometric")
+LATENCY_SOURCES = ("auto", "profile", "estimate")
+LAUNCH_S = 50e-6  # assumed per-call launch/enqueue time of an estimate (a TensorRT context on a Jetson)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def read_profiles(bundle: Bundle) -> dict[str, Any]:
+    """The bundle's `profile.json` (empty when it has none)."""
+    path = bundle.path / PROFILE
+    return json.loads(path.read_text()) if path.is_file() else {"format": 1, "profiles": {}}
+
+
+def profile_batches(batch: int) -> list[int]:
+    """Batch sizes to profile for a budget at `batch`: enough points to interpolate compacted batches."""
+    return sorted({1, max(1, batch // 4), max(1, batch // 2), batch})
+
+
+def estimated_latency(bundle: Bundle, batches: Sequence[int]) -> LatencyModel:
+    """Roofline estimate for the bundle's target device from its peak figures (marked as an estimate)."""
+    from edgeexit.devices import load_device
+
+    device = load_device(bundle.manifest["target"]["device"])
+    peak = device.peak
+    per_precision = {"fp32": peak.fp32_tflops, "fp16": peak.fp16_tflops, "int8": peak.int8_tops}
+    stages = bundle.manifest["stages"]
+    ops = [per_precision.get(s["precision"]) for s in stages]
+    if any(o is None for o in ops) or peak.memory_bandwidth_gbs is None:
+        raise EdgeExitError(f"latency: device {device.name} has no peak figures to estimate from; profile the bundle "
+                            "on the device (`edgeexit profile`) and calibrate with --latency profile")
+    width = {"fp32": 4, "fp16": 2, "int8": 1}
+    return estimate([s["flops"] for s in stages], [s["params"] * width[s["precision"]] for s in stages],
+                    [s.get("activation_bytes", 0) for s in stages], [o * 1e12 for o in ops],
+                    peak.memory_bandwidth_gbs * 1e9, LAUNCH_S,
+                    f"estimate: {device.name} peak figures, {LAUNCH_S * 1e6:g} us per call", batches)
+
+
+@dataclass
+class LatencySource:
+    model: LatencyModel
+    measured_here: bool  # the numbers describe this machine, so a re-measured cascade can check them
+    new_profile: dict[str, Any] | None = None  # a profile taken now, to store in the bundle
+
+
+def latency_source(bundle: Bundle, backend: Backend, kind: str, batch: int, x: np.ndarray,
+                   threads: int | None, iters: int) -> LatencySource:
+    """The latency model `kind` asks for: `profile` (the bundle's profile.json entry for this
+    backend and device), `estimate` (the target's peak figures), or `auto`: the stored profile,
+    else a profile taken now when the bundle targets this kind of machine, else the estimate."""
+    key = profile_key(backend.name, device_id(machine_facts(backend, threads)))
+    stored = read_profiles(bundle)["profiles"].get(key)
+    wanted = profile_batches(batch)
+    if kind == "estimate":
+        return LatencySource(estimated_latency(bundle, wanted), False)
+    if stored is not None and set(map(str, wanted)) <= set(stored["batches"]):
+        return LatencySource(from_profile(stored, f"profile.json[{key}]"), True)
+    if kind == "profile":
+        raise EdgeExitError(f"latency: profile.json has no entry {key!r} with batch sizes {wanted}; run "
+                            f"`edgeexit profile {bundle.path} --backend {backend.name} --batch "
+                            f"{','.join(map(str, wanted))}` first")
+    from edgeexit.devices import load_device
+
+    target = load_device(bundle.manifest["target"]["device"])
+    if target.kind != "host" and backend.name == "onnxruntime":
+        log(f"latency: the bundle targets {target.name} and this is not it: estimating from its peak figures")
+        return LatencySource(estimated_latency(bundle, wanted), False)
+    log(f"latency: no profile for {key}; profiling batch sizes {wanted} now")
+    from edgeexit.runtime.loader import open_monolithic
+
+    entry = profile_bundle(backend, bundle.stage_ios, open_monolithic(bundle, backend.name, threads=threads),
+                           bundle.monolithic_io, x, wanted, bundle.thresholds, iters=iters, threads=threads)
+    return LatencySource(from_profile(entry, f"profile.json[{key}]"), True, {key: entry})
+
+
+def measure_calls(backend: Backend, bundle: Bundle, x: np.ndarray, batch: int,
+                  thresholds: dict[str, Sequence[float | None]], rounds: int = 5, warmup: int = 20) -> dict[str, np.ndarray]:
+    """(rounds, calls) seconds of every cascade call over `x` in calls of `batch`, per named
+    threshold vector, the vectors interleaved call by call so that noise hits them alike."""
+    cascades = {name: Cascade(backend, bundle.stage_ios, th) for name, th in thresholds.items()}
+    chunks = [x[i:i + batch] for i in range(0, len(x) - batch + 1, batch)]
+    names = list(cascades)
+    for i in range(warmup):
+        for name in names:
+            cascades[name](chunks[i % len(chunks)])
+    calls = {name: np.zeros((rounds, len(chunks))) for name in names}
+    for r in range(rounds):
+        for i, chunk in enumerate(chunks):
+            turn = (i + r) % len(names)
+            for name in names[turn:] + names[:turn]:
+                start = time.perf_counter()
+                cascades[name](chunk)
+                calls[name][r, i] = time.perf_counter() - start
+    return calls
+
+
+def measured_figures(calls: np.ndarray, budget: Budget) -> dict[str, float]:
+    """Mean and p95 of measured calls ((rounds, calls) seconds) and their ratio to the budget.
+
+    Each figure is taken per pass over the split and the median pass reported, so one pass
+    disturbed by the machine does not decide the verdict."""
+    mean = float(np.median(calls.mean(axis=1)))
+    p95 = float(np.median(tail_seconds(calls, 0.95)))
+    figure = mean if budget.tail is None else float(np.median(tail_seconds(calls, budget.tail)))
+    return {"mean_ms": mean * 1e3, "p95_ms": p95 * 1e3, "calls": int(calls.size), "passes": int(len(calls)),
+            "ratio": figure / budget.seconds}
+
+
+def pareto(val: Traces, test: Traces, latency: LatencyModel, template: Budget, budgets: Sequence[float],
+           progress: bool) -> list[dict[str, Any]]:
+    """Both solvers fitted on `val` at each budget and scored on `test` (cost-model latency)."""
+    rows = []
+    for seconds in tqdm(budgets, desc="pareto", unit="budget", disable=not progress, leave=False):
+        budget = Budget(seconds, template.batch, template.tail, template.confidence)
+        sv, st = Scorer(val, latency, budget), Scorer(test, latency, budget)
+        base = best_feasible(geometric(sv), budget)
+        best = optimise(sv, start=base)
+        row = {"budget_ms": seconds * 1e3}
+        for name, point in (("geometric", base), ("optimise", best)):
+            row[name] = None if point is None else {"val_accuracy": point.accuracy,
+                                                    **{k: v for k, v in st.point(point.thresholds).to_dict().items()
+                                                       if k in ("accuracy", "mean_ms", "p95_ms")}}
+        rows.append(row)
+    return rows
+
+
+def cheapest_call(latency: LatencyModel, batch: int) -> float:
+    """Seconds of a call where every sample leaves at exit 0: no budget below this can hold."""
+    return float(latency.batch_seconds(np.zeros((1, batch), int))[0])
+
+
+def full_depth_call(latency: LatencyModel, batch: int) -> float:
+    """Seconds of a call where every sample runs every stage."""
+    return float(latency.batch_seconds(np.full((1, batch), latency.stages - 1))[0])
+
+
+def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "optimise", latency: str = "auto",
+              val_traces: str | Path | None = None, test_traces: str | Path | None = None,
+              data: dict[str, str | None] | None = None, threads: int | None = 1, iters: int = 200,
+              measure: bool = True, curve_points: int = 16, progress: bool = True) -> tuple[Bundle, dict[str, Any]]:
+    """Fit thresholds for `budget` on the validation split, prove them on the test split and
+    write them into the bundle; returns the updated bundle and the calibration record."""
+    if solver not in SOLVERS:
+        raise EdgeExitError(f"--solver: {solver!r} is not one of {', '.join(SOLVERS)}")
+    data = data or {}
+    x_test, y_test = split_inputs(bundle, "test", data.get("test"))
+    traces = {}
+    for split, path in (("val", val_traces), ("test", test_traces)):
+        if path is not None:
+            traces[split] = load_traces(path)
+        else:
+            x, y = (x_test, y_test) if split == "test" else split_inputs(bundle, split, data.get(split))
+            log(f"traces: running every exit on the {split} split ({len(y)} samples, {backend.name})")
+            traces[split] = record_traces(bundle, backend, x, y, split)
+    source = latency_source(bundle, backend, latency, budget.batch, x_test, threads, iters)
+    lat = source.model
+    floor = cheapest_call(lat, budget.batch)
+    sv, st = Scorer(traces["val"], lat, budget), Scorer(traces["test"], lat, budget)
+    log(f"calibrate: {budget.metric} latency <= {budget.seconds * 1e3:g} ms at batch {budget.batch} "
+        f"({lat.source}); fitting on {len(traces['val'])} validation samples")
+    base = best_feasible(geometric(sv), budget)
+    bar = tqdm(total=1, desc="optimise", disable=not progress or solver != "optimise", leave=False)
+
+    def tick(done, total):
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    chosen = base if solver == "geometric" else optimise(sv, start=base, progress=tick)
+    bar.close()
+    if chosen is None:
+        raise EdgeExitError(f"--budget-ms: {budget.seconds * 1e3:g} ms cannot hold: a call where every sample leaves "
+                            f"at exit 0 already costs {floor * 1e3:.4g} ms ({lat.source})"
+                            + ("" if solver == "optimise" else "; the optimise solver may still find a point"))
+    record: dict[str, Any] = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "budget": {"ms": budget.seconds * 1e3, "metric": budget.metric, "batch": budget.batch,
+                   "confidence": budget.confidence if budget.tail is None else None},
+        "solver": solver, "backend": backend.name, "latency": lat.to_dict(),
+        "splits": {"fit": {"name": "val", "samples": len(traces["val"])},
+                   "report": {"name": "test", "samples": len(traces["test"])}},
+        "thresholds": list(chosen.thresholds),
+        "fit": chosen.to_dict(), "test": st.point(chosen.thresholds).to_dict(),
+        "baseline": None if base is None else {"fit": base.to_dict(), "test": st.point(base.thresholds).to_dict()},
+        "floor_ms": floor * 1e3, "full_depth_ms": full_depth_call(lat, budget.batch) * 1e3,
+    }
+    if measure and source.measured_here:
+        vectors = {"chosen": chosen.thresholds} | ({"baseline": base.thresholds} if base is not None else {})
+        log(f"measure: running the cascade on the test split at batch {budget.batch} to check the budget")
+        calls = measure_calls(backend, bundle, x_test, budget.batch, vectors)
+        record["measured"] = {name: measured_figures(c, budget) for name, c in calls.items()}
+        record["held"] = record["measured"]["chosen"]["ratio"] <= 1.05
+    else:
+        record["measured"] = None
+        record["held"] = None  # an estimate: only the device can tell
+    budgets = np.linspace(floor, record["full_depth_ms"] / 1e3, curve_points + 1)[1:]
+    record["pareto"] = pareto(traces["val"], traces["test"], lat, budget, budgets, progress)
+    files = {CALIBRATION: (json.dumps(record, indent=2) + "\n").encode()}
+    if source.new_profile:
+        profiles = read_profiles(bundle)
+        profiles["profiles"].update(source.new_profile)
+        files[PROFILE] = (json.dumps(profiles, indent=2) + "\n").encode()
+    png = _pareto_png(record, bundle.name)
+    if png is not None:
+        files[PARETO_PNG] = png
+    gating = {**bundle.manifest["gating"], "thresholds": list(chosen.thresholds)}
+    return update_bundle(bundle, files, {"gating": gating, "calibration": CALIBRATION}), record
+
+
+def _pareto_png(record: dict[str, Any], name: str) -> bytes | None:
+    import tempfile
+
+    from edgeexit.plots import plot_pareto
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / PARETO_PNG
+        return path.read_bytes() if plot_pareto(record, name, path) else None
+
+
+def format_calibration(record: dict[str, Any], curve: bool = True) -> str:
+    """What `edgeexit calibrate` (and a build with a budget) prints: the outcome and the curve."""
+    b, test = record["budget"], record["test"]
+    lines = [f"budget: {b['metric']} call latency <= {b['ms']:.4g} ms at batch {b['batch']} "
+             f"({record['latency']['source']})",
+             f"thresholds ({record['solver']}): {', '.join('all' if t is None else f'{t:.4g}' for t in record['thresholds'])}",
+             f"test split ({record['splits']['report']['samples']} samples): accuracy {test['accuracy']:.2%}, "
+             f"modelled mean {test['mean_ms']:.4g} ms, p95 {test['p95_ms']:.4g} ms, exit shares "
+             + " / ".join(f"{s:.1%}" for s in test["exit_shares"])]
+    m = record.get("measured")
+    if m:
+        c = m["chosen"]
+        lines.append(f"measured on the test split: mean {c['mean_ms']:.4g} ms, p95 {c['p95_ms']:.4g} ms over "
+                     f"{c['calls']} calls (median of {c['passes']} passes) -> {c['ratio']:.3f} of the budget: "
+                     + ("held (<= 1.05)" if record["held"] else "MISSED (> 1.05)"))
+    else:
+        lines.append("not measured: the latency is an estimate for another device; profile on the device to check")
+    base = record["baseline"]
+    lines.append("geometric baseline: " + ("no feasible q" if base is None else
+                 f"test accuracy {base['test']['accuracy']:.2%}, modelled mean {base['test']['mean_ms']:.4g} ms"))
+    if not curve:
+        return "\n".join(lines)
+    lines += ["", f"{'budget ms':>9}  {'geometric acc':>13}  {'ms':>7}  {'optimise acc':>12}  {'ms':>7}   (test split)"]
+    for row in record["pareto"]:
+        cells = []
+        for name in ("geometric", "optimise"):
+            p = row[name]
+            cells.append(f"{'-':>13}  {'-':>7}" if p is None and name == "geometric" else
+                         f"{'-':>12}  {'-':>7}" if p is None else
+                         f"{p['accuracy']:>{13 if name == 'geometric' else 12}.2%}  {p['mean_ms']:>7.4f}")
+        lines.append(f"{row['budget_ms']:>9.4f}  {cells[0]}  {cells[1]}")
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""calibration/: the latency cost model, both threshold solvers and traces, on numbers only."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from calibration.errors import CalibrationError
+from calibration.gating import exits_taken
+from calibration.latency import LatencyModel, estimate, from_profile
+from calibration.solvers import Budget, Scorer, best_feasible, geometric, geometric_thresholds, optimise
+from calibration.traces import Traces, load_traces, save_traces
+
+
+def synthetic(n: int, seed: int) -> Traces:
+    """Three exits: exit 0 is right on the easy half and knows it, exit 1 costs a stage but its
+    confidence says nothing, exit 2 is right on 97%. The geometric family must send a share
+    through exit 1; the full threshold space can skip it."""
+    rng = np.random.default_rng(seed)
+    easy = rng.random(n) < 0.5
+    labels = rng.integers(0, 10, n)
+    wrong = (labels + 1) % 10
+    conf = np.stack([np.where(easy, rng.uniform(0.7, 1.0, n), rng.uniform(0.0, 0.8, n)),
+                     rng.uniform(0.0, 1.0, n), rng.uniform(0.5, 1.0, n)], axis=1).astype(np.float32)
+    pred = np.stack([np.where(easy | (rng.random(n) < 0.2), labels, wrong),
+                     np.where(easy | (rng.random(n) < 0.3), labels, wrong),
+                     np.where(rng.random(n) < 0.97, labels, wrong)], axis=1)
+    return Traces(conf, pred, labels)
+
+
+MS = 1e-3
+FLAT = LatencyModel((1,), np.array([[MS, MS, MS]]), np.zeros((1, 3)), np.zeros(1), "synthetic 1 ms per stage")
+
+
+def test_calibration_imports_no_torch():
+    code = ("import sys, calibration.solvers, calibration.latency, calibration.traces, calibration.gating; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_batch_one_cost_is_overhead_plus_the_stages_up_to_the_exit():
+    model = LatencyModel((1,), np.array([[1.0, 2.0, 4.0]]) * MS, np.zeros((1, 3)), np.array([0.5 * MS]), "t")
+    np.testing.assert_allclose(model.exit_seconds() / MS, [1.5, 3.5, 7.5])
+    np.testing.assert_allclose(model.batch_seconds(np.array([[2], [0]])) / MS, [7.5, 1.5])
+
+
+def test_compacted_batches_are_interpolated_and_pay_a_gather_only_when_they_split():
+    stage = np.array([[1.0, 1.0], [5.0, 9.0]]) * MS  # batch 1 and batch 5
+    gather = np.array([[0.1, 0.0], [0.5, 0.0]]) * MS
+    model = LatencyModel((1, 5), stage, gather, np.array([0.0, 0.0]), "t")
+    # 4 samples: stage 0 on 4 (interpolated 4 ms); 2 go on: gather of 4 rows (0.4 ms), stage 1 on 2 (3 ms)
+    assert model.batch_seconds(np.array([[0, 0, 1, 1]]))[0] == pytest.approx(7.4 * MS)
+    # nobody leaves at exit 0: no gather, stage 1 on all 4 (7 ms)
+    assert model.batch_seconds(np.array([[1, 1, 1, 1]]))[0] == pytest.approx(11.0 * MS)
+    # everyone leaves at exit 0: stage 1 never runs
+    assert model.batch_seconds(np.array([[0, 0, 0, 0]]))[0] == pytest.approx(4.0 * MS)
+    # above the largest profiled batch the last slope continues: stage 0 on 7 = 5 + 2 * 1
+    assert model.stage_seconds(np.array([[7, 0]]))[0, 0] == pytest.approx(7.0 * MS)
+
+
+def test_profile_entries_cost_stages_from_whole_calls_that_leave_at_each_exit():
+    calls = [{"mean_ms": m} for m in (0.03, 0.05, 0.09)]
+    entry = {"batches": {"1": {"stages": [{"mean_ms": 1.0}] * 3, "gather_ms": [0.0, 0.0, 0.0],
+                               "overhead_ms": {"mean_ms": 0.01}, "exit_calls": calls}}}
+    model = from_profile(entry, "t")
+    np.testing.assert_allclose(model.exit_seconds() / MS, [0.03, 0.05, 0.09])
+    with pytest.raises(CalibrationError, match="malformed"):
+        from_profile({"batches": {"1": {}}}, "broken")
+
+
+def test_estimate_is_a_roofline_with_a_launch_floor():
+    model = estimate([2e9, 2e9], [0, 0], [0, 0], [1e12, 1e12], 1e11, 1e-4, "t", batches=(1, 4))
+    np.testing.assert_allclose(model.stage[:, 0], [1e-4 + 2e-3, 1e-4 + 8e-3])
+    assert model.estimate
+    with pytest.raises(CalibrationError, match="peak"):
+        estimate([1], [0], [0], [0], 1e9, 0, "t")
+
+
+def test_geometric_thresholds_send_shares_proportional_to_q_power_k():
+    conf = np.random.default_rng(0).random((1000, 3))
+    for q in (0.5, 1.0, 1.5):
+        taken = exits_taken(conf, geometric_thresholds(conf, q))
+        want = q ** np.arange(3) / (q ** np.arange(3)).sum()
+        np.testing.assert_allclose(np.bincount(taken, minlength=3) / 1000, want, atol=0.01)
+
+
+def test_optimiser_beats_the_geometric_slice_where_an_exit_is_useless_and_keeps_the_budget():
+    val, test = synthetic(2000, 0), synthetic(2000, 1)
+    gains = []
+    for ms in (1.6, 2.0, 2.4):
+        budget = Budget(ms * MS)
+        sv, st = Scorer(val, FLAT, budget), Scorer(test, FLAT, budget)
+        base = best_feasible(geometric(sv), budget)
+        best = optimise(sv, start=base)
+        assert best.feasible(budget) and best.accuracy >= base.accuracy
+        assert best.bound_s <= budget.seconds and best.mean_s < budget.seconds  # the bound includes a margin
+        gains.append(st.point(best.thresholds).accuracy - st.point(base.thresholds).accuracy)
+    assert min(gains) > 0.03, gains  # held-out accuracy, not only the fitted one
+
+
+def test_optimiser_keeps_the_baseline_without_a_fitted_gain():
+    traces = synthetic(500, 2)
+    traces = Traces(traces.conf, np.repeat(traces.labels[:, None], 3, axis=1), traces.labels)  # every exit right
+    budget = Budget(2.5 * MS)
+    scorer = Scorer(traces, FLAT, budget)
+    base = best_feasible(geometric(scorer), budget)
+    assert optimise(scorer, start=base) == base
+
+
+def test_tail_budget_bounds_the_percentile_and_mean_budget_adds_a_confidence_margin():
+    val = synthetic(1000, 3)
+    tail = Budget(2.0 * MS, tail=0.95)
+    point = optimise(Scorer(val, FLAT, tail))
+    calls = FLAT.exit_seconds()[Scorer(val, FLAT, tail).taken(point.thresholds)]
+    assert np.quantile(calls, 0.95, method="higher") <= tail.seconds
+    loose, tight = (optimise(Scorer(val, FLAT, Budget(1.6 * MS, confidence=c))) for c in (0.5, 0.99))
+    assert tight.mean_s <= loose.mean_s and loose.bound_s == pytest.approx(loose.mean_s)
+
+
+def test_batch_budget_scores_calls_of_b_samples():
+    val = synthetic(400, 4)
+    model = LatencyModel((1, 8), np.array([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]) * MS, np.zeros((2, 3)),
+                         np.zeros(2), "t")
+    scorer = Scorer(val, model, Budget(5 * MS, batch=8))
+    taken = scorer.taken([0.9, 0.5, None])
+    assert scorer.groups.shape[1] == 8
+    np.testing.assert_allclose(scorer.calls(taken[:, None])[0], model.batch_seconds(taken[scorer.groups]))
+    assert optimise(scorer).bound_s <= 5 * MS
+
+
+def test_no_feasible_point_and_bad_budgets():
+    scorer = Scorer(synthetic(100, 5), FLAT, Budget(0.5 * MS))
+    assert optimise(scorer) is None and best_feasible(geometric(scorer), scorer.budget) is None
+    with pytest.raises(CalibrationError, match="positive"):
+        Budget(0.0)
+    with pytest.raises(CalibrationError, match="tail"):
+        Budget(1.0, tail=1.5)
+    with pytest.raises(CalibrationError, match="2 exits"):
+        Scorer(Traces(np.zeros((5, 2), np.float32), np.zeros((5, 2), np.int64), np.zeros(5, np.int64)), FLAT,
+               Budget(1.0))
+
+
+def test_traces_round_trip_and_refuse_other_files(tmp_path):
+    traces = synthetic(50, 6)
+    path = save_traces(tmp_path / "val.npz", Traces(traces.conf, traces.pred, traces.labels, {"split": "val"}))
+    back = load_traces(path)
+    np.testing.assert_array_equal(back.conf, traces.conf)
+    np.testing.assert_array_equal(back.correct, traces.correct)
+    assert back.meta == {"split": "val"} and list(tmp_path.iterdir()) == [path]
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(CalibrationError, match="lacks conf"):
+        load_traces(tmp_path / "other.npz")
+    with pytest.raises(CalibrationError, match="NaN"):
+        Traces(np.full((2, 2), np.nan, np.float32), np.zeros((2, 2), np.int64), np.zeros(2, np.int64))

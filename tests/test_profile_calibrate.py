@@ -1,0 +1,140 @@
+"""Profiling and calibrating a real bundle: `edgeexit trace | profile | calibrate`, and a build
+that calibrates by itself. Every latency here comes from running the bundle's backend."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from calibration.latency import from_profile
+from calibration.traces import load_traces
+from conftest import example_raw, write_spec
+from edgeexit.bundle import load_bundle, update_bundle
+from edgeexit.cli import main
+from edgeexit.errors import BundleError
+from edgeexit.jetson import TegrastatsSampler
+from edgeexit.profile import profile_bundle
+from edgeexit.runtime.loader import open_backend, open_monolithic
+from edgeexit.tracing import split_inputs
+from test_jetson import fake_tegrastats, recorded
+
+
+@pytest.fixture()
+def bundle_copy(example_build, tmp_path):
+    """A private copy of the example bundle (calibrate and profile rewrite it)."""
+    dest = tmp_path / "bundle"
+    shutil.copytree(example_build[0].path, dest)
+    return dest
+
+
+def test_profile_entry_from_real_runs(example_build):
+    bundle = example_build[0]
+    backend = open_backend(bundle, "onnxruntime", threads=1)
+    x, _ = split_inputs(bundle, "test")
+    entry = profile_bundle(backend, bundle.stage_ios, open_monolithic(bundle, "onnxruntime", threads=1),
+                           bundle.monolithic_io, x, [1, 4], bundle.thresholds, iters=20, warmup=2, threads=1)
+    assert entry["backend"] == "onnxruntime" and entry["machine"]["threads"] == 1
+    assert entry["machine"]["libraries"]["onnxruntime"] and entry["device"] == entry["machine"]["cpu"]
+    for b, row in entry["batches"].items():
+        assert len(row["stages"]) == len(row["exit_calls"]) == len(row["gather_ms"]) == 3
+        for s in [*row["stages"], *row["exit_calls"], *row["end_to_end"].values()]:
+            assert 0 < s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] and s["calls"] == 20
+        assert set(row["end_to_end"]) == {"cascade", "cascade_full", "monolithic"}
+        assert sum(row["cascade_exit_shares"]) == pytest.approx(1.0)
+        assert row["gather_ms"][-1] == 0 and (row["gather_ms"][0] > 0) == (b == "4")
+    model = from_profile(entry, "test")
+    assert model.batches == (1, 4) and (np.diff(model.exit_seconds()) >= 0).all()
+
+
+def test_profile_records_power_from_tegrastats(example_build, tmp_path):
+    bundle = example_build[0]
+    backend = open_backend(bundle, "onnxruntime", threads=1)
+    x, _ = split_inputs(bundle, "test")
+    sampler = functools.partial(TegrastatsSampler, command=fake_tegrastats(tmp_path, recorded("jetpack4_nano.txt")))
+    entry = profile_bundle(backend, bundle.stage_ios, None, bundle.monolithic_io, x[:16], [1], bundle.thresholds,
+                           iters=5, warmup=1, power=sampler)
+    power = entry["batches"]["1"]["power"]
+    assert power["total_rail"] == "POM_5V_IN" and power["samples"] >= 1 and power["calls"] > 0
+    assert power["energy_per_inference_mj"] > 0 and "monolithic" not in entry["batches"]["1"]["end_to_end"]
+
+
+def test_cli_profile_then_calibrate_writes_into_the_bundle(bundle_copy, capsys, tmp_path):
+    assert main(["profile", str(bundle_copy), "--batch", "1,2", "--iters", "30", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 2" in out and "monolithic" in out
+    bundle = load_bundle(bundle_copy)  # checksums still hold after the update
+    profiles = json.loads((bundle_copy / "profile.json").read_text())["profiles"]
+    assert "profile.json" in bundle.manifest["files"] and len(profiles) == 1
+    model = from_profile(next(iter(profiles.values())), "p")
+    budget_ms = float(model.exit_seconds()[:2].mean() * 1e3)  # between exit 0 and exit 1
+
+    assert main(["trace", str(bundle_copy), "--split", "val", "--out", str(tmp_path / "val.npz")]) == 0
+    capsys.readouterr()
+    val = load_traces(tmp_path / "val.npz")
+    assert val.conf.shape == (270, 3) and val.meta["split"] == "val"
+
+    assert main(["calibrate", str(bundle_copy), "--budget-ms", f"{budget_ms:.6f}", "--latency", "profile",
+                 "--val-traces", str(tmp_path / "val.npz"), "--quiet", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    bundle = load_bundle(bundle_copy)
+    assert bundle.thresholds == record["thresholds"] and bundle.manifest["calibration"] == "calibration.json"
+    assert json.loads((bundle_copy / "calibration.json").read_text())["thresholds"] == record["thresholds"]
+    assert record["fit"]["bound_ms"] <= budget_ms and record["splits"]["fit"]["samples"] == 270
+    measured = record["measured"]["chosen"]
+    assert measured["calls"] == 5 * 269 and measured["ratio"] == pytest.approx(measured["mean_ms"] / record["budget"]["ms"])
+    assert record["held"] == (measured["ratio"] <= 1.05)
+    assert record["baseline"] is None or record["test"]["accuracy"] >= 0
+    assert len(record["pareto"]) == 16 and record["latency"]["estimate"] is False
+    pytest.importorskip("matplotlib")
+    assert (bundle_copy / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibrate_refuses_an_impossible_budget_and_leaves_the_bundle(bundle_copy, capsys):
+    before = (bundle_copy / "manifest.json").read_text()
+    assert main(["calibrate", str(bundle_copy), "--budget-ms", "0.000001", "--quiet", "--no-measure"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("edgeexit: error: --budget-ms: 1e-06 ms cannot hold")
+    assert (bundle_copy / "manifest.json").read_text() == before and not (bundle_copy / "calibration.json").exists()
+
+
+def test_estimate_for_a_device_without_peak_figures_says_what_to_do(bundle_copy, capsys):
+    assert main(["calibrate", str(bundle_copy), "--budget-ms", "1", "--latency", "estimate", "--quiet"]) == 2
+    assert "no peak figures" in capsys.readouterr().err
+
+
+def test_estimate_for_a_jetson_target(example_build):
+    from edgeexit.bundle import Bundle
+    from edgeexit.calibrate import estimated_latency
+
+    bundle = example_build[0]
+    jetson = Bundle(bundle.path, {**bundle.manifest, "target": {**bundle.manifest["target"],
+                                                               "device": "jetson-orin-nano-8gb"}})
+    model = estimated_latency(jetson, [1, 8])
+    assert model.estimate and "estimate" in model.source
+    assert (model.stage[1] > model.stage[0]).all() and (np.diff(model.exit_seconds()) > 0).all()
+
+
+def test_update_bundle_is_atomic_and_never_writes_through(bundle_copy):
+    bundle = load_bundle(bundle_copy)
+    weights = (bundle_copy / "weights.pt").read_bytes()
+    with pytest.raises(BundleError, match="cannot write"):
+        update_bundle(bundle, {"../escape.json": b"{}"}, {})
+    updated = update_bundle(bundle, {"notes/extra.json": b"{}"}, {"note": 1})
+    assert updated.manifest["note"] == 1 and "notes/extra.json" in updated.manifest["files"]
+    assert (bundle_copy / "weights.pt").read_bytes() == weights
+    assert not [p for p in bundle_copy.parent.iterdir() if p.name.startswith(".")]  # no partial or old dirs left
+
+
+def test_build_with_a_budget_on_the_host_calibrates_itself(tmp_path, capsys):
+    raw = example_raw()
+    raw.update(train={**raw["train"], "epochs": 4}, budget={"latency_ms": 0.05}, output="out")
+    assert main(["build", str(write_spec(tmp_path, raw)), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "calibrated against the latency budget" in out and "measured on the test split" in out
+    bundle = load_bundle(tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "calibration.json").read_text())
+    assert bundle.thresholds == record["thresholds"] and "profile.json" in bundle.manifest["files"]
