@@ -31,6 +31,7 @@ from calibration.latency import LatencyModel
 from calibration.traces import Traces
 
 NEVER = float("inf")
+TAILS = {"mean": None, "p95": 0.95, "p99": 0.99}  # budget figures by name (model.yaml, CLI)
 
 
 @dataclass(frozen=True)

@@ -264,11 +264,11 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
 
 def _calibrate(bundle: Bundle, spec: Spec, progress: bool) -> tuple[Bundle, dict[str, Any]]:
     """The target is this host and there is a budget: profile here, calibrate, prove it on the test split."""
-    from calibration.solvers import Budget
+    from calibration.solvers import TAILS, Budget
     from edgeexit.calibrate import calibrate
 
     b = spec.budget
-    budget = Budget(b.latency_ms / 1e3, b.batch, {"mean": None, "p95": 0.95, "p99": 0.99}[b.tail])
+    budget = Budget(b.latency_ms / 1e3, b.batch, TAILS[b.tail])
     backend = OnnxRuntimeBackend(bundle.stage_paths, bundle.stage_ios, LATENCY_THREADS)
     bundle, record = calibrate(bundle, backend, budget, threads=LATENCY_THREADS, progress=progress)
     log(f"calibrated: thresholds {record['thresholds']} for {record['budget']['metric']} <= {b.latency_ms:g} ms "

@@ -155,7 +155,7 @@ def _cmd_profile(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    from calibration.solvers import Budget
+    from calibration.solvers import TAILS, Budget
     from edgeexit.bundle import load_bundle
     from edgeexit.calibrate import calibrate, format_calibration
     from edgeexit.runtime.loader import open_backend
@@ -163,8 +163,7 @@ def _cmd_calibrate(args) -> int:
     bundle = load_bundle(args.bundle)
     if not args.budget_ms > 0:
         raise EdgeExitError(f"--budget-ms: {args.budget_ms:g} is not a positive latency")
-    tail = {"mean": None, "p95": 0.95, "p99": 0.99}[args.tail]
-    budget = Budget(args.budget_ms / 1e3, args.batch, tail, args.confidence)
+    budget = Budget(args.budget_ms / 1e3, args.batch, TAILS[args.tail], args.confidence)
     backend = open_backend(bundle, args.backend, args.device, args.threads)
     bundle, record = calibrate(bundle, backend, budget, args.solver, args.latency, args.val_traces, args.test_traces,
                                {"val": args.data_val, "test": args.data_test}, args.threads, args.iters,
@@ -223,6 +222,13 @@ def _cmd_devices(args) -> int:
     return 0
 
 
+def _backend_args(p: argparse.ArgumentParser) -> None:
+    """--backend, --device and --threads, shared by the commands that time a bundle."""
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--device", default="cpu", help="torch device for --backend torch (cpu, cuda, cuda:1)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser (kept separate so the README's command reference can be checked)."""
     p = argparse.ArgumentParser(prog="edgeexit", description="Deploy early-exit CNNs: staged export and a gated runtime.")
@@ -276,12 +282,10 @@ def parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profile", help="per-stage and end-to-end latency on this machine (and power on a Jetson)")
     pr.add_argument("bundle")
-    pr.add_argument("--backend", default="auto", choices=BACKENDS)
-    pr.add_argument("--device", default="cpu", help="torch device for --backend torch (cpu, cuda)")
+    _backend_args(pr)
     pr.add_argument("--batch", default="1,8,32", help="batch sizes, comma-separated (default 1,8,32)")
     pr.add_argument("--iters", type=int, default=200, help="timed calls per runner and batch size")
     pr.add_argument("--warmup", type=int, default=20, help="untimed calls first")
-    pr.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     pr.add_argument("--thresholds", help="thresholds for the gated cascade (default: the bundle's)")
     pr.add_argument("--split", default="test", help="real samples to run (a split of the bundle's data)")
     pr.add_argument("--data", help=".npz with x (and y) to run instead of the bundle's data")
@@ -302,9 +306,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--latency", default="auto", choices=("auto", "profile", "estimate"),
                    help="profile: the bundle's profile.json; estimate: the target's peak figures; "
                         "auto: profile.json, else profile now on a matching machine, else estimate")
-    c.add_argument("--backend", default="auto", choices=BACKENDS)
-    c.add_argument("--device", default="cpu", help="torch device for --backend torch")
-    c.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    _backend_args(c)
     c.add_argument("--iters", type=int, default=200, help="timed calls per batch size when profiling now")
     c.add_argument("--val-traces", help="validation traces (.npz from `edgeexit trace`) instead of tracing now")
     c.add_argument("--test-traces", help="test traces instead of tracing now")

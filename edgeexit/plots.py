@@ -18,6 +18,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, ax, path: Path) -> None:
+    """Grid, legend, tight layout, write the PNG and free the figure."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_tradeoff(report: dict[str, Any], path: Path) -> bool:
     """Accuracy vs compute per sample: the shared-threshold curve, the bundle's thresholds and
     the monolithic model, on the test split. Returns False when matplotlib is not installed."""
@@ -39,11 +48,7 @@ def plot_tradeoff(report: dict[str, Any], path: Path) -> bool:
     ax.set_xlabel("MFLOPs per sample (expected)")
     ax.set_ylabel(f"test accuracy, % ({report['samples']} samples)")
     ax.set_title(f"{report['name']}: early exit trade-off ({report['confidence']})", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
     return True
 
 
@@ -68,9 +73,5 @@ def plot_pareto(record: dict[str, Any], name: str, path: Path) -> bool:
     ax.set_xlabel(f"mean call latency, ms (batch {b['batch']}, {'estimate' if record['latency']['estimate'] else 'measured model'})")
     ax.set_ylabel(f"test accuracy, % ({record['splits']['report']['samples']} samples)")
     ax.set_title(f"{name}: accuracy under a latency budget (fit on val, shown on test)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
     return True

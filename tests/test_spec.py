@@ -104,3 +104,15 @@ def test_cli_build_fails_cleanly_and_writes_nothing(tmp_path, capsys, mutate, me
     assert err[-1].startswith("edgeexit: error: ") and message in err[-1]
     assert not any(line.startswith("edgeexit: error") for line in err[:-1])
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output directory, no partial files
+
+
+@pytest.mark.parametrize("budget, message", [
+    ({"latency_ms": 1, "batch": 512}, "budget.batch: 512 is above export.batch.max"),
+    ({"latency_ms": 1, "tail": "p50"}, "budget.tail: 'p50' is not allowed"),
+    ({"latency_ms": 0}, "budget.latency_ms"),
+])
+def test_budget_fields_are_checked(tmp_path, budget, message):
+    raw = example_raw()
+    raw["budget"] = budget
+    with pytest.raises(SpecError, match=message):
+        load_spec(write_spec(tmp_path, raw))
