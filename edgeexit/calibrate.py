@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +25,8 @@ from calibration.solvers import Budget, Scorer, best_feasible, geometric, optimi
 from calibration.traces import Traces, load_traces
 from edgeexit.bundle import Bundle, update_bundle
 from edgeexit.errors import EdgeExitError
-from edgeexit.profile import PROFILE, device_id, machine_facts, profile_bundle, profile_key
+from edgeexit.profile import (PROFILE, device_id, interleaved_calls, machine_facts, profile_bundle, profile_key,
+                              read_profiles, with_profiles)
 from edgeexit.runtime.backend import Backend
 from edgeexit.runtime.cascade import Cascade
 from edgeexit.tracing import record_traces, split_inputs
@@ -40,12 +40,6 @@ LAUNCH_S = 50e-6  # assumed per-call launch/enqueue time of an estimate (a Tenso
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def read_profiles(bundle: Bundle) -> dict[str, Any]:
-    """The bundle's `profile.json` (empty when it has none)."""
-    path = bundle.path / PROFILE
-    return json.loads(path.read_text()) if path.is_file() else {"format": 1, "profiles": {}}
 
 
 def profile_batches(batch: int) -> list[int]:
@@ -85,7 +79,7 @@ def latency_source(bundle: Bundle, backend: Backend, kind: str, batch: int, x: n
     backend and device), `estimate` (the target's peak figures), or `auto`: the stored profile,
     else a profile taken now when the bundle targets this kind of machine, else the estimate."""
     key = profile_key(backend.name, device_id(machine_facts(backend, threads)))
-    stored = read_profiles(bundle)["profiles"].get(key)
+    stored = read_profiles(bundle.path)["profiles"].get(key)
     wanted = profile_batches(batch)
     if kind == "estimate":
         return LatencySource(estimated_latency(bundle, wanted), False)
@@ -115,19 +109,8 @@ def measure_calls(backend: Backend, bundle: Bundle, x: np.ndarray, batch: int,
     threshold vector, the vectors interleaved call by call so that noise hits them alike."""
     cascades = {name: Cascade(backend, bundle.stage_ios, th) for name, th in thresholds.items()}
     chunks = [x[i:i + batch] for i in range(0, len(x) - batch + 1, batch)]
-    names = list(cascades)
-    for i in range(warmup):
-        for name in names:
-            cascades[name](chunks[i % len(chunks)])
-    calls = {name: np.zeros((rounds, len(chunks))) for name in names}
-    for r in range(rounds):
-        for i, chunk in enumerate(chunks):
-            turn = (i + r) % len(names)
-            for name in names[turn:] + names[:turn]:
-                start = time.perf_counter()
-                cascades[name](chunk)
-                calls[name][r, i] = time.perf_counter() - start
-    return calls
+    calls = interleaved_calls(cascades, chunks, rounds * len(chunks), warmup)
+    return {name: seconds.reshape(rounds, len(chunks)) for name, seconds in calls.items()}
 
 
 def measured_figures(calls: np.ndarray, budget: Budget) -> dict[str, float]:
@@ -231,15 +214,15 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
     budgets = np.linspace(floor, record["full_depth_ms"] / 1e3, curve_points + 1)[1:]
     record["pareto"] = pareto(traces["val"], traces["test"], lat, budget, budgets, progress)
     files = {CALIBRATION: (json.dumps(record, indent=2) + "\n").encode()}
+    updates: dict[str, Any] = {"calibration": CALIBRATION}
     if source.new_profile:
-        profiles = read_profiles(bundle)
-        profiles["profiles"].update(source.new_profile)
-        files[PROFILE] = (json.dumps(profiles, indent=2) + "\n").encode()
+        files.update(with_profiles(bundle.path, source.new_profile))
+        updates["profile"] = PROFILE
     png = _pareto_png(record, bundle.name)
     if png is not None:
         files[PARETO_PNG] = png
     gating = {**bundle.manifest["gating"], "thresholds": list(chosen.thresholds)}
-    return update_bundle(bundle, files, {"gating": gating, "calibration": CALIBRATION}), record
+    return update_bundle(bundle, files, {**updates, "gating": gating}), record
 
 
 def _pareto_png(record: dict[str, Any], name: str) -> bytes | None:

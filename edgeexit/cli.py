@@ -130,9 +130,8 @@ def _cmd_trace(args) -> int:
 
 def _cmd_profile(args) -> int:
     from edgeexit.bundle import load_bundle, update_bundle
-    from edgeexit.calibrate import read_profiles
     from edgeexit.jetson import TegrastatsSampler, jetson_facts
-    from edgeexit.profile import PROFILE, format_profile, profile_bundle, profile_key
+    from edgeexit.profile import PROFILE, format_profile, profile_bundle, profile_key, with_profiles
     from edgeexit.runtime.loader import open_backend, open_monolithic
     from edgeexit.tracing import split_inputs
 
@@ -146,10 +145,8 @@ def _cmd_profile(args) -> int:
     entry = profile_bundle(backend, bundle.stage_ios, mono, bundle.monolithic_io, x, batches, thresholds,
                            iters=args.iters, warmup=args.warmup, threads=args.threads, power=power,
                            progress=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
-    profiles = read_profiles(bundle)
     key = profile_key(entry["backend"], entry["device"])
-    profiles["profiles"][key] = entry
-    update_bundle(bundle, {PROFILE: (json.dumps(profiles, indent=2) + "\n").encode()}, {"profile": PROFILE})
+    update_bundle(bundle, with_profiles(bundle.path, {key: entry}), {"profile": PROFILE})
     print(json.dumps(entry, indent=2) if args.json else format_profile(entry) + f"\nsaved: {bundle.path / PROFILE} [{key}]")
     return 0
 

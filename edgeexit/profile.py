@@ -1,24 +1,28 @@
 """Latency (and, on a Jetson, power) of a bundle's stages, measured on the machine it runs on.
 
-`profile_bundle` times, per batch size and after a warm-up: every stage as the cascade
-runs it (the stage call plus the exit decision: `CascadeResult.stage_seconds` of a
-full-depth cascade run on its own, as a deployment runs it), whole calls in which every
-sample leaves at exit k (what the cost model is built from: back-to-back calls that stop
-early keep their stages' weights hot in cache, which per-stage times inside a full-depth
-call miss), the cascade's own overhead around its stages, the compaction gather after each stage, and end to end the monolithic
-graph, the full-depth cascade and the cascade at the bundle's thresholds, interleaved
-call by call so that machine noise hits them alike. The result is one `profile.json` entry, keyed by backend and device.
+`profile_bundle` times, per batch size and after a warm-up:
+- every stage as the cascade runs it (the stage call plus the exit decision:
+  `CascadeResult.stage_seconds` of a full-depth cascade run on its own);
+- whole calls in which every sample leaves at exit k, what the cost model is built from
+  (back-to-back calls that stop early keep their stages' weights hot in cache, which
+  per-stage times inside a full-depth call miss);
+- the cascade's own overhead around its stages and the compaction gather after each stage;
+- end to end, the monolithic graph, the full-depth cascade and the cascade at the bundle's
+  thresholds, interleaved call by call so that machine noise hits them alike.
+The result is one `profile.json` entry, keyed by backend and device.
 
 `per_sample_latency` is the lighter timer the build summary and the benchmarks use.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
 from datetime import datetime, timezone
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -55,6 +59,19 @@ def per_sample_latency(runners: dict[str, Runner], x: np.ndarray, rounds: int = 
         for name in names:
             best[name] = min(best[name], spent[name] / len(x))
     return best
+
+
+def read_profiles(bundle_path: Path) -> dict[str, Any]:
+    """The bundle's `profile.json` (empty when it has none)."""
+    path = bundle_path / PROFILE
+    return json.loads(path.read_text()) if path.is_file() else {"format": 1, "profiles": {}}
+
+
+def with_profiles(bundle_path: Path, entries: dict[str, dict[str, Any]]) -> dict[str, bytes]:
+    """`profile.json` with `entries` (key -> entry) added or replaced, as a file for `update_bundle`."""
+    profiles = read_profiles(bundle_path)
+    profiles["profiles"].update(entries)
+    return {PROFILE: (json.dumps(profiles, indent=2) + "\n").encode()}
 
 
 def stats_ms(seconds: Sequence[float]) -> dict[str, float]:
@@ -114,6 +131,24 @@ def profile_key(backend: str, device: str) -> str:
     return f"{backend}@{device}"
 
 
+def interleaved_calls(runners: dict[str, Runner], chunks: Sequence[np.ndarray], calls: int,
+                      warmup: int) -> dict[str, np.ndarray]:
+    """(calls,) seconds of each runner on `chunks` cycled, after `warmup` untimed rounds; the
+    runners take turns call by call (the order rotating) so that machine noise hits them alike."""
+    names = list(runners)
+    for i in range(warmup):
+        for name in names:
+            runners[name](chunks[i % len(chunks)])
+    seconds = {name: np.zeros(calls) for name in names}
+    for i in range(calls):
+        chunk = chunks[i % len(chunks)]
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            runners[name](chunk)
+            seconds[name][i] = time.perf_counter() - start
+    return seconds
+
+
 def _gather_seconds(backend: Backend, ios: Sequence[StageIO], x: np.ndarray, iters: int) -> list[float]:
     """Mean seconds to compact every stage's carry to half its rows (the cascade's gather)."""
     rows = np.arange(0, len(x), 2)
@@ -155,30 +190,14 @@ def profile_batch(backend: Backend, ios: Sequence[StageIO], mono: Backend | None
         stage[i] = result.stage_seconds
     exit_calls = []
     for k in range(k_total):  # calls in which every sample leaves at exit k, back to back
-        leave_k = Cascade(backend, ios, [NEVER] * k + [-NEVER] + [NEVER] * (k_total - 2 - k) + [None]
-                          if k < k_total - 1 else [NEVER] * (k_total - 1) + [None])
-        for i in range(warmup):
-            leave_k(chunks[i % len(chunks)])
-        spent = []
-        for i in range(iters):
-            start = time.perf_counter()
-            leave_k(chunks[i % len(chunks)])
-            spent.append(time.perf_counter() - start)
-        exit_calls.append(stats_ms(spent))
-    e2e = {name: [] for name in runners}
-    exits = np.zeros(k_total, np.int64)
-    names = list(runners)
-    for i in range(warmup):
-        for name in names:
-            runners[name](chunks[i % len(chunks)])
-    for i in range(iters):  # end to end, interleaved call by call so noise hits every runner alike
-        chunk = chunks[i % len(chunks)]
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            start = time.perf_counter()
-            result = runners[name](chunk)
-            e2e[name].append(time.perf_counter() - start)
-            if name == "cascade":
-                exits += np.bincount(result.exit, minlength=k_total)
+        leave_at = [NEVER] * (k_total - 1) + [None]
+        if k < k_total - 1:
+            leave_at[k] = -NEVER
+        leave_k = Cascade(backend, ios, leave_at)
+        exit_calls.append(stats_ms(interleaved_calls({"leave": leave_k}, chunks, iters, warmup)["leave"]))
+    e2e = interleaved_calls(runners, chunks, iters, warmup)
+    uses = np.bincount(np.arange(iters) % len(chunks), minlength=len(chunks))  # timed calls per chunk
+    exits = sum(n * np.bincount(gated(chunk).exit, minlength=k_total) for n, chunk in zip(uses, chunks) if n)
     entry = {
         "stages": [stats_ms(stage[:, k]) for k in range(k_total)],
         "gather_ms": [s * 1e3 for s in _gather_seconds(backend, ios, chunks[0], max(10, iters // 10))],
