@@ -26,6 +26,10 @@ import numpy as np
 
 from calibration.errors import CalibrationError
 
+# Where a model comes from: `profile` (measured, profile.json), `estimate` (peak figures), or
+# `auto` (a stored profile, else one taken now on a matching machine, else the estimate).
+SOURCES = ("auto", "profile", "estimate")
+
 
 def _interp(n: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """Seconds of a call on n samples from seconds measured at batch sizes xs (0 for n == 0)."""

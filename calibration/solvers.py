@@ -22,16 +22,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from calibration.errors import CalibrationError
+from calibration.gating import exits_taken
 from calibration.latency import LatencyModel
 from calibration.traces import Traces
 
 NEVER = float("inf")
 TAILS = {"mean": None, "p95": 0.95, "p99": 0.99}  # budget figures by name (model.yaml, CLI)
+SOLVERS = ("optimise", "geometric")
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class Point:
 
     def to_dict(self) -> dict:
         """JSON-ready form (milliseconds)."""
-        return {"thresholds": [None if t is None or t == NEVER else float(t) for t in self.thresholds],
+        return {"thresholds": list(self.thresholds),
                 "accuracy": self.accuracy, "mean_ms": self.mean_s * 1e3, "p95_ms": self.p95_s * 1e3,
                 "bound_ms": self.bound_s * 1e3, "exit_shares": list(self.shares)}
 
@@ -124,9 +126,8 @@ class Scorer:
         return self.correct[np.arange(len(taken))[:, None], taken].mean(axis=0)
 
     def taken(self, thresholds: Sequence[float | None]) -> np.ndarray:
-        """(N,) exit per sample, the runtime's rule: first k with conf >= threshold_k."""
-        th = np.array([NEVER if t is None else t for t in thresholds[:-1]] + [-NEVER])
-        return np.argmax(self.traces.conf >= th[None, :], axis=1)
+        """(N,) exit per sample, the runtime's rule (None before the last exit: never leave there)."""
+        return exits_taken(self.traces.conf, [NEVER if t is None else t for t in thresholds[:-1]] + [None])
 
     def point(self, thresholds: Sequence[float | None]) -> Point:
         """Score one threshold vector."""
@@ -195,8 +196,8 @@ class _Search:
             self.cands.append(np.unique(np.concatenate([values, more, [NEVER]])))
         self.ge = [conf[:, k][:, None] >= c[None, :] for k, c in enumerate(self.cands)]  # (N, G_k) leaves at k
 
-    def moves(self, th: list[float]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-        """For each exit k, yield (k, accuracies, call latencies, bounds) of every candidate at k."""
+    def moves(self, th: list[float]) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """For each exit k, yield (k, accuracies, mean call latencies, bounds) of every candidate at k."""
         scorer, conf = self.scorer, self.scorer.traces.conf
         fixed = conf >= np.array(th + [-NEVER])[None, :]  # (N, K) leaves under the current thresholds
         for k in range(self.k_total - 1):

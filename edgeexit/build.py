@@ -266,10 +266,11 @@ def _calibrate(bundle: Bundle, spec: Spec, progress: bool) -> tuple[Bundle, dict
     """The target is this host and there is a budget: profile here, calibrate, prove it on the test split."""
     from calibration.solvers import TAILS, Budget
     from edgeexit.calibrate import calibrate
+    from edgeexit.runtime.loader import open_backend
 
     b = spec.budget
     budget = Budget(b.latency_ms / 1e3, b.batch, TAILS[b.tail])
-    backend = OnnxRuntimeBackend(bundle.stage_paths, bundle.stage_ios, LATENCY_THREADS)
+    backend = open_backend(bundle, "onnxruntime", threads=LATENCY_THREADS)
     bundle, record = calibrate(bundle, backend, budget, threads=LATENCY_THREADS, progress=progress)
     log(f"calibrated: thresholds {record['thresholds']} for {record['budget']['metric']} <= {b.latency_ms:g} ms "
         f"(calibration.json, pareto.png, profile.json)")

@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from calibration.latency import LatencyModel, estimate, from_profile
-from calibration.solvers import Budget, Scorer, best_feasible, geometric, optimise, tail_seconds
+from calibration.latency import SOURCES, LatencyModel, estimate, from_profile
+from calibration.solvers import SOLVERS, Budget, Scorer, best_feasible, geometric, optimise, tail_seconds
 from calibration.traces import Traces, load_traces
 from edgeexit.bundle import Bundle, update_bundle
 from edgeexit.errors import EdgeExitError
@@ -33,8 +33,6 @@ from edgeexit.tracing import record_traces, split_inputs
 
 CALIBRATION = "calibration.json"
 PARETO_PNG = "pareto.png"
-SOLVERS = ("optimise", "geometric")
-LATENCY_SOURCES = ("auto", "profile", "estimate")
 LAUNCH_S = 50e-6  # assumed per-call launch/enqueue time of an estimate (a TensorRT context on a Jetson)
 
 
@@ -78,11 +76,11 @@ def latency_source(bundle: Bundle, backend: Backend, kind: str, batch: int, x: n
     """The latency model `kind` asks for: `profile` (the bundle's profile.json entry for this
     backend and device), `estimate` (the target's peak figures), or `auto`: the stored profile,
     else a profile taken now when the bundle targets this kind of machine, else the estimate."""
-    key = profile_key(backend.name, device_id(machine_facts(backend, threads)))
-    stored = read_profiles(bundle.path)["profiles"].get(key)
     wanted = profile_batches(batch)
     if kind == "estimate":
         return LatencySource(estimated_latency(bundle, wanted), False)
+    key = profile_key(backend.name, device_id(machine_facts(backend, threads)))
+    stored = read_profiles(bundle.path)["profiles"].get(key)
     if stored is not None and set(map(str, wanted)) <= set(stored["batches"]):
         return LatencySource(from_profile(stored, f"profile.json[{key}]"), True)
     if kind == "profile":
@@ -161,6 +159,8 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
     write them into the bundle; returns the updated bundle and the calibration record."""
     if solver not in SOLVERS:
         raise EdgeExitError(f"--solver: {solver!r} is not one of {', '.join(SOLVERS)}")
+    if latency not in SOURCES:
+        raise EdgeExitError(f"--latency: {latency!r} is not one of {', '.join(SOURCES)}")
     data = data or {}
     x_test, y_test = split_inputs(bundle, "test", data.get("test"))
     traces = {}
@@ -260,10 +260,9 @@ def format_calibration(record: dict[str, Any], curve: bool = True) -> str:
     lines += ["", f"{'budget ms':>9}  {'geometric acc':>13}  {'ms':>7}  {'optimise acc':>12}  {'ms':>7}   (test split)"]
     for row in record["pareto"]:
         cells = []
-        for name in ("geometric", "optimise"):
+        for name, width in (("geometric", 13), ("optimise", 12)):
             p = row[name]
-            cells.append(f"{'-':>13}  {'-':>7}" if p is None and name == "geometric" else
-                         f"{'-':>12}  {'-':>7}" if p is None else
-                         f"{p['accuracy']:>{13 if name == 'geometric' else 12}.2%}  {p['mean_ms']:>7.4f}")
+            cells.append(f"{'-':>{width}}  {'-':>7}" if p is None else
+                         f"{p['accuracy']:>{width}.2%}  {p['mean_ms']:>7.4f}")
         lines.append(f"{row['budget_ms']:>9.4f}  {cells[0]}  {cells[1]}")
     return "\n".join(lines)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from calibration.latency import SOURCES
+from calibration.solvers import SOLVERS, TAILS, Budget
 from edgeexit.errors import EdgeExitError
 from edgeexit.spec import BACKENDS, PRECISIONS
 
@@ -152,14 +154,11 @@ def _cmd_profile(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    from calibration.solvers import TAILS, Budget
     from edgeexit.bundle import load_bundle
     from edgeexit.calibrate import calibrate, format_calibration
     from edgeexit.runtime.loader import open_backend
 
     bundle = load_bundle(args.bundle)
-    if not args.budget_ms > 0:
-        raise EdgeExitError(f"--budget-ms: {args.budget_ms:g} is not a positive latency")
     budget = Budget(args.budget_ms / 1e3, args.batch, TAILS[args.tail], args.confidence)
     backend = open_backend(bundle, args.backend, args.device, args.threads)
     bundle, record = calibrate(bundle, backend, budget, args.solver, args.latency, args.val_traces, args.test_traces,
@@ -294,13 +293,13 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="thresholds that maximise accuracy under a latency budget")
     c.add_argument("bundle")
     c.add_argument("--budget-ms", type=float, required=True, help="latency budget of one cascade call, ms")
-    c.add_argument("--tail", default="mean", choices=("mean", "p95", "p99"),
+    c.add_argument("--tail", default="mean", choices=tuple(TAILS),
                    help="what must stay under the budget: the mean call latency (default) or a percentile")
     c.add_argument("--batch", type=int, default=1, help="samples per cascade call (default 1)")
-    c.add_argument("--solver", default="optimise", choices=("optimise", "geometric"))
-    c.add_argument("--confidence", type=float, default=0.95,
-                   help="mean budget: one-sided confidence that it holds on unseen samples (default 0.95)")
-    c.add_argument("--latency", default="auto", choices=("auto", "profile", "estimate"),
+    c.add_argument("--solver", default=SOLVERS[0], choices=SOLVERS)
+    c.add_argument("--confidence", type=float, default=Budget.confidence,
+                   help=f"mean budget: one-sided confidence that it holds on unseen samples (default {Budget.confidence})")
+    c.add_argument("--latency", default="auto", choices=SOURCES,
                    help="profile: the bundle's profile.json; estimate: the target's peak figures; "
                         "auto: profile.json, else profile now on a matching machine, else estimate")
     _backend_args(c)

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from calibration.solvers import TAILS
 from edgeexit.errors import SpecError
 
 CONFIDENCE_KINDS = ("max_softmax", "margin", "entropy", "learned")
@@ -358,7 +359,7 @@ def _budget(raw: Any) -> BudgetSpec:
     latency = b.get("latency_ms")
     return BudgetSpec(latency_ms=None if latency is None else _float(latency, "budget.latency_ms", 0.0, lo_open=True),
                       batch=_int(b.get("batch", 1), "budget.batch", 1),
-                      tail=_choice(b.get("tail", "mean"), "budget.tail", ("mean", "p95", "p99")))
+                      tail=_choice(b.get("tail", "mean"), "budget.tail", tuple(TAILS)))
 
 
 def _train(raw: Any) -> TrainSpec:
