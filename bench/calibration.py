@@ -19,20 +19,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-# This file is named like the `calibration` package; keep its folder off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import _paths  # noqa: F401 - first: keeps bench/ (and this file's name) off the import path
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from calibration.latency import from_profile  # noqa: E402
-from calibration.solvers import Budget, Scorer, best_feasible, geometric, optimise  # noqa: E402
-from edgeexit.build import build  # noqa: E402
-from edgeexit.bundle import load_bundle  # noqa: E402
-from edgeexit.calibrate import cheapest_call, full_depth_call, measure_calls, measured_figures, profile_batches  # noqa: E402
-from edgeexit.profile import profile_bundle  # noqa: E402
-from edgeexit.runtime.loader import open_backend, open_monolithic  # noqa: E402
-from edgeexit.spec import load_spec  # noqa: E402
-from edgeexit.tracing import record_traces, split_inputs  # noqa: E402
+from calibration.latency import from_profile
+from calibration.solvers import Budget, Scorer, best_feasible, geometric, optimise
+from edgeexit.build import build
+from edgeexit.bundle import load_bundle
+from edgeexit.calibrate import cheapest_call, full_depth_call, measure_calls, measured_figures, profile_batches
+from edgeexit.profile import profile_bundle
+from edgeexit.runtime.loader import open_backend, open_monolithic
+from edgeexit.spec import load_spec
+from edgeexit.tracing import record_traces, split_inputs
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits" / "model.yaml"
 

@@ -14,6 +14,7 @@ latency does not depend on them.
 
 from __future__ import annotations
 
+import _paths  # noqa: F401 - first: keeps bench/ off the import path (bench/calibration.py)
 import argparse
 import tempfile
 from dataclasses import replace

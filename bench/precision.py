@@ -24,6 +24,7 @@ kernels and casts around the rest, so fp16/fp32 here only proves the graph runs.
 
 from __future__ import annotations
 
+import _paths  # noqa: F401 - first: keeps bench/ off the import path (bench/calibration.py)
 import argparse
 import tempfile
 from pathlib import Path
