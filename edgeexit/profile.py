@@ -38,27 +38,13 @@ PROFILE = "profile.json"
 def per_sample_latency(runners: dict[str, Runner], x: np.ndarray, rounds: int = 3, warmup: int = 20) -> dict[str, float]:
     """Mean seconds per sample at batch 1 for each runner over the samples of `x`.
 
-    Each round visits every sample once and calls every runner on it (the runner order
-    rotates per round); the reported figure is each runner's fastest round, the usual
+    Each round visits every sample once and calls every runner on it, interleaved
+    (`interleaved_calls`); the reported figure is each runner's fastest round, the usual
     way to read a noisy machine.
     """
-    names = list(runners)
-    for i in range(warmup):
-        for name in names:
-            runners[name](x[i % len(x):i % len(x) + 1])
-    best = {name: float("inf") for name in names}
-    for r in range(rounds):
-        spent = dict.fromkeys(names, 0.0)
-        order = names[r % len(names):] + names[:r % len(names)]
-        for i in range(len(x)):
-            sample = x[i:i + 1]
-            for name in order:
-                start = time.perf_counter()
-                runners[name](sample)
-                spent[name] += time.perf_counter() - start
-        for name in names:
-            best[name] = min(best[name], spent[name] / len(x))
-    return best
+    samples = [x[i:i + 1] for i in range(len(x))]
+    calls = interleaved_calls(runners, samples, rounds * len(samples), warmup)
+    return {name: float(seconds.reshape(rounds, len(samples)).mean(axis=1).min()) for name, seconds in calls.items()}
 
 
 def read_profiles(bundle_path: Path) -> dict[str, Any]:
