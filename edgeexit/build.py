@@ -82,7 +82,8 @@ def fit_or_load(model: torch.nn.Module, spec: Spec, data: Dataset, costs: list[S
     cum = np.cumsum([c.flops for c in costs])
     result = train(model, spec, data, costs=list(cum / cum[-1]), progress=progress)
     model.eval()
-    return {"val_accuracy": result.val_accuracy, "epoch_loss": result.losses, "config": asdict(spec.train)}
+    return {"val_accuracy": result.val_accuracy, "epoch_loss": result.losses, "epoch_seconds": result.epoch_seconds,
+            "config": asdict(spec.train)}
 
 
 def stage_costs(model: torch.nn.Module, spec: Spec) -> list[StageCost]:

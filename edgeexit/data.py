@@ -38,6 +38,20 @@ def normalize(x: np.ndarray, mean, std) -> np.ndarray:
     return ((np.asarray(x, dtype=np.float32) - mean) / std).astype(np.float32, copy=False)
 
 
+def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Images (N, C, H, W) resized bilinearly to `size` (H, W): lets architectures built for
+    32x32 inputs (MSDNet, RANet) train on smaller data such as the 8x8 digits."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    import torch
+    import torch.nn.functional as F
+
+    with torch.inference_mode():
+        out = F.interpolate(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), size=tuple(size),
+                            mode="bilinear", align_corners=False)
+    return out.numpy()
+
+
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
@@ -106,9 +120,12 @@ def load_splits(data: DataSpec, inp: InputSpec) -> Dataset:
         x, y = _npz(data.path)
     else:
         x, y = _folder(data.path, inp.classes, inp.shape)
+    if data.resize and x.shape[1] == inp.shape[0]:
+        x = resize(x, inp.shape[1:])
     if tuple(x.shape[1:]) != inp.shape:
         raise SpecError(
             f"input.shape: {list(inp.shape)} does not match the data (images are {list(x.shape[1:])})"
+            + ("" if data.resize else "; set data.resize: true to resize them")
         )
     n_classes = len(inp.classes)
     if y.min() < 0 or y.max() >= n_classes:
@@ -128,7 +145,7 @@ def load_splits(data: DataSpec, inp: InputSpec) -> Dataset:
 def data_record(data: DataSpec) -> dict:
     """The manifest's `data` entry: enough to rebuild the same splits where the bundle goes."""
     return {"source": "digits" if data.kind == "digits" else str(data.path), "splits": dict(data.splits),
-            "seed": data.seed}
+            "seed": data.seed, "resize": data.resize}
 
 
 def bundle_split(manifest: dict, split: str, override: str | Path | None = None) -> Split:
@@ -153,5 +170,6 @@ def bundle_split(manifest: dict, split: str, override: str | Path | None = None)
     if path is not None and not path.exists():
         raise EdgeExitError(f"data: {source} (the bundle's data) is not on this machine; pass --data FILE.npz")
     kind = "digits" if path is None else ("npz" if path.suffix == ".npz" else "folder")
-    data = DataSpec(kind, path, {k: float(v) for k, v in record["splits"].items()}, int(record["seed"]))
+    data = DataSpec(kind, path, {k: float(v) for k, v in record["splits"].items()}, int(record["seed"]),
+                    bool(record.get("resize", False)))
     return getattr(load_splits(data, input_spec), split)

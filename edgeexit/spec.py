@@ -21,7 +21,7 @@ from edgeexit.errors import SpecError
 CONFIDENCE_KINDS = ("max_softmax", "margin", "entropy", "learned")
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
 DTYPES = ("float32",)
-LOSSES = ("ce", "eenets")
+LOSSES = ("ce", "eenets", "eenets_sum")
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 SPLITS = ("train", "val", "calibration", "test")
@@ -53,6 +53,7 @@ class DataSpec:
     path: Path | None
     splits: dict[str, float]
     seed: int
+    resize: bool = False  # resize images (bilinear) to input.shape's height x width
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class TrainSpec:
     loss: str
     cost_lambda: float
     seed: int
+    feature_surgery: float | None = None  # Deep Feature Surgery: share beta of exit-specific channels, or off
 
 
 @dataclass(frozen=True)
@@ -272,7 +274,7 @@ def _input(raw: Any) -> InputSpec:
 
 
 def _data(raw: Any, base: Path) -> DataSpec:
-    d = _mapping(raw, "data", {"source"}, {"splits", "seed"})
+    d = _mapping(raw, "data", {"source"}, {"splits", "seed", "resize"})
     source = _str(d["source"], "data.source")
     if source == "digits":
         kind, path = "digits", None
@@ -291,7 +293,10 @@ def _data(raw: Any, base: Path) -> DataSpec:
     splits = {k: _float(s.get(k, defaults[k]), f"data.splits.{k}", 0.0, 1.0, lo_open=True) for k in SPLITS}
     if sum(splits.values()) > 1.0 + 1e-9:
         raise SpecError(f"data.splits: fractions add up to {sum(splits.values()):g}; they must add up to <= 1")
-    return DataSpec(kind=kind, path=path, splits=splits, seed=_int(d.get("seed", 0), "data.seed", 0))
+    resize = d.get("resize", False)
+    if not isinstance(resize, bool):
+        raise SpecError(f"data.resize: expected true or false, got {_type_name(resize)}")
+    return DataSpec(kind=kind, path=path, splits=splits, seed=_int(d.get("seed", 0), "data.seed", 0), resize=resize)
 
 
 def _gating(raw: Any) -> GatingSpec:
@@ -363,8 +368,9 @@ def _budget(raw: Any) -> BudgetSpec:
 
 
 def _train(raw: Any) -> TrainSpec:
-    keys = {"epochs", "batch_size", "lr", "momentum", "weight_decay", "loss", "cost_lambda", "seed"}
+    keys = {"epochs", "batch_size", "lr", "momentum", "weight_decay", "loss", "cost_lambda", "seed", "feature_surgery"}
     t = _mapping(raw, "train", set(), keys)
+    surgery = t.get("feature_surgery")
     return TrainSpec(
         epochs=_int(t.get("epochs", 30), "train.epochs", 1),
         batch_size=_int(t.get("batch_size", 64), "train.batch_size", 1),
@@ -374,6 +380,7 @@ def _train(raw: Any) -> TrainSpec:
         loss=_choice(t.get("loss", "ce"), "train.loss", LOSSES),
         cost_lambda=_float(t.get("cost_lambda", 0.1), "train.cost_lambda", 0.0),
         seed=_int(t.get("seed", 0), "train.seed", 0),
+        feature_surgery=None if surgery is None else _float(surgery, "train.feature_surgery", 0.0, 1.0, lo_open=True),
     )
 
 

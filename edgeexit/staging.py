@@ -55,14 +55,23 @@ def confidence(kind: str, logits: torch.Tensor, learned: torch.Tensor | None) ->
     raise SpecError(f"gating.confidence: unknown kind {kind!r}")
 
 
-def run_exits(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-    """Every exit's logits and learned confidence (None where the exit has no branch)."""
+def run_exits(model: nn.Module, x: torch.Tensor,
+              handoff: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]] | None = None,
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Every exit's logits and learned confidence (None where the exit has no branch).
+
+    `handoff`, if given, transforms the carry passed on to the next block (never what the
+    exit sees): training methods such as Deep Feature Surgery hook in here.
+    """
     carry, logits, learned = (x,), [], []
-    for block, exit_head in zip(model.blocks, model.exits):
+    last = len(model.blocks) - 1
+    for k, (block, exit_head) in enumerate(zip(model.blocks, model.exits)):
         carry = as_tuple(block(*carry))
         lg, conf = split_exit(exit_head(*carry))
         logits.append(lg)
         learned.append(conf)
+        if handoff is not None and k < last:
+            carry = handoff(carry)
     return logits, learned
 
 

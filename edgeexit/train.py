@@ -6,13 +6,24 @@ cross-entropy against correctness), so `gating.confidence: learned` has a traine
 `eenets`: the recursive cost-aware loss of EENets, walking from the last exit back:
 `cum_pred = c_k p_k + (1 - c_k) cum_pred`, `cum_cost = c_k cost_k + (1 - c_k) cum_cost`,
 `loss = NLL(cum_pred) + lambda * mean(cum_cost)`, cost_k being exit k's share of the
-full network's FLOPs.
+full network's FLOPs (EENets' loss v1).
+`eenets_sum`: the same recursion with the loss summed over every exit's partial mixture
+(`sum_k NLL(cum_pred_k) + lambda * mean(cum_cost_k)`, EENets' v2), so every exit's
+confidence gets a direct training signal rather than only through exit 0's mixture.
+
+`train.feature_surgery: beta` (Deep Feature Surgery, Gong et al. 2024) splits the
+channels of every carried tensor at each exit: the last `beta` share is exit-specific and
+is handed to the deeper blocks detached, `cat([shared, specific.detach()])`, while the
+exit itself sees all of it. Gradients of deeper exits then reach only the shared part.
+The forward values are unchanged, so staging and export do not see the difference.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,6 +41,7 @@ from edgeexit.staging import run_exits
 class TrainResult:
     val_accuracy: list[float]  # per exit, after the last epoch
     losses: list[float]  # mean training loss per epoch
+    epoch_seconds: list[float]  # wall time of each epoch's optimisation steps
 
 
 def seed_everything(seed: int) -> None:
@@ -60,17 +72,38 @@ def _ce_loss(logits, learned, target) -> torch.Tensor:
     return loss
 
 
-def _eenets_loss(logits, learned, target, costs: list[float], lam: float) -> torch.Tensor:
-    if any(c is None for c in learned):
-        raise SpecError("train.loss: 'eenets' needs exits with a confidence branch (e.g. model.arch: eenet_resnet)")
+def _eenets_loss(logits, learned, target, costs: list[float], lam: float, every_exit: bool) -> torch.Tensor:
+    if any(c is None for c in learned[:-1]):
+        raise SpecError("train.loss: the EENets losses need exits with a confidence branch (e.g. model.arch: eenet_resnet)")
+
+    def term(pred, cost):
+        return F.nll_loss(torch.log(pred.clamp_min(1e-8)), target) + lam * cost.mean()
+
     cum_pred = torch.softmax(logits[-1], 1)
-    cum_cost = torch.full_like(learned[-1], costs[-1])
+    cum_cost = torch.full((len(target),), costs[-1], dtype=cum_pred.dtype)
+    total = term(cum_pred, cum_cost) if every_exit else 0.0
     for k in range(len(logits) - 2, -1, -1):
-        c = learned[k].unsqueeze(1)
-        cum_pred = c * torch.softmax(logits[k], 1) + (1 - c) * cum_pred
-        cum_cost = learned[k] * costs[k] + (1 - learned[k]) * cum_cost
-    nll = F.nll_loss(torch.log(cum_pred.clamp_min(1e-8)), target)
-    return nll + lam * cum_cost.mean()
+        c = learned[k]
+        cum_pred = c.unsqueeze(1) * torch.softmax(logits[k], 1) + (1 - c.unsqueeze(1)) * cum_pred
+        cum_cost = c * costs[k] + (1 - c) * cum_cost
+        if every_exit:
+            total = total + term(cum_pred, cum_cost)
+    return total if every_exit else term(cum_pred, cum_cost)
+
+
+def surgery_handoff(beta: float) -> Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]:
+    """Deep Feature Surgery's hand-off: the last `beta` share of each carried tensor's
+    channels reaches deeper blocks detached (at least one channel stays shared)."""
+
+    def handoff(carry: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        out = []
+        for t in carry:
+            channels = t.shape[1]
+            shared = min(channels - 1, max(1, round(channels * (1.0 - beta)))) if channels > 1 else channels
+            out.append(t if shared == channels else torch.cat([t[:, :shared], t[:, shared:].detach()], dim=1))
+        return tuple(out)
+
+    return handoff
 
 
 def train(model: nn.Module, spec: Spec, data: Dataset, costs: list[float] | None = None,
@@ -88,16 +121,18 @@ def train(model: nn.Module, spec: Spec, data: Dataset, costs: list[float] | None
     steps = cfg.epochs * ((len(x) + cfg.batch_size - 1) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(cfg.seed)
-    losses = []
+    handoff = None if cfg.feature_surgery is None else surgery_handoff(cfg.feature_surgery)
+    losses, seconds = [], []
     bar = tqdm(range(cfg.epochs), desc=f"train {spec.name}", unit="epoch", disable=not progress, leave=False)
     for _ in bar:
         model.train()
         total, order = 0.0, torch.randperm(len(x), generator=gen)
+        start = time.perf_counter()
         for i in range(0, len(x), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            logits, learned = run_exits(model, x[idx])
-            if cfg.loss == "eenets":
-                loss = _eenets_loss(logits, learned, y[idx], costs, cfg.cost_lambda)
+            logits, learned = run_exits(model, x[idx], handoff)
+            if cfg.loss in ("eenets", "eenets_sum"):
+                loss = _eenets_loss(logits, learned, y[idx], costs, cfg.cost_lambda, cfg.loss == "eenets_sum")
             else:
                 loss = _ce_loss(logits, learned, y[idx])
             opt.zero_grad(set_to_none=True)
@@ -105,7 +140,8 @@ def train(model: nn.Module, spec: Spec, data: Dataset, costs: list[float] | None
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(idx)
+        seconds.append(time.perf_counter() - start)
         losses.append(total / len(x))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     val = exit_accuracy(model, normalize(data.val.x, spec.input.mean, spec.input.std), data.val.y)
-    return TrainResult(val_accuracy=val, losses=losses)
+    return TrainResult(val_accuracy=val, losses=losses, epoch_seconds=seconds)
