@@ -53,19 +53,20 @@ def _cmd_train(args) -> int:
 
 
 def _load_images(path: str, bundle) -> np.ndarray:
-    from edgeexit.data import normalize
+    from edgeexit.data import normalize, resize_like
 
     try:
         x = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise EdgeExitError(f"--input: cannot read {path}: {exc}") from None
-    shape = tuple(bundle.input["shape"][1:])
-    if x.shape == shape:
-        x = x[None]
-    if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
-        raise EdgeExitError(f"--input: {path} has shape {list(x.shape)}; the bundle takes [N, {', '.join(map(str, shape))}]")
     if not np.issubdtype(x.dtype, np.number):
         raise EdgeExitError(f"--input: {path} holds {x.dtype}, not numbers")
+    shape = tuple(bundle.input["shape"][1:])
+    if x.ndim == len(shape) and x.shape[0] == shape[0]:  # one image
+        x = x[None]
+    x = resize_like(x, shape, bool((bundle.manifest.get("data") or {}).get("resize", False)))
+    if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+        raise EdgeExitError(f"--input: {path} has shape {list(x.shape)}; the bundle takes [N, {', '.join(map(str, shape))}]")
     return normalize(x, bundle.input["mean"], bundle.input["std"])
 
 
@@ -81,12 +82,14 @@ def _parse_thresholds(text: str | None):
 def _cmd_run(args) -> int:
     from edgeexit.bundle import load_bundle
     from edgeexit.runtime.cascade import Cascade
-    from edgeexit.runtime.loader import open_backend
+    from edgeexit.runtime.loader import bundle_policy, open_backend
 
     bundle = load_bundle(args.bundle)
     x = _load_images(args.input, bundle)
-    thresholds = _parse_thresholds(args.thresholds) or bundle.thresholds
-    cascade = Cascade(open_backend(bundle, args.backend, args.device), bundle.stage_ios, thresholds)
+    thresholds = _parse_thresholds(args.thresholds)
+    policy = None if thresholds else bundle_policy(bundle)  # thresholds given on the command line win
+    thresholds = thresholds or bundle.thresholds
+    cascade = Cascade(open_backend(bundle, args.backend, args.device), bundle.stage_ios, thresholds, policy)
     result = cascade.run_batched(x, bundle.manifest["export"]["batch"]["max"])
     classes, probs = bundle.classes, result.probs
     rows = [{"index": i, "class": int(result.pred[i]), "label": classes[result.pred[i]], "exit": int(result.exit[i]),
@@ -94,13 +97,14 @@ def _cmd_run(args) -> int:
             for i in range(len(x))]
     if args.json:
         print(json.dumps({"bundle": str(bundle.path), "backend": cascade.backend.name, "thresholds": thresholds,
-                          "samples": rows}, indent=2))
+                          "policy": None if policy is None else policy.to_dict(), "samples": rows}, indent=2))
         return 0
     print(f"{'index':>5}  {'class':>8}  {'exit':>4}  {'confidence':>10}")
     for r in rows:
         print(f"{r['index']:>5}  {r['label']:>8}  {r['exit']:>4}  {r['confidence']:>10.4f}")
     shares = result.exit_shares()
-    print("exit shares: " + ", ".join(f"exit {k} {s:.0%}" for k, s in enumerate(shares)))
+    print("exit shares: " + ", ".join(f"exit {k} {s:.0%}" for k, s in enumerate(shares))
+          + ("; gated by the bundle's exit policy (gating.policy)" if policy is not None else ""))
     return 0
 
 
@@ -249,7 +253,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="auto: TensorRT engines where TensorRT is installed and built, else onnxruntime")
     r.add_argument("--device", default="cpu", help="torch device for --backend torch (cpu, cuda, cuda:1)")
-    r.add_argument("--thresholds", help="override the bundle's thresholds, e.g. 0.9,0.8,null")
+    r.add_argument("--thresholds", help="gate on these thresholds instead of the bundle's exit policy or "
+                                        "thresholds, e.g. 0.9,0.8,null")
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=_cmd_run)
 

@@ -52,6 +52,14 @@ def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out.numpy()
 
 
+def resize_like(x: np.ndarray, shape: tuple[int, ...], enabled: bool) -> np.ndarray:
+    """`x` resized to the input shape's H x W where resizing is `enabled` (the bundle or yaml
+    says `data.resize: true`) and the channels already match; otherwise `x` unchanged."""
+    if enabled and x.ndim == 4 and x.shape[1] == shape[0]:
+        return resize(x, shape[1:])
+    return x
+
+
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
@@ -120,8 +128,7 @@ def load_splits(data: DataSpec, inp: InputSpec) -> Dataset:
         x, y = _npz(data.path)
     else:
         x, y = _folder(data.path, inp.classes, inp.shape)
-    if data.resize and x.shape[1] == inp.shape[0]:
-        x = resize(x, inp.shape[1:])
+    x = resize_like(x, inp.shape, data.resize)
     if tuple(x.shape[1:]) != inp.shape:
         raise SpecError(
             f"input.shape: {list(inp.shape)} does not match the data (images are {list(x.shape[1:])})"
@@ -156,6 +163,7 @@ def bundle_split(manifest: dict, split: str, override: str | Path | None = None)
                            tuple(inp["std"]), tuple(manifest["classes"]))
     if override is not None:
         x, y = _npz(Path(override))
+        x = resize_like(x, input_spec.shape, bool((manifest.get("data") or {}).get("resize", False)))
         if tuple(x.shape[1:]) != input_spec.shape:
             raise EdgeExitError(f"--data: {override} has images {list(x.shape[1:])}; the bundle takes "
                                 f"{list(input_spec.shape)}")
