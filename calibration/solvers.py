@@ -33,7 +33,7 @@ from calibration.traces import Traces
 
 NEVER = float("inf")
 TAILS = {"mean": None, "p95": 0.95, "p99": 0.99}  # budget figures by name (model.yaml, CLI)
-SOLVERS = ("optimise", "geometric")
+SOLVERS = ("optimise", "geometric", "policy")  # policy: calibration.policy, next to the optimiser
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from edgeexit.devices import check_target, load_device
 from edgeexit.errors import SpecError
 from edgeexit.export.onnx import ExportedGraph, activation_bytes, count_flops, export_checked, export_stages
 from edgeexit.export.precision import apply_precision, convert
+from edgeexit.flops import exit_flops
 from edgeexit.models import build_model, load_weights
 from edgeexit.plots import plot_tradeoff
 from edgeexit.profile import per_sample_latency
@@ -247,6 +248,7 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
                        "staged_max_abs_diff": staged_diff, "parity": [g.parity for g in exported],
                        "monolithic_parity": mono.parity, "pred_agreement": [g.pred_agreement for g in exported],
                        "training": trained, "precision": precision.report,
+                       "paper_cumulative_ops": exit_flops(model, spec.input.shape),
                        "monolithic_precision": mono_precision})
         log(f"[6/7] evaluated on {report['samples']} test samples (onnxruntime CPU)")
         (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -295,17 +297,22 @@ def format_summary(bundle: Bundle, report: dict[str, Any]) -> str:
     mixed = set(prec["stages"]) != {"fp32"}
     lines = [f"{report['name']}: {len(report['exit_accuracy'])} exits, {report['samples']} test samples, "
              f"confidence {report['confidence']}", ""]
-    head = f"{'exit':>4}  {'precision':>9}  {'threshold':>9}  {'cum. MFLOPs':>11}  {'accuracy':>8}  {'exit share':>10}"
+    head = (f"{'exit':>4}  {'precision':>9}  {'threshold':>9}  {'cum. MFLOPs':>11}  {'paper MFLOPs':>12}  "
+            f"{'accuracy':>8}  {'exit share':>10}")
     lines.append(head + (f"  {'fp32 acc.':>9}  {'agreement':>9}" if mixed else ""))
-    for k, (th, fl, acc, share) in enumerate(zip(report["thresholds"], report["cumulative_flops"],
-                                                  report["exit_accuracy"], report["exit_share"])):
+    for k, (th, fl, ops, acc, share) in enumerate(zip(report["thresholds"], report["cumulative_flops"],
+                                                       report["paper_cumulative_ops"], report["exit_accuracy"],
+                                                       report["exit_share"])):
         th_txt = "all" if th is None or k == len(report["thresholds"]) - 1 else f"{th:g}"
-        row = f"{k:>4}  {prec['stages'][k]:>9}  {th_txt:>9}  {fl / 1e6:>11.3f}  {acc:>8.1%}  {share:>10.1%}"
+        row = (f"{k:>4}  {prec['stages'][k]:>9}  {th_txt:>9}  {fl / 1e6:>11.3f}  {ops / 1e6:>12.3f}  "
+               f"{acc:>8.1%}  {share:>10.1%}")
         if mixed:
             row += f"  {prec['exits'][k]['fp32_accuracy']:>9.1%}  {prec['exits'][k]['agreement']:>9.1%}"
         lines.append(row)
     lat = report["latency_ms"]
     lines += [
+        "cum. MFLOPs: torch's counter, 2 per multiply-add; paper MFLOPs: multiply-adds as MSDNet's op_counter counts "
+        "them (with ReLU/pooling); both include every earlier exit head",
         "",
         f"cascade:    accuracy {report['cascade_accuracy']:.1%}  {report['cascade_flops'] / 1e6:.3f} MFLOPs/sample "
         f"({report['cascade_flops'] / report['monolithic_flops']:.0%} of monolithic)",

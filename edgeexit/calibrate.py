@@ -6,6 +6,12 @@ or an estimate from the target device's peak figures), fit the geometric baselin
 optimiser on the validation split, score both on the test split, re-measure the chosen
 thresholds by running the cascade on the test split, and write `calibration.json`, the
 Pareto plot and the new thresholds into the bundle (one atomic update).
+
+`--solver policy` also trains an exit policy (`calibration.policy`) on the same split,
+budget and latency model, reports and measures it next to both threshold solvers and,
+when it beats the optimiser's thresholds on the validation split with the budget's
+confidence, writes it as the manifest's `gating.policy` (the runtime then gates on it; the
+optimiser's thresholds stay for when it is removed). Any other solver removes a policy.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from calibration.latency import SOURCES, LatencyModel, estimate, from_profile
+from calibration.policy import ExitPolicy, PolicyFit, fit_policy, policy_point
 from calibration.solvers import SOLVERS, Budget, Scorer, best_feasible, geometric, optimise, tail_seconds
 from calibration.traces import Traces, load_traces
 from edgeexit.bundle import Bundle, update_bundle
@@ -34,6 +41,13 @@ from edgeexit.tracing import record_traces, split_inputs
 CALIBRATION = "calibration.json"
 PARETO_PNG = "pareto.png"
 LAUNCH_S = 50e-6  # assumed per-call launch/enqueue time of an estimate (a TensorRT context on a Jetson)
+DISABLED = 2.0  # a threshold above every confidence (all kinds lie in [0, 1]): the exit never retires a sample
+
+
+def runtime_thresholds(thresholds: Sequence[float | None]) -> list[float | None]:
+    """A solver's thresholds as the manifest and the runtime take them: the solvers mark an
+    early exit they never leave at with None, the runtime allows null at the last exit only."""
+    return [DISABLED if t is None else t for t in thresholds[:-1]] + [None]
 
 
 def log(message: str) -> None:
@@ -102,10 +116,13 @@ def latency_source(bundle: Bundle, backend: Backend, kind: str, batch: int, x: n
 
 
 def measure_calls(backend: Backend, bundle: Bundle, x: np.ndarray, batch: int,
-                  thresholds: dict[str, Sequence[float | None]], rounds: int = 5, warmup: int = 20) -> dict[str, np.ndarray]:
+                  gatings: dict[str, Sequence[float | None] | ExitPolicy], rounds: int = 5,
+                  warmup: int = 20) -> dict[str, np.ndarray]:
     """(rounds, calls) seconds of every cascade call over `x` in calls of `batch`, per named
-    threshold vector, the vectors interleaved call by call so that noise hits them alike."""
-    cascades = {name: Cascade(backend, bundle.stage_ios, th) for name, th in thresholds.items()}
+    gating (a threshold vector or an exit policy), interleaved call by call so that noise
+    hits them alike."""
+    cascades = {name: Cascade(backend, bundle.stage_ios, bundle.thresholds, g) if isinstance(g, ExitPolicy)
+                else Cascade(backend, bundle.stage_ios, runtime_thresholds(g)) for name, g in gatings.items()}
     chunks = [x[i:i + batch] for i in range(0, len(x) - batch + 1, batch)]
     calls = interleaved_calls(cascades, chunks, rounds * len(chunks), warmup)
     return {name: seconds.reshape(rounds, len(chunks)) for name, seconds in calls.items()}
@@ -123,20 +140,36 @@ def measured_figures(calls: np.ndarray, budget: Budget) -> dict[str, float]:
             "ratio": figure / budget.seconds}
 
 
+def policy_scores(fit: PolicyFit, test: Scorer) -> dict[str, Any]:
+    """An exit policy's record: its rule, whether it beat the thresholds (so is deployed), and
+    its fit and test points (no thresholds: the rule decides)."""
+    scored = policy_point(test, fit.policy.taken(test.traces.conf, test.traces.pred))
+    drop = lambda p: {k: v for k, v in p.to_dict().items() if k != "thresholds"}  # noqa: E731
+    return {"rule": fit.policy.to_dict(), "significant": fit.significant, "confidence": test.budget.confidence,
+            "fit": drop(fit.point), "test": drop(scored)}
+
+
 def pareto(val: Traces, test: Traces, latency: LatencyModel, template: Budget, budgets: Sequence[float],
-           progress: bool) -> list[dict[str, Any]]:
-    """Both solvers fitted on `val` at each budget and scored on `test` (cost-model latency)."""
+           progress: bool, policy: bool = False) -> list[dict[str, Any]]:
+    """Both threshold solvers (and with `policy` the exit policy) fitted on `val` at each
+    budget and scored on `test` (cost-model latency)."""
     rows = []
     for seconds in tqdm(budgets, desc="pareto", unit="budget", disable=not progress, leave=False):
         budget = Budget(seconds, template.batch, template.tail, template.confidence)
         sv, st = Scorer(val, latency, budget), Scorer(test, latency, budget)
         base = best_feasible(geometric(sv), budget)
         best = optimise(sv, start=base)
-        row = {"budget_ms": seconds * 1e3}
+        row: dict[str, Any] = {"budget_ms": seconds * 1e3}
         for name, point in (("geometric", base), ("optimise", best)):
             row[name] = None if point is None else {"val_accuracy": point.accuracy,
                                                     **{k: v for k, v in st.point(point.thresholds).to_dict().items()
                                                        if k in ("accuracy", "mean_ms", "p95_ms")}}
+        if policy:
+            fitted = fit_policy(sv, start=best)
+            row["policy"] = None if fitted is None else {
+                "val_accuracy": fitted.point.accuracy, "significant": fitted.significant,
+                **{k: v for k, v in policy_scores(fitted, st)["test"].items()
+                   if k in ("accuracy", "mean_ms", "p95_ms")}}
         rows.append(row)
     return rows
 
@@ -178,14 +211,19 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
     log(f"calibrate: {budget.metric} latency <= {budget.seconds * 1e3:g} ms at batch {budget.batch} "
         f"({lat.source}); fitting on {len(traces['val'])} validation samples")
     base = best_feasible(geometric(sv), budget)
-    bar = tqdm(total=1, desc="optimise", disable=not progress or solver != "optimise", leave=False)
+    bar = tqdm(total=1, desc="optimise", disable=not progress or solver == "geometric", leave=False)
 
     def tick(done, total):
         bar.total, bar.n = total, done
         bar.refresh()
 
     chosen = base if solver == "geometric" else optimise(sv, start=base, progress=tick)
+    fitted = None  # with --solver policy: the trained policy, deployed when it beats `chosen` significantly
+    if solver == "policy" and chosen is not None:
+        bar.set_description("policy")
+        fitted = fit_policy(sv, start=chosen, progress=tick)
     bar.close()
+    policy = fitted.policy if fitted is not None and fitted.significant else None
     if chosen is None:
         raise EdgeExitError(f"--budget-ms: {budget.seconds * 1e3:g} ms cannot hold: a call where every sample leaves "
                             f"at exit 0 already costs {floor * 1e3:.4g} ms ({lat.source})"
@@ -197,22 +235,25 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
         "solver": solver, "backend": backend.name, "latency": lat.to_dict(),
         "splits": {"fit": {"name": "val", "samples": len(traces["val"])},
                    "report": {"name": "test", "samples": len(traces["test"])}},
-        "thresholds": list(chosen.thresholds),
+        "thresholds": runtime_thresholds(chosen.thresholds),
         "fit": chosen.to_dict(), "test": st.point(chosen.thresholds).to_dict(),
         "baseline": None if base is None else {"fit": base.to_dict(), "test": st.point(base.thresholds).to_dict()},
         "floor_ms": floor * 1e3, "full_depth_ms": full_depth_call(lat, budget.batch) * 1e3,
+        "policy": None if fitted is None else policy_scores(fitted, st),
+        "deployed": "thresholds" if policy is None else "policy",  # what `edgeexit run` gates on
     }
     if measure and source.measured_here:
-        vectors = {"chosen": chosen.thresholds} | ({"baseline": base.thresholds} if base is not None else {})
+        gatings = ({"chosen": chosen.thresholds} | ({"baseline": base.thresholds} if base is not None else {})
+                   | ({"policy": fitted.policy} if fitted is not None else {}))
         log(f"measure: running the cascade on the test split at batch {budget.batch} to check the budget")
-        calls = measure_calls(backend, bundle, x_test, budget.batch, vectors)
+        calls = measure_calls(backend, bundle, x_test, budget.batch, gatings)
         record["measured"] = {name: measured_figures(c, budget) for name, c in calls.items()}
-        record["held"] = record["measured"]["chosen"]["ratio"] <= 1.05
+        record["held"] = record["measured"]["chosen" if policy is None else "policy"]["ratio"] <= 1.05
     else:
         record["measured"] = None
         record["held"] = None  # an estimate: only the device can tell
     budgets = np.linspace(floor, record["full_depth_ms"] / 1e3, curve_points + 1)[1:]
-    record["pareto"] = pareto(traces["val"], traces["test"], lat, budget, budgets, progress)
+    record["pareto"] = pareto(traces["val"], traces["test"], lat, budget, budgets, progress, solver == "policy")
     files = {CALIBRATION: (json.dumps(record, indent=2) + "\n").encode()}
     updates: dict[str, Any] = {"calibration": CALIBRATION}
     if source.new_profile:
@@ -221,7 +262,10 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
     png = _pareto_png(record, bundle.name)
     if png is not None:
         files[PARETO_PNG] = png
-    gating = {**bundle.manifest["gating"], "thresholds": list(chosen.thresholds)}
+    gating = {k: v for k, v in bundle.manifest["gating"].items() if k != "policy"}  # a stale policy goes
+    gating["thresholds"] = record["thresholds"]
+    if policy is not None:
+        gating["policy"] = policy.to_dict()
     return update_bundle(bundle, files, {**updates, "gating": gating}), record
 
 
@@ -238,31 +282,48 @@ def _pareto_png(record: dict[str, Any], name: str) -> bytes | None:
 def format_calibration(record: dict[str, Any], curve: bool = True) -> str:
     """What `edgeexit calibrate` (and a build with a budget) prints: the outcome and the curve."""
     b, test = record["budget"], record["test"]
+    shown = ", ".join("all" if t is None else "never" if t > 1 else f"{t:.4g}" for t in record["thresholds"])
     lines = [f"budget: {b['metric']} call latency <= {b['ms']:.4g} ms at batch {b['batch']} "
              f"({record['latency']['source']})",
-             f"thresholds ({record['solver']}): {', '.join('all' if t is None else f'{t:.4g}' for t in record['thresholds'])}",
+             f"thresholds ({record['solver']}): {shown}",
              f"test split ({record['splits']['report']['samples']} samples): accuracy {test['accuracy']:.2%}, "
              f"modelled mean {test['mean_ms']:.4g} ms, p95 {test['p95_ms']:.4g} ms, exit shares "
              + " / ".join(f"{s:.1%}" for s in test["exit_shares"])]
-    m = record.get("measured")
+    m, pol, on_policy = record.get("measured"), record.get("policy"), record.get("deployed") == "policy"
+    verdict = ": held (<= 1.05)" if record["held"] else ": MISSED (> 1.05)"
+
+    def measured(c: dict[str, Any], deployed: bool) -> str:
+        return (f"measured on the test split: mean {c['mean_ms']:.4g} ms, p95 {c['p95_ms']:.4g} ms over {c['calls']} "
+                f"calls (median of {c['passes']} passes) -> {c['ratio']:.3f} of the budget"
+                + (verdict if deployed else ""))
+
     if m:
-        c = m["chosen"]
-        lines.append(f"measured on the test split: mean {c['mean_ms']:.4g} ms, p95 {c['p95_ms']:.4g} ms over "
-                     f"{c['calls']} calls (median of {c['passes']} passes) -> {c['ratio']:.3f} of the budget: "
-                     + ("held (<= 1.05)" if record["held"] else "MISSED (> 1.05)"))
+        lines.append(measured(m["chosen"], not on_policy))
     else:
         lines.append("not measured: the latency is an estimate for another device; profile on the device to check")
     base = record["baseline"]
     lines.append("geometric baseline: " + ("no feasible q" if base is None else
                  f"test accuracy {base['test']['accuracy']:.2%}, modelled mean {base['test']['mean_ms']:.4g} ms"))
+    if pol:
+        t = pol["test"]
+        lines.append(f"exit policy (trained, lambda {pol['rule']['lambda']:.4g}): test accuracy {t['accuracy']:.2%}, "
+                     f"modelled mean {t['mean_ms']:.4g} ms, p95 {t['p95_ms']:.4g} ms, exit shares "
+                     + " / ".join(f"{s:.1%}" for s in t["exit_shares"]))
+        if m:
+            lines.append("exit policy " + measured(m["policy"], on_policy))
+        lines.append("exit policy written to gating.policy: `edgeexit run` gates on it" if on_policy else
+                     f"exit policy not deployed: validation accuracy {pol['fit']['accuracy']:.2%} vs the thresholds' "
+                     f"{record['fit']['accuracy']:.2%} is no gain at confidence {pol['confidence']:g}")
+    elif record["solver"] == "policy":
+        lines.append("exit policy: no trained rule meets the budget; the thresholds gate")
     if not curve:
         return "\n".join(lines)
-    lines += ["", f"{'budget ms':>9}  {'geometric acc':>13}  {'ms':>7}  {'optimise acc':>12}  {'ms':>7}   (test split)"]
+    names = [n for n in ("geometric", "optimise", "policy") if n in record["pareto"][0]]
+    lines += ["", f"{'budget ms':>9}  " + "  ".join(f"{n + ' acc':>13}  {'ms':>7}" for n in names) + "   (test split)"]
     for row in record["pareto"]:
-        cells = []
-        for name, width in (("geometric", 13), ("optimise", 12)):
-            p = row[name]
-            cells.append(f"{'-':>{width}}  {'-':>7}" if p is None else
-                         f"{p['accuracy']:>{width}.2%}  {p['mean_ms']:>7.4f}")
-        lines.append(f"{row['budget_ms']:>9.4f}  {cells[0]}  {cells[1]}")
+        cells = [f"{'-':>13}  {'-':>7}" if row[n] is None else f"{row[n]['accuracy']:>13.2%}  {row[n]['mean_ms']:>7.4f}"
+                 + ("*" if not row[n].get("significant", True) else "") for n in names]
+        lines.append(f"{row['budget_ms']:>9.4f}  " + "  ".join(cells))
+    if "policy" in names:
+        lines.append("* the trained policy, not deployed at that budget: no significant gain over the thresholds")
     return "\n".join(lines)

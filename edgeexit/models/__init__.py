@@ -6,8 +6,9 @@ A multi-exit model is an `nn.Module` with two `nn.ModuleList`s of equal length:
 per-sample score in [0, 1]. `forward(x)` returns the list of every exit's logits. That is
 the whole contract `edgeexit.staging` needs, for zoo models and for a user's factory.
 
-Zoo: `eenet_resnet` (EENets), `msdnet` (MSDNet, CIFAR variant).
+Zoo: `eenet_resnet` (EENets), `msdnet` (MSDNet, CIFAR variant), `ranet` (RANet), `emgnet`
+(EMGNet multi-scale convolutions).
 """
 
 from edgeexit.models.registry import ARCHITECTURES, build_model, load_weights, register  # noqa: F401
-from edgeexit.models import eenet, msdnet  # noqa: F401,E402  (register their architectures)
+from edgeexit.models import eenet, emgnet, msdnet, ranet  # noqa: F401,E402  (register their architectures)

@@ -4,19 +4,26 @@ Stage k runs on the samples still active; the loop reads only `conf` and `pred`,
 samples with conf >= threshold_k, asks the backend to gather the carried tensors of the
 rest (so they can stay on a device) and goes on; the last stage takes everything left.
 Results come back in input order with the exit each sample took and per-stage timings.
+
+With an exit policy (`calibration.policy.ExitPolicy`, a trained rule) the decision at exit
+k is the policy's instead of the threshold's; it also sees the previous exit's conf and
+pred, which the loop keeps for the active samples (host arrays, compacted with them).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from edgeexit.errors import EdgeExitError
 from edgeexit.runtime.backend import Backend
 from edgeexit.staging import StageIO
+
+if TYPE_CHECKING:
+    from calibration.policy import ExitPolicy
 
 NEVER = float("inf")  # a threshold no confidence reaches: the stage never retires a sample
 
@@ -74,11 +81,16 @@ class _Results:
 
 
 class Cascade:
-    """Confidence-gated execution of a staged model on any `Backend`."""
+    """Gated execution of a staged model on any `Backend`: per-exit confidence thresholds,
+    or an exit policy that then decides instead of the thresholds."""
 
-    def __init__(self, backend: Backend, ios: Sequence[StageIO], thresholds: Sequence[float | None]):
+    def __init__(self, backend: Backend, ios: Sequence[StageIO], thresholds: Sequence[float | None],
+                 policy: ExitPolicy | None = None):
         self.backend, self.ios = backend, list(ios)
         self.thresholds = gate_thresholds(thresholds, len(self.ios))
+        if policy is not None and policy.exits != len(self.ios):
+            raise EdgeExitError(f"gating.policy: trained for {policy.exits} exits, the bundle has {len(self.ios)}")
+        self.policy = policy
 
     def __call__(self, x: np.ndarray, collect: bool = False) -> CascadeResult:
         """Run the cascade on a normalised batch `x`; `collect` also keeps every exit's conf/pred."""
@@ -89,6 +101,8 @@ class Cascade:
         exit_conf = np.full((n, k_total), np.nan, np.float32) if collect else None
         exit_pred = np.full((n, k_total), -1, np.int64) if collect else None
         results: _Results | None = None  # allocated when the first samples leave before the rest
+        policy, last = self.policy, k_total - 1
+        prev_c = prev_p = None  # the previous exit's conf and pred of the active samples (policy only)
 
         active = np.arange(n)
         feeds = {self.ios[0].inputs[0]: be.upload(x)}
@@ -99,7 +113,12 @@ class Cascade:
             samples[k] = len(active)
             if collect:
                 exit_conf[active, k], exit_pred[active, k] = c, p
-            leave = None if k == k_total - 1 else c >= self.thresholds[k]
+            if k == last:
+                leave = None
+            elif policy is None:
+                leave = c >= self.thresholds[k]
+            else:
+                leave = policy.leave(k, c, p, prev_c, prev_p)
             if leave is None or np.count_nonzero(leave) == len(active):  # everyone left: done
                 logits = be.download(out[io.logits])
                 seconds[k] = time.perf_counter() - start
@@ -115,8 +134,11 @@ class Cascade:
                 results.put(active[rows], logits, c[rows], p[rows], k)
                 feeds = {name: be.take(out[name], keep) for name in io.carry}
                 active = active[keep]
+                if policy is not None:
+                    c, p = c[keep], p[keep]  # the next exit's prev_c, prev_p: those that go on
             else:
                 feeds = {name: out[name] for name in io.carry}
+            prev_c, prev_p = c, p
             seconds[k] = time.perf_counter() - start
         return CascadeResult(results.pred, results.logits, results.conf, results.exit, seconds, samples,
                              exit_conf, exit_pred)

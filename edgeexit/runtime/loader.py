@@ -1,7 +1,8 @@
-"""Open a bundle on a backend: the one place that maps a backend name to its class."""
+"""Open a bundle on a backend (the one place that maps a backend name to its class) and read its exit policy."""
 
 from __future__ import annotations
 
+from calibration.policy import ExitPolicy
 from edgeexit.bundle import Bundle
 from edgeexit.errors import EdgeExitError
 from edgeexit.runtime.backend import Backend
@@ -30,6 +31,13 @@ def torch_stages(bundle: Bundle):
     from edgeexit.staging import make_stages
 
     return make_stages(torch_model(bundle), bundle.manifest["gating"]["confidence"])
+
+
+def bundle_policy(bundle: Bundle) -> ExitPolicy | None:
+    """The exit policy in the manifest's `gating.policy` (written by `edgeexit calibrate
+    --solver policy`), or None: the bundle gates on its thresholds."""
+    data = bundle.manifest["gating"].get("policy")
+    return None if data is None else ExitPolicy.from_dict(data)
 
 
 def resolve_backend(bundle: Bundle, kind: str) -> str:

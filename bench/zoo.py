@@ -1,0 +1,103 @@
+"""The model zoo on this machine: accuracy, calibrated latency and cascade vs monolithic, per model.
+
+For every example in examples/ (EENets ResNet on digits, EENets with the cost-aware loss,
+MSDNet, RANet, EMGNet) built here, or bundles already built (--bundles DIR/<name>):
+profile the bundle (onnxruntime CPU, batch 1, 1 thread), calibrate thresholds for a mean
+latency budget of `--fraction` x the full-depth cascade call (never below 1.05 x the
+cheapest call), then, in one interleaved run over the test split, time the cascade at the
+calibrated thresholds, the full-depth cascade and the monolithic graph. Prints per model:
+final-exit test accuracy, the budget, the calibrated cascade's test accuracy and measured
+mean latency (and its ratio to the budget), the monolithic latency and the ratios.
+
+    python bench/zoo.py [--models digits,eenet,msdnet,ranet,emgnet] [--fraction 0.6] [--bundles DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import _paths  # noqa: F401 - first: keeps bench/ off the import path
+import numpy as np
+
+from calibration.solvers import Budget
+from edgeexit.build import build
+from edgeexit.bundle import load_bundle, update_bundle
+from edgeexit.calibrate import calibrate, cheapest_call, full_depth_call, latency_source
+from edgeexit.profile import PROFILE, interleaved_calls, with_profiles
+from edgeexit.runtime.cascade import NEVER, Cascade
+from edgeexit.runtime.loader import open_backend, open_monolithic
+from edgeexit.spec import load_spec
+from edgeexit.tracing import split_inputs
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+THREADS = 1
+
+
+def bench_one(bundle, fraction: float, rounds: int) -> dict:
+    """Calibrate `bundle` for a budget at `fraction` of its full-depth call and time it against monolithic."""
+    backend = open_backend(bundle, "onnxruntime", threads=THREADS)
+    x, y = split_inputs(bundle, "test")
+    source = latency_source(bundle, backend, "auto", 1, x, THREADS, iters=200)
+    if source.new_profile:
+        bundle = update_bundle(bundle, with_profiles(bundle.path, source.new_profile), {"profile": PROFILE})
+    lat = source.model
+    budget = Budget(max(fraction * full_depth_call(lat, 1), 1.05 * cheapest_call(lat, 1)))
+    bundle, record = calibrate(bundle, backend, budget, measure=False, curve_points=2, progress=False)
+    mono = open_monolithic(bundle, "onnxruntime", threads=THREADS)
+    mono_io = bundle.monolithic_io
+    k = len(bundle.stage_ios)
+    runners = {"calibrated": Cascade(backend, bundle.stage_ios, record["thresholds"]),
+               "full_depth": Cascade(backend, bundle.stage_ios, [NEVER] * (k - 1) + [None]),
+               "monolithic": lambda s: mono.run(0, {mono_io.inputs[0]: s})}
+    chunks = [x[i:i + 1] for i in range(len(x))]
+    calls = interleaved_calls(runners, chunks, rounds * len(chunks), warmup=50)
+    mean_ms = {name: float(np.median(s.reshape(rounds, -1).mean(axis=1))) * 1e3 for name, s in calls.items()}
+    report = json.loads((bundle.path / "report.json").read_text())
+    return {"name": bundle.name, "exits": k, "final_exit_accuracy": report["exit_accuracy"][-1],
+            "exit_accuracy": report["exit_accuracy"], "paper_mflops": [o / 1e6 for o in report["paper_cumulative_ops"]],
+            "params": sum(s["params"] for s in bundle.manifest["stages"]),
+            "budget_ms": budget.seconds * 1e3, "calibrated_accuracy": record["test"]["accuracy"],
+            "calibrated_shares": record["test"]["exit_shares"], "ms": mean_ms}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="digits,eenet,msdnet,ranet,emgnet", help="example folders")
+    p.add_argument("--fraction", type=float, default=0.6, help="budget as a share of the full-depth call")
+    p.add_argument("--rounds", type=int, default=5, help="timed passes over the test split")
+    p.add_argument("--bundles", help="folder holding already built bundles named like the examples")
+    p.add_argument("--json", help="also write the rows to this file")
+    args = p.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            if args.bundles:
+                bundle = load_bundle(Path(args.bundles) / name)
+            else:
+                print(f"building examples/{name} ...", flush=True)
+                bundle = build(load_spec(EXAMPLES / name / "model.yaml"), Path(tmp) / name, progress=False)[0]
+            rows.append(bench_one(bundle, args.fraction, args.rounds))
+    print(f"\nonnxruntime CPU, batch 1, {THREADS} thread; budget = {args.fraction:g} x full-depth cascade call; "
+          "latencies are medians of per-pass means, all three interleaved call by call in this run")
+    print(f"{'model':<16} {'exits':>5} {'final acc':>9} {'budget ms':>9} {'calib acc':>9} {'calib ms':>8} "
+          f"{'/budget':>7} {'mono ms':>8} {'calib/mono':>10} {'full/mono':>9}")
+    for r in rows:
+        ms = r["ms"]
+        print(f"{r['name']:<16} {r['exits']:>5} {r['final_exit_accuracy']:>9.1%} {r['budget_ms']:>9.4f} "
+              f"{r['calibrated_accuracy']:>9.1%} {ms['calibrated']:>8.4f} {ms['calibrated'] / r['budget_ms']:>7.3f} "
+              f"{ms['monolithic']:>8.4f} {ms['calibrated'] / ms['monolithic']:>10.3f} "
+              f"{ms['full_depth'] / ms['monolithic']:>9.3f}")
+    print("\nper exit: test accuracy / cumulative MFLOPs as the papers count them (multiply-adds incl. earlier heads)")
+    for r in rows:
+        cells = "  ".join(f"{a:.1%} / {f:.2f}" for a, f in zip(r["exit_accuracy"], r["paper_mflops"]))
+        print(f"{r['name']:<16} {r['params'] / 1e3:>7.0f}k params  {cells}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
