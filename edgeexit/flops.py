@@ -14,7 +14,9 @@ convs and convs applied to a channel subset are counted as run): convolutions
 multiply-adds + out bias adds), ReLU (one op per element), average pooling (kernel
 elements per output; adaptive: one per input element). Like op_counter, everything else
 counts zero: batch norm (folded into the conv when deployed), concatenation, dropout and
-functional ops written inside a module's forward rather than as leaf modules.
+functional ops written inside a module's forward rather than as leaf modules. A module
+with a `count_ops(input, output)` method (a conv written with functional calls) counts
+itself, and its children are then not counted again.
 """
 
 from __future__ import annotations
@@ -55,7 +57,15 @@ def _run_counted(module: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[obj
         if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
             total += _leaf_ops(leaf, args[0], output)
 
-    handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
+    def own(unit, args, output):  # a module that counts itself (e.g. EMGNet's MultiScaleConv)
+        nonlocal total
+        total += unit.count_ops(args[0], output)
+
+    custom = [m for m in module.modules() if callable(getattr(m, "count_ops", None))]
+    inside = {id(c) for m in custom for c in m.modules()}
+    handles = [m.register_forward_hook(own) for m in custom]
+    handles += [m.register_forward_hook(hook) for m in module.modules()
+                if not list(m.children()) and id(m) not in inside]
     was_training = module.training
     module.eval()
     try:

@@ -86,6 +86,13 @@ class MultiScaleConv(nn.Module):
         self.bn = nn.BatchNorm2d(cout)
         self.register_buffer("ring", _ring_mask(), persistent=False)
 
+    def count_ops(self, inp: torch.Tensor, out: torch.Tensor) -> int:
+        """Multiply-adds of the deployed form (for `edgeexit.flops`): 25 taps per input
+        channel for 5x5-gated output channels, 9 for the rest."""
+        n5 = int(self.five().sum())
+        taps = n5 * 25 + (self.gate.numel() - n5) * 9
+        return out.numel() // out.shape[1] * inp.shape[1] * taps
+
     def five(self) -> torch.Tensor:
         """(cout,) bool: the hard gate decision, True where the channel uses its 5x5 kernel."""
         return self.gate.detach() > 0
@@ -152,6 +159,12 @@ class EMGBlock(nn.Module):
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def count_ops(self, inp: torch.Tensor, out: torch.Tensor) -> int:
+        """Multiply-adds of the block (for `edgeexit.flops`; the deployed form calls its convs'
+        grouped/deployed methods, which module hooks cannot see)."""
+        shortcut = 0 if isinstance(self.shortcut, nn.Identity) else out.numel() * inp.shape[1]
+        return self.conv1.count_ops(inp, out) + self.conv2.count_ops(out, out) + shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
