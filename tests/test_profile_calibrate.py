@@ -131,7 +131,7 @@ def test_update_bundle_is_atomic_and_never_writes_through(bundle_copy):
 
 def test_build_with_a_budget_on_the_host_calibrates_itself(tmp_path, capsys):
     raw = example_raw()
-    raw.update(train={**raw["train"], "epochs": 4}, budget={"latency_ms": 0.05}, output="out")
+    raw.update(train={**raw["train"], "epochs": 4}, budget={"latency_ms": 1.0}, output="out")
     assert main(["build", str(write_spec(tmp_path, raw)), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "calibrated against the latency budget" in out and "measured on the test split" in out
