@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from edgeexit.models.registry import register
+from edgeexit.staging import run_exits
 
 
 class BasicBlock(nn.Module):
@@ -74,11 +75,7 @@ class EENetResNet(nn.Module):
         self.exits = nn.ModuleList(ExitBlock(w, num_classes, exit_pool) for w in widths)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        logits = []
-        for block, exit_block in zip(self.blocks, self.exits):
-            x = block(x)
-            logits.append(exit_block(x)[0])
-        return logits
+        return run_exits(self, x)[0]
 
 
 @register("eenet_resnet")

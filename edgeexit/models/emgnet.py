@@ -30,6 +30,7 @@ from torch import nn
 
 from edgeexit.models.eenet import ExitBlock
 from edgeexit.models.registry import register
+from edgeexit.staging import run_exits
 
 
 class _PricedGate(torch.autograd.Function):
@@ -201,11 +202,7 @@ class EMGNet(nn.Module):
         self.exits = nn.ModuleList(ExitBlock(w, num_classes, exit_pool) for w in widths)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        logits = []
-        for block, exit_block in zip(self.blocks, self.exits):
-            x = block(x)
-            logits.append(exit_block(x)[0])
-        return logits
+        return run_exits(self, x)[0]
 
     def gate_report(self) -> dict[str, float]:
         """Share of 5x5-gated output channels of every MultiScaleConv, keyed by module name."""
