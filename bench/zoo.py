@@ -7,9 +7,13 @@ latency budget of `--fraction` x the full-depth cascade call (never below 1.05 x
 cheapest call), then, in one interleaved run over the test split, time the cascade at the
 calibrated thresholds, the full-depth cascade and the monolithic graph. Prints per model:
 final-exit test accuracy, the budget, the calibrated cascade's test accuracy and measured
-mean latency (and its ratio to the budget), the monolithic latency and the ratios.
+mean latency (and its ratio to the budget), the monolithic latency and the ratios, then per
+exit the test accuracy and cumulative paper MFLOPs. `--plot` draws the latter (a line per
+model); `--from-json` prints (and plots) the rows an earlier `--json` stored, building nothing.
 
     python bench/zoo.py [--models digits,eenet,msdnet,ranet,emgnet] [--fraction 0.6] [--bundles DIR]
+                        [--json FILE] [--plot FILE.png]
+    python bench/zoo.py --from-json FILE [--plot FILE.png]
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from calibration.solvers import Budget
 from edgeexit.build import build
 from edgeexit.bundle import load_bundle, update_bundle
 from edgeexit.calibrate import calibrate, cheapest_call, full_depth_call, latency_source
+from edgeexit.plots import plot_exit_curves
 from edgeexit.profile import PROFILE, interleaved_calls, with_profiles
 from edgeexit.runtime.cascade import NEVER, Cascade
 from edgeexit.runtime.loader import open_backend, open_monolithic
@@ -59,28 +64,14 @@ def bench_one(bundle, fraction: float, rounds: int) -> dict:
     return {"name": bundle.name, "exits": k, "final_exit_accuracy": report["exit_accuracy"][-1],
             "exit_accuracy": report["exit_accuracy"], "paper_mflops": [o / 1e6 for o in report["paper_cumulative_ops"]],
             "params": sum(s["params"] for s in bundle.manifest["stages"]),
-            "budget_ms": budget.seconds * 1e3, "calibrated_accuracy": record["test"]["accuracy"],
+            "fraction": fraction, "budget_ms": budget.seconds * 1e3, "calibrated_accuracy": record["test"]["accuracy"],
             "calibrated_shares": record["test"]["exit_shares"], "ms": mean_ms}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="digits,eenet,msdnet,ranet,emgnet", help="example folders")
-    p.add_argument("--fraction", type=float, default=0.6, help="budget as a share of the full-depth call")
-    p.add_argument("--rounds", type=int, default=5, help="timed passes over the test split")
-    p.add_argument("--bundles", help="folder holding already built bundles named like the examples")
-    p.add_argument("--json", help="also write the rows to this file")
-    args = p.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            if args.bundles:
-                bundle = load_bundle(Path(args.bundles) / name)
-            else:
-                print(f"building examples/{name} ...", flush=True)
-                bundle = build(load_spec(EXAMPLES / name / "model.yaml"), Path(tmp) / name, progress=False)[0]
-            rows.append(bench_one(bundle, args.fraction, args.rounds))
-    print(f"\nonnxruntime CPU, batch 1, {THREADS} thread; budget = {args.fraction:g} x full-depth cascade call; "
+def print_rows(rows: list[dict], fraction: float) -> None:
+    """The two tables: calibrated budget vs monolithic, and accuracy / MFLOPs per exit."""
+    fraction = rows[0].get("fraction", fraction)  # rows stored before it was recorded: the command line's
+    print(f"\nonnxruntime CPU, batch 1, {THREADS} thread; budget = {fraction:g} x full-depth cascade call; "
           "latencies are medians of per-pass means, all three interleaved call by call in this run")
     print(f"{'model':<16} {'exits':>5} {'final acc':>9} {'budget ms':>9} {'calib acc':>9} {'calib ms':>8} "
           f"{'/budget':>7} {'mono ms':>8} {'calib/mono':>10} {'full/mono':>9}")
@@ -94,8 +85,39 @@ def main() -> int:
     for r in rows:
         cells = "  ".join(f"{a:.1%} / {f:.2f}" for a, f in zip(r["exit_accuracy"], r["paper_mflops"]))
         print(f"{r['name']:<16} {r['params'] / 1e3:>7.0f}k params  {cells}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="digits,eenet,msdnet,ranet,emgnet", help="example folders")
+    p.add_argument("--fraction", type=float, default=0.6, help="budget as a share of the full-depth call")
+    p.add_argument("--rounds", type=int, default=5, help="timed passes over the test split")
+    p.add_argument("--bundles", help="folder holding already built bundles named like the examples")
+    p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--plot", help="also draw test accuracy vs cumulative paper MFLOPs per exit to this PNG")
+    p.add_argument("--from-json", help="print (and --plot) the rows a --json run stored; builds and times nothing")
+    args = p.parse_args()
+    if args.from_json:
+        rows = json.loads(Path(args.from_json).read_text())
+    else:
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in args.models.split(","):
+                if args.bundles:
+                    bundle = load_bundle(Path(args.bundles) / name)
+                else:
+                    print(f"building examples/{name} ...", flush=True)
+                    bundle = build(load_spec(EXAMPLES / name / "model.yaml"), Path(tmp) / name, progress=False)[0]
+                rows.append(bench_one(bundle, args.fraction, args.rounds))
+    print_rows(rows, args.fraction)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    if args.plot:
+        curves = {r["name"]: (r["paper_mflops"], r["exit_accuracy"]) for r in rows}
+        if not plot_exit_curves(curves, Path(args.plot), "model zoo on digits: every exit on the test split"):
+            print("--plot: matplotlib is not installed (pip install 'edgeexit[plot]')")
+            return 1
+        print(f"plot: {args.plot}")
     return 0
 
 

@@ -138,7 +138,7 @@ def _cmd_profile(args) -> int:
     from edgeexit.bundle import load_bundle, update_bundle
     from edgeexit.jetson import TegrastatsSampler, jetson_facts
     from edgeexit.profile import PROFILE, format_profile, profile_bundle, profile_key, with_profiles
-    from edgeexit.runtime.loader import open_backend, open_monolithic
+    from edgeexit.runtime.loader import bundle_policy, open_backend, open_monolithic
     from edgeexit.tracing import split_inputs
 
     bundle = load_bundle(args.bundle)
@@ -146,10 +146,12 @@ def _cmd_profile(args) -> int:
     x, _ = split_inputs(bundle, args.split, args.data)
     backend = open_backend(bundle, args.backend, args.device, args.threads)
     mono = open_monolithic(bundle, backend.name, args.device, args.threads)
-    thresholds = _parse_thresholds(args.thresholds) or bundle.thresholds
+    given = _parse_thresholds(args.thresholds)
+    policy = None if given else bundle_policy(bundle)  # thresholds given on the command line win
+    thresholds = given or bundle.thresholds
     power = TegrastatsSampler if jetson_facts() is not None and not args.no_power else None
     entry = profile_bundle(backend, bundle.stage_ios, mono, bundle.monolithic_io, x, batches, thresholds,
-                           iters=args.iters, warmup=args.warmup, threads=args.threads, power=power,
+                           iters=args.iters, warmup=args.warmup, threads=args.threads, power=power, policy=policy,
                            progress=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
     key = profile_key(entry["backend"], entry["device"])
     update_bundle(bundle, with_profiles(bundle.path, {key: entry}), {"profile": PROFILE})
@@ -225,7 +227,7 @@ def _cmd_devices(args) -> int:
 def _backend_args(p: argparse.ArgumentParser) -> None:
     """--backend, --device and --threads, shared by the commands that time a bundle."""
     p.add_argument("--backend", default="auto", choices=BACKENDS)
-    p.add_argument("--device", default="cpu", help="torch device for --backend torch (cpu, cuda, cuda:1)")
+    p.add_argument("--device", default="cpu", help="torch device for --backend torch (cpu, cuda, cuda:1) and torch-cuda (cuda, cuda:1)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
 
 
@@ -252,7 +254,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--input", required=True, help=".npy of raw images, [N, C, H, W] or one [C, H, W]")
     r.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="auto: TensorRT engines where TensorRT is installed and built, else onnxruntime")
-    r.add_argument("--device", default="cpu", help="torch device for --backend torch (cpu, cuda, cuda:1)")
+    r.add_argument("--device", default="cpu", help="torch device for --backend torch (cpu, cuda, cuda:1) and torch-cuda (cuda, cuda:1)")
     r.add_argument("--thresholds", help="gate on these thresholds instead of the bundle's exit policy or "
                                         "thresholds, e.g. 0.9,0.8,null")
     r.add_argument("--json", action="store_true")

@@ -53,25 +53,45 @@ def plot_tradeoff(report: dict[str, Any], path: Path) -> bool:
 
 
 def plot_pareto(record: dict[str, Any], name: str, path: Path) -> bool:
-    """Test accuracy vs latency of both threshold solvers over a sweep of budgets, with the
-    calibrated point (and its re-measured latency). Returns False without matplotlib."""
+    """Test accuracy vs latency of both threshold solvers (and the exit policy, when trained)
+    over a sweep of budgets, with the deployed point: the thresholds, or the exit policy when
+    the manifest gates on it (and its re-measured latency). Returns False without matplotlib."""
     plt = _pyplot()
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    styles = {"geometric": ("s--", "tab:gray", "geometric (MSDNet/RANet)"), "optimise": ("o-", "tab:blue", "optimiser")}
+    styles = {"geometric": ("s--", "tab:gray", "geometric (MSDNet/RANet)"), "optimise": ("o-", "tab:blue", "optimiser"),
+              "policy": ("^:", "tab:purple", "exit policy (trained)")}
     for solver, (style, color, label) in styles.items():
-        pts = sorted((r[solver]["mean_ms"], 100 * r[solver]["accuracy"]) for r in record["pareto"] if r[solver])
+        pts = sorted((r[solver]["mean_ms"], 100 * r[solver]["accuracy"]) for r in record["pareto"] if r.get(solver))
         if pts:
             ax.plot(*zip(*pts), style, color=color, ms=4, lw=1, label=label)
-    b, test = record["budget"], record["test"]
+    on_policy = record.get("deployed") == "policy"
+    b, test = record["budget"], record["policy"]["test"] if on_policy else record["test"]
+    what = "calibrated, exit policy" if on_policy else "calibrated"
     ax.axvline(b["ms"], color="tab:red", lw=0.8, ls=":", label=f"budget {b['ms']:.4g} ms ({b['metric']})")
-    ax.plot([test["mean_ms"]], [100 * test["accuracy"]], "*", color="tab:orange", ms=12, label="calibrated (modelled)")
+    ax.plot([test["mean_ms"]], [100 * test["accuracy"]], "*", color="tab:orange", ms=12, label=f"{what} (modelled)")
     if record.get("measured"):
-        ax.plot([record["measured"]["chosen"]["mean_ms"]], [100 * test["accuracy"]], "x", color="tab:red", ms=9,
-                label="calibrated (measured)")
+        ax.plot([record["measured"]["policy" if on_policy else "chosen"]["mean_ms"]], [100 * test["accuracy"]], "x",
+                color="tab:red", ms=9, label=f"{what} (measured)")
     ax.set_xlabel(f"mean call latency, ms (batch {b['batch']}, {'estimate' if record['latency']['estimate'] else 'measured model'})")
     ax.set_ylabel(f"test accuracy, % ({record['splits']['report']['samples']} samples)")
     ax.set_title(f"{name}: accuracy under a latency budget (fit on val, shown on test)", fontsize=9)
+    _save(plt, fig, ax, path)
+    return True
+
+
+def plot_exit_curves(curves: dict[str, tuple[list[float], list[float]]], path: Path, title: str) -> bool:
+    """Test accuracy vs cumulative MFLOPs per exit, one line with markers per model (name ->
+    (MFLOPs per exit, accuracy per exit as a share)). Returns False without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, (mflops, accuracy) in curves.items():
+        ax.plot(mflops, [100 * a for a in accuracy], "o-", ms=4, lw=1, label=name)
+    ax.set_xlabel("cumulative MFLOPs at the exit (multiply-adds incl. earlier heads)")
+    ax.set_ylabel("test accuracy at the exit, %")
+    ax.set_title(title, fontsize=9)
     _save(plt, fig, ax, path)
     return True

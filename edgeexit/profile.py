@@ -7,8 +7,9 @@
   (back-to-back calls that stop early keep their stages' weights hot in cache, which
   per-stage times inside a full-depth call miss);
 - the cascade's own overhead around its stages and the compaction gather after each stage;
-- end to end, the monolithic graph, the full-depth cascade and the cascade at the bundle's
-  thresholds, interleaved call by call so that machine noise hits them alike.
+- end to end, the monolithic graph, the full-depth cascade and the cascade as the bundle
+  gates (its thresholds, or its exit policy when given one), interleaved call by call so
+  that machine noise hits them alike.
 The result is one `profile.json` entry, keyed by backend and device.
 
 `per_sample_latency` is the lighter timer the build summary and the benchmarks use.
@@ -23,7 +24,7 @@ import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -31,20 +32,29 @@ from edgeexit.runtime.backend import Backend
 from edgeexit.runtime.cascade import NEVER, Cascade
 from edgeexit.staging import StageIO
 
+if TYPE_CHECKING:
+    from calibration.policy import ExitPolicy
+
 Runner = Callable[[np.ndarray], Any]
 PROFILE = "profile.json"
 
 
 def per_sample_latency(runners: dict[str, Runner], x: np.ndarray, rounds: int = 3, warmup: int = 20) -> dict[str, float]:
-    """Mean seconds per sample at batch 1 for each runner over the samples of `x`.
+    """Mean seconds per sample at batch 1 for each runner over the samples of `x` (`call_latency`)."""
+    return call_latency(runners, x, 1, rounds, warmup)
 
-    Each round visits every sample once and calls every runner on it, interleaved
+
+def call_latency(runners: dict[str, Runner], x: np.ndarray, batch: int, rounds: int = 3,
+                 warmup: int = 20) -> dict[str, float]:
+    """Mean seconds per call of `batch` samples for each runner over `x` in consecutive chunks.
+
+    Each round visits every chunk once and calls every runner on it, interleaved
     (`interleaved_calls`); the reported figure is each runner's fastest round, the usual
     way to read a noisy machine.
     """
-    samples = [x[i:i + 1] for i in range(len(x))]
-    calls = interleaved_calls(runners, samples, rounds * len(samples), warmup)
-    return {name: float(seconds.reshape(rounds, len(samples)).mean(axis=1).min()) for name, seconds in calls.items()}
+    chunks = [x[i:i + batch] for i in range(0, len(x) - batch + 1, batch)]
+    calls = interleaved_calls(runners, chunks, rounds * len(chunks), warmup)
+    return {name: float(seconds.reshape(rounds, len(chunks)).mean(axis=1).min()) for name, seconds in calls.items()}
 
 
 def read_profiles(bundle_path: Path) -> dict[str, Any]:
@@ -157,11 +167,14 @@ def _gather_seconds(backend: Backend, ios: Sequence[StageIO], x: np.ndarray, ite
 
 def profile_batch(backend: Backend, ios: Sequence[StageIO], mono: Backend | None, mono_io: StageIO,
                   x: np.ndarray, batch: int, thresholds: Sequence[float | None], iters: int,
-                  warmup: int, power: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """Every figure of one batch size; `x` (normalised, real samples) is cycled in chunks of `batch`."""
+                  warmup: int, power: Callable[[], Any] | None = None,
+                  policy: ExitPolicy | None = None) -> dict[str, Any]:
+    """Every figure of one batch size; `x` (normalised, real samples) is cycled in chunks of
+    `batch`. The gated cascade decides by `policy` when given one (the bundle's `gating.policy`),
+    else by `thresholds`."""
     k_total = len(ios)
     full = Cascade(backend, ios, [NEVER] * (k_total - 1) + [None])
-    gated = Cascade(backend, ios, thresholds)
+    gated = Cascade(backend, ios, thresholds, policy)
     runners: dict[str, Cascade] = {"cascade_full": full, "cascade": gated}
     if mono is not None:
         runners["monolithic"] = Cascade(mono, [mono_io], [None])
@@ -214,20 +227,24 @@ def profile_bundle(backend: Backend, ios: Sequence[StageIO], mono: Backend | Non
                    x: np.ndarray, batches: Sequence[int], thresholds: Sequence[float | None],
                    iters: int = 200, warmup: int = 20, threads: int | None = None,
                    power: Callable[[], Any] | None = None,
-                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """One `profile.json` entry: machine facts and `profile_batch` for every batch size."""
+                   progress: Callable[[str], None] | None = None,
+                   policy: ExitPolicy | None = None) -> dict[str, Any]:
+    """One `profile.json` entry: machine facts and `profile_batch` for every batch size (the
+    gated cascade on `policy` when given, as `edgeexit run` gates a bundle that has one)."""
     facts = machine_facts(backend, threads)
     entry: dict[str, Any] = {
         "backend": backend.name, "device": device_id(facts), "machine": facts,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "iters": iters, "warmup": warmup, "thresholds": list(thresholds), "samples": int(len(x)),
+        "policy": None if policy is None else policy.to_dict(),
         "stage_time": "stage call + exit decision, inside a full-depth cascade",
         "batches": {},
     }
     for b in batches:
         if progress:
             progress(f"profiling batch {b}: {iters} timed calls per runner after {warmup} warm-up")
-        entry["batches"][str(b)] = profile_batch(backend, ios, mono, mono_io, x, b, thresholds, iters, warmup, power)
+        entry["batches"][str(b)] = profile_batch(backend, ios, mono, mono_io, x, b, thresholds, iters, warmup, power,
+                                                   policy)
     return entry
 
 
@@ -245,7 +262,8 @@ def format_profile(entry: dict[str, Any]) -> str:
         named += list(row["end_to_end"].items())
         for name, s in named:
             lines.append(f"{name:>14}  {s['mean_ms']:>8.4f}  {s['p50_ms']:>8.4f}  {s['p90_ms']:>8.4f}  {s['p99_ms']:>8.4f}")
-        lines.append(f"{'cascade exits':>14}  " + " / ".join(f"{s:.1%}" for s in row["cascade_exit_shares"]))
+        lines.append(f"{'cascade exits':>14}  " + " / ".join(f"{s:.1%}" for s in row["cascade_exit_shares"])
+                     + ("  (gated by the exit policy)" if entry.get("policy") else ""))
         if "power" in row:
             p = row["power"]
             lines.append(f"{'power':>14}  {p.get('total_power_w') or float('nan'):.2f} W, "

@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 
 from calibration.latency import from_profile
+from calibration.policy import FEATURES, ExitPolicy
 from calibration.traces import load_traces
 from conftest import example_raw, write_spec
 from edgeexit.bundle import load_bundle, update_bundle
+from edgeexit.calibrate import latency_source
 from edgeexit.cli import main
 from edgeexit.errors import BundleError
 from edgeexit.jetson import TegrastatsSampler
-from edgeexit.profile import profile_bundle
+from edgeexit.profile import format_profile, profile_bundle
 from edgeexit.runtime.loader import open_backend, open_monolithic
 from edgeexit.tracing import split_inputs
 from test_jetson import fake_tegrastats, recorded
@@ -60,6 +62,23 @@ def test_profile_records_power_from_tegrastats(example_build, tmp_path):
     power = entry["batches"]["1"]["power"]
     assert power["total_rail"] == "POM_5V_IN" and power["samples"] >= 1 and power["calls"] > 0
     assert power["energy_per_inference_mj"] > 0 and "monolithic" not in entry["batches"]["1"]["end_to_end"]
+
+
+
+def test_profile_times_the_cascade_on_the_bundle_policy(bundle_copy):
+    """A bundle gated by `gating.policy` is profiled as it runs: the gated cascade on the policy."""
+    bundle = load_bundle(bundle_copy)
+    never = ExitPolicy(np.zeros((2, len(FEATURES))), np.full(2, -1.0))  # nobody leaves early
+    bundle = update_bundle(bundle, {}, {"gating": {**bundle.manifest["gating"], "policy": never.to_dict()}})
+    backend = open_backend(bundle, "onnxruntime", threads=1)
+    x = split_inputs(bundle, "test")[0][:16]
+    on_thresholds = profile_bundle(backend, bundle.stage_ios, None, bundle.monolithic_io, x, [1], bundle.thresholds,
+                                   iters=16, warmup=1)
+    assert on_thresholds["policy"] is None and on_thresholds["batches"]["1"]["cascade_exit_shares"][0] > 0
+    source = latency_source(bundle, backend, "auto", 1, x, 1, iters=16)  # no profile yet: taken now, as calibrate does
+    (entry,) = source.new_profile.values()
+    assert entry["policy"] == never.to_dict() and entry["batches"]["1"]["cascade_exit_shares"] == [0.0, 0.0, 1.0]
+    assert "gated by the exit policy" in format_profile(entry)
 
 
 def test_cli_profile_then_calibrate_writes_into_the_bundle(bundle_copy, capsys, tmp_path):
