@@ -1,30 +1,39 @@
-"""What the staged runtime costs when nothing exits early.
+"""What the staged runtime costs when nothing exits early, and what it saves when samples do.
 
-Prints (full-depth cascade latency) / (monolithic latency) at batch 1 on onnxruntime CPU,
-both measured interleaved in this one run. Full depth means thresholds above 1: every
-sample runs every stage and every exit head, so the ratio is the price of splitting
-(extra session calls, the gating loop, the early exit heads) — target <= 1.05.
+Prints (full-depth cascade latency) / (monolithic latency) per call, both measured
+interleaved in this one run on the same backend. Full depth means thresholds above 1:
+every sample runs every stage and every exit head, so the ratio is the price of splitting
+(extra calls, the gating loop with its conf/pred downloads, the early exit heads).
 
-Two models: the shipped digits example (tiny: per-call overhead dominates) and the same
-architecture at CIFAR size (3x32x32, wider), where compute dominates. Weights are random:
-latency does not depend on them.
+- `--backend onnxruntime` (default; CPU): batch 1, 1 thread and all threads; target <= 1.05.
+- `--backend torch-cuda` (an NVIDIA GPU): batch 1 and 32, with and without CUDA graphs (the
+  monolithic baseline replayed as a graph too); target <= 1.10 with graphs. Then the shipped
+  digits example is trained here (or `--bundle` is loaded) and its cascade at the bundle's
+  thresholds (calibrated ones if `edgeexit calibrate` ran on it) is timed against its
+  monolithic graph: the speedup early exits buy on this GPU.
 
-    python bench/cascade_overhead.py [--rounds 5]
+Two architectures for the overhead: the shipped digits example (tiny: per-call overhead
+dominates) and the same architecture at CIFAR size (3x32x32, wider), where compute
+dominates. Weights are random there: latency does not depend on them.
+
+    python bench/cascade_overhead.py [--backend torch-cuda] [--rounds 5] [--json FILE]
 """
 
 from __future__ import annotations
 
 import _paths  # noqa: F401 - first: keeps bench/ off the import path (bench/calibration.py)
 import argparse
+import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from edgeexit.export.onnx import export_checked, export_stages
 from edgeexit.models import build_model
-from edgeexit.profile import per_sample_latency
+from edgeexit.profile import call_latency
 from edgeexit.runtime.cascade import NEVER, Cascade
 from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from edgeexit.spec import load_spec
@@ -41,37 +50,118 @@ def configs():
     return [("digits example 1x8x8", spec), ("CIFAR-size 3x32x32", cifar)]
 
 
-def measure(spec, threads: int, rounds: int, samples: int) -> dict[str, float]:
-    """Per-sample latency (s) of the full-depth cascade and the monolithic graph."""
+def staged(spec, samples: int):
+    """A random-weight model of `spec`, its stages, their I/O names and `samples` random inputs."""
     torch.manual_seed(0)
     model = build_model(spec.model, spec.input, spec.base_dir).eval()
     x = torch.randn(samples, *spec.input.shape)
     stages = make_stages(model, spec.gating.confidence)
-    ios = stage_io(stages, x, spec.input.name)
-    with tempfile.TemporaryDirectory() as tmp:
-        graphs = export_stages(stages, ios, x, Path(tmp) / "stages", 17, 1e-4)
+    return model, stages, stage_io(stages, x, spec.input.name), x
+
+
+def full_depth(backend, ios) -> Cascade:
+    return Cascade(backend, ios, [NEVER] * (len(ios) - 1) + [None])
+
+
+def onnxruntime_rows(rounds: int, samples: int) -> list[dict]:
+    rows = []
+    for label, spec in configs():
+        model, stages, ios, x = staged(spec, samples)
         mono_io = StageIO(0, (spec.input.name,), (), "logits", "conf", "pred")
-        mono = export_checked(Monolithic(model, spec.gating.confidence), (x,), Path(tmp) / "mono.onnx", mono_io, 17, 1e-4)
-        cascade = Cascade(OnnxRuntimeBackend([g.path for g in graphs], ios, threads), ios, [NEVER] * (len(ios) - 1) + [None])
-        session = OnnxRuntimeBackend([mono.path], [mono_io], threads).sessions[0]
-        names = list(mono_io.outputs)
-        return per_sample_latency(
-            {"cascade": cascade, "monolithic": lambda s: session.run(names, {spec.input.name: s})},
-            x.numpy(), rounds=rounds)
+        with tempfile.TemporaryDirectory() as tmp:
+            graphs = export_stages(stages, ios, x, Path(tmp) / "stages", 17, 1e-4)
+            mono = export_checked(Monolithic(model, spec.gating.confidence), (x,), Path(tmp) / "mono.onnx", mono_io, 17, 1e-4)
+            for threads in (1, 0):
+                t = call_latency({"cascade": full_depth(OnnxRuntimeBackend([g.path for g in graphs], ios, threads), ios),
+                                  "monolithic": full_depth(OnnxRuntimeBackend([mono.path], [mono_io], threads), [mono_io])},
+                                 x.numpy(), 1, rounds)
+                rows.append({"model": label, "batch": 1, "mode": f"{threads or 'all'} thread(s)", **ms(t)})
+    return rows
+
+
+def torch_cuda_rows(rounds: int, samples: int, batches=(1, 32)) -> list[dict]:
+    from edgeexit.runtime.torch_cuda_backend import TorchCudaBackend
+
+    rows = []
+    for label, spec in configs():
+        model, stages, ios, x = staged(spec, samples)
+        mono_io = StageIO(0, (spec.input.name,), (), "logits", "conf", "pred")
+        for graphs in (True, False):
+            for batch in batches:
+                cascade = TorchCudaBackend(stages, ios, "cuda", max_batch=batch, graphs=graphs)
+                mono = TorchCudaBackend([Monolithic(model, spec.gating.confidence)], [mono_io], "cuda",
+                                        max_batch=batch, graphs=graphs)
+                t = call_latency({"cascade": full_depth(cascade, ios), "monolithic": full_depth(mono, [mono_io])},
+                                 x.numpy(), batch, rounds)
+                failed = {**cascade.graphs.failed, **mono.graphs.failed}
+                rows.append({"model": label, "batch": batch, "mode": "graphs" if graphs else "eager",
+                             **ms(t), **({"capture_failed": failed} if failed else {})})
+                cascade.close()
+                mono.close()
+    return rows
+
+
+def ms(t: dict[str, float]) -> dict[str, float]:
+    return {"monolithic_ms": t["monolithic"] * 1e3, "cascade_ms": t["cascade"] * 1e3,
+            "ratio": t["cascade"] / t["monolithic"]}
+
+
+def gated_rows(bundle_path: str | None, rounds: int, batches=(1, 32)) -> list[dict]:
+    """The trained example's cascade at its thresholds vs its monolithic graph, on torch-cuda."""
+    from edgeexit.build import build
+    from edgeexit.bundle import load_bundle
+    from edgeexit.runtime.loader import open_backend, open_monolithic
+    from edgeexit.tracing import split_inputs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = load_bundle(bundle_path) if bundle_path else \
+            build(load_spec(EXAMPLE), Path(tmp) / "digits", progress=False)[0]
+        x, y = split_inputs(bundle, "test")
+        rows = []
+        for batch in batches:
+            backend, mono = open_backend(bundle, "torch-cuda", "cuda"), open_monolithic(bundle, "torch-cuda", "cuda")
+            gated = Cascade(backend, bundle.stage_ios, bundle.thresholds)
+            t = call_latency({"cascade": gated, "monolithic": Cascade(mono, [bundle.monolithic_io], [None])},
+                             x, batch, rounds)
+            result = gated.run_batched(x, batch)
+            rows.append({"model": bundle.name, "batch": batch, "thresholds": bundle.thresholds,
+                         "calibrated": "calibration.json" in bundle.manifest.get("files", {}),
+                         "accuracy": float(np.mean(result.pred == y)),
+                         "exit_shares": [float(s) for s in result.exit_shares()], **ms(t)})
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=("onnxruntime", "torch-cuda"), default="onnxruntime")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--bundle", help="torch-cuda: a built bundle to time at its thresholds (default: build the example)")
+    parser.add_argument("--json", help="also write every row to this file")
     args = parser.parse_args()
-    print(f"{'model':<22} {'threads':>7} {'monolithic ms':>14} {'cascade ms':>11} {'ratio':>6}")
-    for label, spec in configs():
-        for threads in (1, 0):
-            t = measure(spec, threads, args.rounds, args.samples)
-            print(f"{label:<22} {threads or 'all':>7} {t['monolithic'] * 1e3:>14.4f} {t['cascade'] * 1e3:>11.4f} "
-                  f"{t['cascade'] / t['monolithic']:>6.3f}")
-    print("ratio = full-depth cascade / monolithic, batch 1, onnxruntime CPU, same run (target <= 1.05)")
+    if args.backend == "onnxruntime":
+        rows, where, target = onnxruntime_rows(args.rounds, args.samples), "onnxruntime CPU", 1.05
+        gated = []
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("cascade_overhead: --backend torch-cuda needs an NVIDIA GPU and a CUDA build of torch")
+        rows, where, target = torch_cuda_rows(args.rounds, args.samples), torch.cuda.get_device_name(), 1.10
+        gated = gated_rows(args.bundle, args.rounds)
+    print(f"full-depth cascade vs monolithic per call on {where}, interleaved in this run (target <= {target})")
+    print(f"{'model':<22} {'batch':>5} {'mode':>12} {'monolithic ms':>14} {'cascade ms':>11} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['model']:<22} {r['batch']:>5} {r['mode']:>12} {r['monolithic_ms']:>14.4f} {r['cascade_ms']:>11.4f} "
+              f"{r['ratio']:>6.3f}" + (f"  capture failed: {r['capture_failed']}" if "capture_failed" in r else ""))
+    if gated:
+        print(f"\ncascade at the bundle's thresholds vs its monolithic graph (torch-cuda, graphs) on {where}")
+        for r in gated:
+            shares = " / ".join(f"{s:.0%}" for s in r["exit_shares"])
+            print(f"{r['model']:<16} batch {r['batch']:>3}  thresholds {r['thresholds']} "
+                  f"({'calibrated' if r['calibrated'] else 'from the yaml'})  accuracy {r['accuracy']:.1%}  "
+                  f"exits {shares}  cascade {r['cascade_ms']:.4f} ms  monolithic {r['monolithic_ms']:.4f} ms  "
+                  f"speedup {1 / r['ratio']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": where, "overhead": rows, "gated": gated}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

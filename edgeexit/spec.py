@@ -19,7 +19,7 @@ from calibration.solvers import TAILS
 from edgeexit.errors import SpecError
 
 CONFIDENCE_KINDS = ("max_softmax", "margin", "entropy", "learned")
-BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "torch", "torch-cuda", "tensorrt")
 DTYPES = ("float32",)
 LOSSES = ("ce", "eenets", "eenets_sum")
 PRECISIONS = ("fp32", "fp16", "int8")

@@ -105,9 +105,17 @@ OBJECT_NAMES = {
     "Profile": {v: {"set_shape"} for v in VERSIONS},
     "Cache": {v: {"serialize"} for v in VERSIONS},
     "Runtime": {v: {"deserialize_cuda_engine", "DLA_core"} for v in VERSIONS},
+    # The bindings API (8.x; removed in 10.0, per a 10.1x pyCore.cpp that has none of it) beside
+    # the tensor-name API (8.5+): 8.5 pyCore.cpp, ICudaEngine num_bindings / get_binding_name /
+    # binding_is_input / get_binding_dtype / get_profile_shape(profile_index, binding);
+    # IExecutionContext set_binding_shape(binding, shape) -> bool / get_binding_shape(binding) /
+    # execute_async_v2(bindings, stream_handle) -> bool.
     "Engine": {v: {"num_io_tensors", "get_tensor_name", "get_tensor_mode", "get_tensor_dtype",
-                   "get_tensor_profile_shape", "create_execution_context"} for v in VERSIONS},
+                   "get_tensor_profile_shape", "create_execution_context"}
+               | ({"num_bindings", "get_binding_name", "binding_is_input", "get_binding_dtype",
+                   "get_profile_shape"} if v == "8.5" else set()) for v in VERSIONS},
     "Context": {v: {"set_input_shape", "get_tensor_shape", "set_tensor_address", "execute_async_v3"}
+               | ({"set_binding_shape", "get_binding_shape", "execute_async_v2"} if v == "8.5" else set())
                 for v in VERSIONS},
 }
 
@@ -380,10 +388,28 @@ class _Engine(_Strict):
     def create_execution_context(self):
         return _strict(_Context, "Context", self._mod._state.version_key)(self)
 
+    # the 8.x bindings API: index i names (inputs + outputs)[i], as get_binding_name says
+    @property
+    def num_bindings(self):
+        return self.num_io_tensors
+
+    def get_binding_name(self, i):
+        return self.get_tensor_name(i)
+
+    def binding_is_input(self, i):
+        return self.get_tensor_name(i) in self._in
+
+    def get_binding_dtype(self, i):
+        return self.get_tensor_dtype(self.get_tensor_name(i))
+
+    def get_profile_shape(self, profile_index, binding):
+        return self.get_tensor_profile_shape(self.get_tensor_name(binding), profile_index)
+
 
 class _Context(_Strict):
     def __init__(self, engine):
         self._engine, self._shapes, self._addr = engine, {}, {}
+        SIM.contexts += 1
 
     def set_input_shape(self, name, shape):
         lo, _, hi = self._engine._profile[name]
@@ -404,16 +430,40 @@ class _Context(_Strict):
         return True
 
     def execute_async_v3(self, stream_handle):
+        return self._enqueue(stream_handle, dict(self._addr))
+
+    def set_binding_shape(self, binding, shape):
+        return self.set_input_shape(self._engine.get_tensor_name(binding), shape)
+
+    def get_binding_shape(self, binding):
+        return self.get_tensor_shape(self._engine.get_tensor_name(binding))
+
+    def execute_async_v2(self, bindings, stream_handle):
+        return self._enqueue(stream_handle, {self._engine.get_tensor_name(i): int(p) for i, p in enumerate(bindings)})
+
+    def _enqueue(self, stream_handle, addresses):
+        """Run now, or, while the stream is being captured, record the run with the addresses
+        and shapes of this moment (what a CUDA graph freezes)."""
+        if SIM.fail_enqueue and SIM.fail_enqueue.pop(0):
+            return False
+        shapes = dict(self._shapes)
+        work = lambda: self._compute(addresses, shapes)  # noqa: E731
+        if SIM.capturing is not None:
+            SIM.capturing.append(work)
+        else:
+            work()
+        SIM.executions += 1
+        return True
+
+    def _compute(self, addresses, shapes):
         feeds = {}
         for name in self._engine._in:
             dtype = np.dtype(_NUMPY[self._engine._types[name]])
-            shape = self._shapes[name]
-            feeds[name] = SIM.read(self._addr[name], shape, dtype).copy()
+            feeds[name] = SIM.read(addresses[name], shapes[name], dtype).copy()
         outs = self._engine._session.run(self._engine._out, feeds)
         for name, value in zip(self._engine._out, outs):
             dtype = np.dtype(_NUMPY[self._engine._types[name]])
-            SIM.write(self._addr[name], np.ascontiguousarray(value.astype(dtype)))
-        return True
+            SIM.write(addresses[name], np.ascontiguousarray(value.astype(dtype)))
 
 
 _NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32, "INT8": np.int8,
@@ -437,6 +487,13 @@ class _Memory:
         self.next = 1 << 20
         self.copies = 0
         self.launches = 0
+        self.contexts = 0
+        self.executions = 0
+        self.fail_enqueue: list[bool] = []  # the next enqueues fail where True (return False)
+        self.capturing: list | None = None  # work recorded by the stream capture in progress
+        self.graph_launches = 0
+        self.gpu = ("Simulated GPU", (8, 7))
+        self.capture_breaks = False  # the next capture is invalidated (an op a graph cannot hold)
 
     def alloc(self, size):
         size = max(int(size), 1)
@@ -497,7 +554,10 @@ def fake_pycuda(compile_ok: bool):
             self.i = i
 
         def name(self):  # pycuda.driver.Device.name()
-            return "Simulated GPU"
+            return SIM.gpu[0]
+
+        def compute_capability(self):  # a (major, minor) tuple of ints
+            return SIM.gpu[1]
 
         def retain_primary_context(self):
             return _PrimaryContext()
@@ -515,20 +575,36 @@ def fake_pycuda(compile_ok: bool):
         def query(self):
             return True
 
+    class Context:
+        @staticmethod
+        def pop():  # pycuda.driver.Context.pop() is static: it pops the current context
+            driver.pushed -= 1
+
+    def outside_capture():
+        assert SIM.capturing is None, "a copy was queued while the stream was being captured"
+
     def to_host(host, src, stream=None):
+        outside_capture()
         host[...] = SIM.read(int(src), host.shape, host.dtype)
 
     def to_device(dst, host, stream=None):
+        outside_capture()
         SIM.write(int(dst), np.ascontiguousarray(host))
 
     def dtod(dst, src, size, stream=None):
+        outside_capture()
         SIM.copies += 1
         SIM.view(int(dst), size)[:] = SIM.view(int(src), size)
 
+    def memset(dst, value, count):
+        outside_capture()
+        SIM.view(int(dst), count)[:] = value
+
     driver.pushed = 0
-    driver.Device, driver.Stream, driver.Event = Device, Stream, Event
+    driver.Device, driver.Stream, driver.Event, driver.Context = Device, Stream, Event, Context
     driver.mem_alloc = lambda size: _Block(size, pooled=False)
     driver.memcpy_htod_async, driver.memcpy_dtoh_async, driver.memcpy_dtod_async = to_device, to_host, dtod
+    driver.memset_d8 = memset  # pycuda.driver.memset_d8(dest, data, count)
 
     tools = types.ModuleType("pycuda.tools")
 
@@ -560,6 +636,7 @@ def fake_pycuda(compile_ok: bool):
 
         def prepared_async_call(self, grid, block, stream, dst, src, rows, n_rows, row_units):
             # What gather_rows_u32 / gather_rows_u8 compute, element unit by element unit.
+            outside_capture()
             SIM.launches += 1
             assert isinstance(grid, tuple) and isinstance(block, tuple) and stream is not None
             idx = SIM.read(rows, (n_rows,), np.int64)
@@ -580,6 +657,65 @@ def fake_pycuda(compile_ok: bool):
     package = types.ModuleType("pycuda")
     package.driver, package.tools, package.compiler = driver, tools, compiler
     return {"pycuda": package, "pycuda.driver": driver, "pycuda.tools": tools, "pycuda.compiler": compiler}
+
+
+def fake_cuda_driver():
+    """cuda-python's driver graph calls over the simulator: capture records the enqueued work."""
+    drv = types.ModuleType("cuda.bindings.driver")
+
+    class CUresult(int):
+        @property
+        def name(self):
+            return {0: "CUDA_SUCCESS", 901: "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"}[int(self)]
+
+    ok, invalidated = CUresult(0), CUresult(901)
+    drv.CUstream = int
+    drv.CUstreamCaptureMode = types.SimpleNamespace(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL=1)
+    drv.graphs_alive = 0
+
+    def begin(stream, mode):
+        assert SIM.capturing is None and mode == 1
+        SIM.capturing = []
+        return (ok,)
+
+    def end(stream):
+        work, SIM.capturing = SIM.capturing, None
+        if SIM.capture_breaks:
+            SIM.capture_breaks = False
+            return (invalidated, None)
+        drv.graphs_alive += 1
+        return (ok, _Graph(work))
+
+    def instantiate(graph, flags):
+        return (ok, graph)
+
+    def launch(instance, stream):
+        assert SIM.capturing is None
+        SIM.graph_launches += 1
+        for work in instance.work:
+            work()
+        return (ok,)
+
+    def destroy(graph):
+        drv.graphs_alive -= 1
+        return (ok,)
+
+    drv.cuStreamBeginCapture, drv.cuStreamEndCapture = begin, end
+    drv.cuGraphInstantiate, drv.cuGraphLaunch = instantiate, launch
+    drv.cuGraphExecDestroy, drv.cuGraphDestroy = (lambda instance: (ok,)), destroy
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.driver = drv
+    cuda = types.ModuleType("cuda")
+    cuda.bindings = bindings
+    return {"cuda": cuda, "cuda.bindings": bindings, "cuda.bindings.driver": drv}
+
+
+class _Graph:
+    def __init__(self, work):
+        self.work = work
+
+    def __int__(self):
+        return id(self)
 
 
 # --- fixtures ------------------------------------------------------------------------------------
@@ -884,7 +1020,7 @@ def test_build_engines_checks_the_device(bundle, use_trt):
 
 
 def test_contiguous_runs_and_launch_shape():
-    from edgeexit.runtime.tensorrt_backend import contiguous_runs, gather_launch
+    from edgeexit.runtime.pycuda_memory import contiguous_runs, gather_launch
 
     assert contiguous_runs([0, 1, 2, 5, 6, 9]) == [(0, 0, 3), (5, 3, 2), (9, 5, 1)]
     assert contiguous_runs([4, 2, 3]) == [(4, 0, 1), (2, 1, 2)]
@@ -922,60 +1058,232 @@ def digits_batch(bundle_path):
     return b, normalize(images, b.input["mean"], b.input["std"])
 
 
-@pytest.mark.parametrize("version_key, gather", [("10.3", "kernel"), ("10.3", "memcpy"), ("8.5", "auto")])
-def test_backend_cascade_matches_onnxruntime_on_the_simulator(bundle, use_trt, monkeypatch, version_key, gather):
-    from edgeexit.export.tensorrt import build_engines
+def gpu_sim(monkeypatch, compile_ok=True, cuda_python=True):
+    """Install the simulated pycuda (and cuda-python's driver, for graphs); reset the counters."""
+    modules = fake_pycuda(compile_ok)
+    if cuda_python:
+        modules.update(fake_cuda_driver())
+    else:
+        modules.update({"cuda": None, "cuda.bindings": None, "cuda.bindings.driver": None, "cuda.cuda": None})
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    SIM.copies = SIM.launches = SIM.contexts = SIM.executions = SIM.graph_launches = 0
+    SIM.fail_enqueue = []
+    SIM.capturing, SIM.capture_breaks, SIM.gpu = None, False, ("Simulated GPU", (8, 7))
+    return modules
+
+
+def reference_cascade(b, x):
+    """The onnxruntime cascade with thresholds at the median confidence (about half leave per exit)."""
     from edgeexit.runtime.cascade import Cascade, trace
     from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from edgeexit.runtime.tensorrt_backend import DeviceTensor, TensorRTBackend
 
-    use_trt(version_key)
-    build_engines(bundle, DEVICE, progress=False)
-    b, x = digits_batch(bundle)
     reference = OnnxRuntimeBackend(b.stage_paths, b.stage_ios)
     traced = trace(reference, b.stage_ios, x, 64)
-    # Thresholds at the median confidence: about half leave at each early exit.
     thresholds = [float(np.median(traced.exit_conf[:, 0])), float(np.median(traced.exit_conf[:, 1])), None]
-    want = Cascade(reference, b.stage_ios, thresholds).run_batched(x, 64, collect=True)
+    return thresholds, Cascade(reference, b.stage_ios, thresholds).run_batched(x, 64, collect=True)
 
-    pycuda = fake_pycuda(compile_ok=gather != "memcpy")
-    for name, module in pycuda.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    SIM.copies = SIM.launches = 0
-    backend = TensorRTBackend.from_bundle(b, gather="auto" if gather == "auto" else gather)
-    with backend:
-        assert backend.gather_mode == ("memcpy" if gather == "memcpy" else "kernel")
-        got = Cascade(backend, b.stage_ios, thresholds).run_batched(x, 64, collect=True)
-        assert isinstance(backend.run(0, {"image": backend.upload(x[:5])})["s0_carry0"], DeviceTensor)
-    assert pycuda["pycuda.driver"].pushed == 0  # the context was released
+
+def assert_same(got, want):
     np.testing.assert_array_equal(got.exit, want.exit)
     np.testing.assert_array_equal(got.pred, want.pred)
     np.testing.assert_allclose(got.logits, want.logits, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got.conf, want.conf, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(got.stage_samples, want.stage_samples)
-    assert 0 < want.exit_shares()[0] < 1 and 0 < want.exit_shares()[1] < 1
-    if gather == "memcpy":
-        assert SIM.copies > 0 and SIM.launches == 0
-    else:
-        assert SIM.launches > 0 and SIM.copies == 0
 
 
-def test_backend_refuses_batches_outside_the_profile(bundle, use_trt, monkeypatch):
-    from edgeexit.bundle import load_bundle
+@pytest.fixture()
+def engines_bundle(bundle, use_trt):
+    """The example bundle with engines built by the fake TensorRT 10.3 (the plans embed the ONNX)."""
     from edgeexit.export.tensorrt import build_engines
-    from edgeexit.runtime.tensorrt_backend import TensorRTBackend
 
     use_trt("10.3")
     build_engines(bundle, DEVICE, progress=False)
-    for name, module in fake_pycuda(compile_ok=True).items():
-        monkeypatch.setitem(sys.modules, name, module)
-    with TensorRTBackend.from_bundle(load_bundle(bundle)) as backend:
+    return bundle
+
+
+@pytest.mark.parametrize("version_key, gather, api, graphs", [
+    ("10.3", "kernel", "auto", True), ("10.3", "memcpy", "auto", False), ("8.5", "auto", "auto", True),
+    ("8.5", "auto", "tensors", False)])
+def test_backend_cascade_matches_onnxruntime_on_the_simulator(bundle, use_trt, monkeypatch, version_key, gather,
+                                                              api, graphs):
+    from edgeexit.export.tensorrt import build_engines
+    from edgeexit.runtime.cascade import Cascade
+    from edgeexit.runtime.tensorrt_backend import TensorRTBackend
+
+    use_trt(version_key)
+    build_engines(bundle, DEVICE, progress=False)
+    b, x = digits_batch(bundle)
+    thresholds, want = reference_cascade(b, x)
+    assert 0 < want.exit_shares()[0] < 1 and 0 < want.exit_shares()[1] < 1
+
+    pycuda = gpu_sim(monkeypatch, compile_ok=gather != "memcpy")
+    backend = TensorRTBackend.from_bundle(b, gather=gather, api=api, graphs=graphs)
+    with backend:
+        assert backend.api == ("bindings" if version_key == "8.5" and api == "auto" else "tensors")
+        assert backend.gather_mode == ("memcpy" if gather == "memcpy" else "kernel")
+        cascade = Cascade(backend, b.stage_ios, thresholds)
+        for _ in range(3):  # plain runs, then (with graphs) captures, then replays: the same answers
+            assert_same(cascade.run_batched(x, 64, collect=True), want)
+        keys = {(k, bucket) for k, bucket in backend.graphs.runs}
+        assert SIM.contexts == len(keys)  # one context per (stage, bucket), made once
+        if graphs:
+            assert backend.graphs.graphs and not backend.graphs.failed and SIM.graph_launches > 0
+        else:
+            assert not backend.graphs.graphs and SIM.graph_launches == 0
+    assert pycuda["pycuda.driver"].pushed == 0  # the context was released
+    assert not backend.buffers and (not graphs or pycuda["cuda.bindings.driver"].graphs_alive == 0)
+    if gather == "memcpy":
+        assert SIM.copies > 0 and SIM.launches == 0
+    else:
+        assert SIM.launches > 0
+
+
+def test_padding_rows_never_reach_the_results(engines_bundle, monkeypatch):
+    """Batches between buckets run padded; every answer matches running each sample alone."""
+    from edgeexit.runtime.cascade import Cascade
+    from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from edgeexit.runtime.tensorrt_backend import TensorRTBackend
+
+    b, x = digits_batch(engines_bundle)
+    gpu_sim(monkeypatch)
+    thresholds = [0.99, 0.99, None]
+    with TensorRTBackend.from_bundle(b) as backend:
+        for n in (1, 3, 5, 17, 33):
+            got = Cascade(backend, b.stage_ios, thresholds)(x[:n])
+            want = Cascade(OnnxRuntimeBackend(b.stage_paths, b.stage_ios), b.stage_ios, thresholds)(x[:n])
+            assert_same(got, want)
+        assert {bucket for _, bucket in backend.graphs.runs} >= {1, 4, 8, 32, 64}
+
+
+def test_a_capture_that_fails_runs_plainly(engines_bundle, monkeypatch):
+    from edgeexit.runtime.cascade import Cascade
+    from edgeexit.runtime.tensorrt_backend import TensorRTBackend
+
+    b, x = digits_batch(engines_bundle)
+    thresholds, want = reference_cascade(b, x[:64])
+    gpu_sim(monkeypatch)
+    with TensorRTBackend.from_bundle(b, warmup=1) as backend:
+        SIM.capture_breaks = True  # the first capture is invalidated
+        cascade = Cascade(backend, b.stage_ios, thresholds)
+        for _ in range(3):
+            assert_same(cascade.run_batched(x[:64], 64, collect=True), want)
+        assert list(backend.graphs.failed) == [(0, 64)]
+        assert "INVALIDATED" in backend.graphs.failed[(0, 64)]
+        assert (0, 64) not in backend.graphs.graphs and (1, 32) in backend.graphs.graphs
+
+
+def test_graphs_need_cuda_python_and_run_plainly_without_it(engines_bundle, monkeypatch):
+    from edgeexit.runtime.cascade import Cascade
+    from edgeexit.runtime.tensorrt_backend import TensorRTBackend
+
+    b, x = digits_batch(engines_bundle)
+    thresholds, want = reference_cascade(b, x[:64])
+    gpu_sim(monkeypatch, cuda_python=False)
+    with TensorRTBackend.from_bundle(b) as backend:
+        for _ in range(3):
+            assert_same(Cascade(backend, b.stage_ios, thresholds)(x[:64], collect=True), want)
+        assert not backend.graphs.graphs
+        assert all("cuda-python is not installed" in why for why in backend.graphs.failed.values())
+
+
+def test_a_failed_call_does_not_poison_the_next(engines_bundle, monkeypatch):
+    from edgeexit.runtime.cascade import Cascade
+    from edgeexit.runtime.tensorrt_backend import TensorRTBackend
+
+    b, x = digits_batch(engines_bundle)
+    thresholds, want = reference_cascade(b, x[:64])
+    gpu_sim(monkeypatch)
+    with TensorRTBackend.from_bundle(b) as backend:
+        cascade = Cascade(backend, b.stage_ios, thresholds)
+        SIM.fail_enqueue = [False, True]  # stage 1 fails, after stage 0 ran and the gathers were queued
+        with pytest.raises(EdgeExitError, match="stage 1 failed to enqueue at batch 32"):
+            cascade(x[:64])
+        assert backend.lock.acquire(blocking=False)  # the lock was released
+        backend.lock.release()
+        for _ in range(3):
+            assert_same(cascade(x[:64], collect=True), want)
+        with pytest.raises(EdgeExitError, match="max batch 256"):
+            cascade(np.zeros((300, 1, 8, 8), np.float32))
+        assert_same(cascade(x[:64], collect=True), want)
+
+
+def test_calls_from_other_threads_push_the_context_and_are_serialised(engines_bundle, monkeypatch):
+    import threading
+
+    from edgeexit.runtime.cascade import Cascade
+    from edgeexit.runtime.tensorrt_backend import TensorRTBackend
+
+    b, x = digits_batch(engines_bundle)
+    thresholds, want = reference_cascade(b, x[:64])
+    pycuda = gpu_sim(monkeypatch)
+    driver = pycuda["pycuda.driver"]
+    with TensorRTBackend.from_bundle(b) as backend:
+        cascade = Cascade(backend, b.stage_ios, thresholds)
+        results, seen = [], []
+        original = backend._enter
+
+        def enter():
+            original()
+            seen.append(driver.pushed)
+
+        backend._enter = enter
+        threads = [threading.Thread(target=lambda: results.append(cascade(x[:64], collect=True))) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(results) == 4 and all(p == 2 for p in seen)  # owner's push + this call's push, one call at a time
+        for got in results:
+            assert_same(got, want)
+        assert driver.pushed == 1
+    assert driver.pushed == 0
+
+
+def test_engines_from_another_tensorrt_or_gpu_are_refused(engines_bundle, monkeypatch):
+    from edgeexit.bundle import load_bundle
+    from edgeexit.runtime.tensorrt_backend import TensorRTBackend
+
+    b = load_bundle(engines_bundle)
+    meta = engines_bundle / b.manifest["engines"][f"{DEVICE}-trt10.3"]["metadata"]
+    record = json.loads(meta.read_text())
+    gpu_sim(monkeypatch)
+
+    sys.modules["tensorrt"].__version__ = "10.3.1.5"  # same 10.3 key, another release
+    with pytest.raises(EdgeExitError, match=r"built by TensorRT 10\.3\.0\.26, this is 10\.3\.1\.5.*edgeexit engines"):
+        TensorRTBackend.from_bundle(b)
+    sys.modules["tensorrt"].__version__ = "10.3.0.26"
+
+    record["gpu"] = {"name": "Orin", "compute_capability": "8.7"}
+    meta.write_text(json.dumps(record))  # the check reads engine.json itself (no reload needed)
+    SIM.gpu = ("NVIDIA H200", (9, 0))
+    with pytest.raises(EdgeExitError, match=r"built for SM 8\.7 \(Orin\), this GPU is SM 9\.0 \(NVIDIA H200\)"):
+        TensorRTBackend.from_bundle(b)
+    SIM.gpu = ("Orin (nvgpu)", (8, 7))
+    with pytest.raises(EdgeExitError, match="built on Orin, this GPU is Orin \\(nvgpu\\)"):
+        TensorRTBackend.from_bundle(b)
+    SIM.gpu = ("Orin", (8, 7))
+    with TensorRTBackend.from_bundle(b) as backend:
+        assert backend.gpu == {"name": "Orin", "compute_capability": "8.7"}
+    assert sys.modules["pycuda.driver"].pushed == 0
+
+
+def test_backend_checks_shapes_and_the_bindings_api_is_refused_on_10(engines_bundle, monkeypatch, use_trt):
+    from edgeexit.bundle import load_bundle
+    from edgeexit.runtime.static import Rows
+    from edgeexit.runtime.tensorrt_backend import TensorRTBackend
+
+    gpu_sim(monkeypatch)
+    with TensorRTBackend.from_bundle(load_bundle(engines_bundle)) as backend:
         out = backend.run(0, {"image": np.zeros((3, 1, 8, 8))})  # a host float64 array is copied up as float32
-        assert out["s0_carry0"].shape == (3, 32, 8, 8) and backend.download(out["s0_logits"]).shape == (3, 10)
-        with pytest.raises(EdgeExitError, match="batches of 1..256"):
+        assert out["s0_carry0"] == Rows("s0_carry0", 4, 3)
+        assert backend.download(out["s0_logits"]).shape == (3, 10)
+        with pytest.raises(EdgeExitError, match="max batch 256"):
             backend.run(0, {"image": backend.upload(np.zeros((300, 1, 8, 8), np.float32))})
-        with pytest.raises(EdgeExitError, match=r"takes \[N, 1, 8, 8\]"):
+        with pytest.raises(EdgeExitError, match=r"input image takes \[N, 1, 8, 8\], got \[2, 1, 4, 4\]"):
             backend.run(0, {"image": backend.upload(np.zeros((2, 1, 4, 4), np.float32))})
+    with pytest.raises(EdgeExitError, match="no bindings API"):
+        TensorRTBackend.from_bundle(load_bundle(engines_bundle), api="bindings")
 
 
 # --- the TensorRT names used by the code exist where they are used --------------------------------
@@ -1073,7 +1381,7 @@ def test_gather_kernel_compiles_for_orin(tmp_path):
     import shutil
     import subprocess
 
-    from edgeexit.runtime.tensorrt_backend import GATHER_SOURCE
+    from edgeexit.runtime.pycuda_memory import GATHER_SOURCE
 
     nvcc = shutil.which("nvcc")
     if nvcc is None:

@@ -43,7 +43,7 @@ from edgeexit.errors import EdgeExitError
 NOT_INSTALLED = ("tensorrt: not installed here (import tensorrt failed); the bundle stays valid "
                  "\u2014 run `edgeexit engines BUNDLE` on the Jetson")
 
-MIN_VERSION = (8, 5)  # the tensor-name runtime API (execute_async_v3) starts here; JetPack 4 (8.2) has not
+MIN_VERSION = (8, 5)  # the oldest supported: the builder needs set_memory_pool_limit (8.4+); JetPack 4 (8.2) has not
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINES_DIR = "engines"
 TIMING_CACHE = "timing.cache"

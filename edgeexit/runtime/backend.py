@@ -10,6 +10,7 @@ device between stages.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,11 @@ class Backend(ABC):
     """Runs stage k on named tensors; moves tensors between host and wherever it keeps them."""
 
     name: str = "backend"
+
+    def scope(self) -> AbstractContextManager:
+        """Held by the cascade for one whole call: a device backend serialises callers here
+        and cleans up after an error, so that a failed call does not poison the next."""
+        return nullcontext()
 
     @abstractmethod
     def upload(self, array: np.ndarray) -> Any:

@@ -94,6 +94,10 @@ class Cascade:
 
     def __call__(self, x: np.ndarray, collect: bool = False) -> CascadeResult:
         """Run the cascade on a normalised batch `x`; `collect` also keeps every exit's conf/pred."""
+        with self.backend.scope():
+            return self._run(x, collect)
+
+    def _run(self, x: np.ndarray, collect: bool) -> CascadeResult:
         n, k_total, be = len(x), len(self.ios), self.backend
         if n == 0:
             raise EdgeExitError("input: empty batch")

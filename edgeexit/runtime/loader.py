@@ -49,9 +49,20 @@ def resolve_backend(bundle: Bundle, kind: str) -> str:
     return "tensorrt" if bundle.manifest.get("engines") and trt_available() else "onnxruntime"
 
 
+def max_batch(bundle: Bundle) -> int:
+    """The largest batch the bundle was exported for (export.batch.max)."""
+    return int(((bundle.manifest.get("export") or {}).get("batch") or {}).get("max", 64))
+
+
+def cuda_device(device: str) -> str:
+    """`device` if it names a CUDA device, else the first one (the torch-cuda backend's default)."""
+    return device if device.startswith("cuda") else "cuda"
+
+
 def open_backend(bundle: Bundle, kind: str = "auto", device: str = "cpu", threads: int | None = None) -> Backend:
-    """A backend running `bundle`'s stages: TensorRT engines (GPU), onnxruntime (CPU), or the
-    torch reference on `device` (cpu, cuda, cuda:1)."""
+    """A backend running `bundle`'s stages: TensorRT engines (GPU), onnxruntime (CPU), the
+    torch reference on `device` (cpu, cuda, cuda:1), or torch-cuda (static buffers per batch
+    bucket and CUDA graphs on `device`, cuda by default)."""
     kind = resolve_backend(bundle, kind)
     if kind == "tensorrt":
         from edgeexit.runtime.tensorrt_backend import TensorRTBackend
@@ -65,6 +76,11 @@ def open_backend(bundle: Bundle, kind: str = "auto", device: str = "cpu", thread
         from edgeexit.runtime.torch_backend import TorchBackend
 
         return TorchBackend(torch_stages(bundle), bundle.stage_ios, device)
+    if kind == "torch-cuda":
+        from edgeexit.runtime.torch_cuda_backend import TorchCudaBackend
+
+        return TorchCudaBackend(torch_stages(bundle), bundle.stage_ios, cuda_device(device), max_batch(bundle),
+                                input_shape=bundle.input["shape"][1:])
     raise EdgeExitError(f"backend: {kind!r} is not available here (choose from: {', '.join(BACKENDS)})")
 
 
@@ -82,4 +98,11 @@ def open_monolithic(bundle: Bundle, kind: str = "auto", device: str = "cpu", thr
 
         model = Monolithic(torch_model(bundle), bundle.manifest["gating"]["confidence"])
         return TorchBackend([model], [bundle.monolithic_io], device)
+    if kind == "torch-cuda":
+        from edgeexit.runtime.torch_cuda_backend import TorchCudaBackend
+        from edgeexit.staging import Monolithic
+
+        model = Monolithic(torch_model(bundle), bundle.manifest["gating"]["confidence"])
+        return TorchCudaBackend([model], [bundle.monolithic_io], cuda_device(device), max_batch(bundle),
+                                input_shape=bundle.input["shape"][1:])
     return None
