@@ -41,8 +41,17 @@ def reference(bundle, data):
 
     ort = open_backend(bundle, "onnxruntime")
     traced = trace(ort, bundle.stage_ios, data, 64)
-    thresholds = [float(np.median(traced.exit_conf[:, k])) for k in range(len(bundle.stage_ios) - 1)] + [None]
+    thresholds = [clear_threshold(traced.exit_conf[:, k]) for k in range(len(bundle.stage_ios) - 1)] + [None]
     return ort, thresholds
+
+
+def clear_threshold(conf: np.ndarray) -> float:
+    """A threshold near the median confidence in the widest gap between neighbouring values, so
+    that GPU rounding (~1e-6) cannot move a sample across it; about half the samples leave."""
+    c = np.sort(conf)
+    middle = np.arange(int(0.3 * len(c)), int(0.7 * len(c)))
+    i = middle[np.argmax(c[middle + 1] - c[middle])]
+    return float((c[i] + c[i + 1]) / 2)
 
 
 def static_torch(bundle, device="cpu", **kwargs):
@@ -162,7 +171,9 @@ def test_loader_offers_torch_cuda_and_says_what_to_do_without_cuda(bundle):
 
 @needs_cuda
 @pytest.mark.parametrize("graphs", [True, False])
-def test_torch_cuda_cascade_matches_the_cpu_reference(bundle, data, reference, graphs):
+def test_torch_cuda_cascade_matches_the_cpu_reference(bundle, data, reference, graphs, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions, as on the CPU
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     ort, thresholds = reference
     backend = static_torch(bundle, "cuda", max_batch=64, graphs=graphs)
     cascade = Cascade(backend, bundle.stage_ios, thresholds)
@@ -212,3 +223,27 @@ def test_pycuda_memory_gathers_like_torch():
             mem.close()
     finally:
         cuda.Context.pop()
+
+
+def test_profiler_and_traces_run_on_the_static_backend(bundle, data, reference):
+    """`edgeexit profile` and `trace` drive a backend through the same calls on a GPU: here
+    the static-buffer one on the CPU, with every number checked for sense."""
+    from edgeexit.profile import profile_bundle
+    from edgeexit.runtime.loader import torch_model
+    from edgeexit.runtime.torch_cuda_backend import TorchCudaBackend
+    from edgeexit.staging import Monolithic
+
+    ort, thresholds = reference
+    backend = static_torch(bundle, max_batch=64)
+    mono = TorchCudaBackend([Monolithic(torch_model(bundle), bundle.manifest["gating"]["confidence"])],
+                            [bundle.monolithic_io], "cpu", max_batch=64)
+    entry = profile_bundle(backend, bundle.stage_ios, mono, bundle.monolithic_io, data, [1, 8], thresholds,
+                           iters=5, warmup=2)
+    assert entry["backend"] == "torch-cuda" and set(entry["batches"]) == {"1", "8"}
+    for figures in entry["batches"].values():
+        stages = figures["stages"]
+        assert len(stages) == len(bundle.stage_ios) and all(s["mean_ms"] > 0 for s in stages)
+    every = trace(backend, bundle.stage_ios, data, 64)
+    want = trace(ort, bundle.stage_ios, data, 64)
+    np.testing.assert_array_equal(every.exit_pred, want.exit_pred)
+    np.testing.assert_allclose(every.exit_conf, want.exit_conf, atol=1e-5)

@@ -82,6 +82,10 @@ TRT_NAMES: dict[str, frozenset] = {
     "TensorIOMode": ALL,
     "TensorIOMode.INPUT": ALL,
     "TensorIOMode.OUTPUT": ALL,
+    # 10.1x pyCore.cpp: py::enum_<ExecutionContextAllocationStrategy> STATIC / ON_PROFILE_CHANGE /
+    # USER_MANAGED (new in 10.0; not in 8.5's pyCore.cpp). 11.x: not read from binding source.
+    "ExecutionContextAllocationStrategy": frozenset({"10.3", "11.0"}),
+    "ExecutionContextAllocationStrategy.USER_MANAGED": frozenset({"10.3", "11.0"}),
 }
 
 # Methods/properties on TensorRT objects that edgeexit uses, per version (same sources).
@@ -110,13 +114,21 @@ OBJECT_NAMES = {
     # binding_is_input / get_binding_dtype / get_profile_shape(profile_index, binding);
     # IExecutionContext set_binding_shape(binding, shape) -> bool / get_binding_shape(binding) /
     # execute_async_v2(bindings, stream_handle) -> bool.
+    # Activation memory shared by contexts: 8.5 device_memory_size,
+    # create_execution_context_without_device_memory(), context.device_memory (write-only);
+    # 10.1x the same, deprecated, plus device_memory_size_v2, create_execution_context(strategy)
+    # and context.set_device_memory(memory, size); 11.x assumed to keep only the 10.x successors.
     "Engine": {v: {"num_io_tensors", "get_tensor_name", "get_tensor_mode", "get_tensor_dtype",
                    "get_tensor_profile_shape", "create_execution_context"}
                | ({"num_bindings", "get_binding_name", "binding_is_input", "get_binding_dtype",
-                   "get_profile_shape"} if v == "8.5" else set()) for v in VERSIONS},
+                   "get_profile_shape"} if v == "8.5" else set())
+               | {"8.5": {"device_memory_size", "create_execution_context_without_device_memory"},
+                  "10.3": {"device_memory_size", "device_memory_size_v2", "create_execution_context_without_device_memory"},
+                  "11.0": {"device_memory_size_v2"}}[v] for v in VERSIONS},
     "Context": {v: {"set_input_shape", "get_tensor_shape", "set_tensor_address", "execute_async_v3"}
                | ({"set_binding_shape", "get_binding_shape", "execute_async_v2"} if v == "8.5" else set())
-                for v in VERSIONS},
+               | {"8.5": {"device_memory"}, "10.3": {"device_memory", "set_device_memory"},
+                  "11.0": {"set_device_memory"}}[v] for v in VERSIONS},
 }
 
 
@@ -320,8 +332,10 @@ def fake_trt(version_key: str, *, dla_cores: int = 0):
         members = {n.split(".", 1)[1]: i for i, n in enumerate(sorted(names)) if n.startswith(name + ".")}
         return type(name, (), members)
 
-    for name in ("NetworkDefinitionCreationFlag", "BuilderFlag", "MemoryPoolType", "DeviceType", "TensorIOMode"):
-        setattr(mod, name, enum(name))
+    for name in ("NetworkDefinitionCreationFlag", "BuilderFlag", "MemoryPoolType", "DeviceType", "TensorIOMode",
+                 "ExecutionContextAllocationStrategy"):
+        if name in names:
+            setattr(mod, name, enum(name))
     builder_cls = _strict(_Builder, "Builder", version_key)
     parser_cls = _strict(_Parser, "Parser", version_key)
     mod.Builder = lambda logger: builder_cls(state, logger)
@@ -385,8 +399,24 @@ class _Engine(_Strict):
         assert profile_index == 0
         return self._profile[name]
 
-    def create_execution_context(self):
-        return _strict(_Context, "Context", self._mod._state.version_key)(self)
+    def create_execution_context(self, strategy=None):
+        if strategy is not None:
+            assert strategy == self._mod.ExecutionContextAllocationStrategy.USER_MANAGED
+        return _strict(_Context, "Context", self._mod._state.version_key)(self, own_memory=strategy is None)
+
+    def create_execution_context_without_device_memory(self):
+        return _strict(_Context, "Context", self._mod._state.version_key)(self, own_memory=False)
+
+    def _need(self):
+        return 4096 + 1024 * len(self._in)  # what the engine's activations need (any size will do here)
+
+    @property
+    def device_memory_size(self):
+        return self._need()
+
+    @property
+    def device_memory_size_v2(self):
+        return self._need()
 
     # the 8.x bindings API: index i names (inputs + outputs)[i], as get_binding_name says
     @property
@@ -407,9 +437,25 @@ class _Engine(_Strict):
 
 
 class _Context(_Strict):
-    def __init__(self, engine):
+    def __init__(self, engine, own_memory=True):
         self._engine, self._shapes, self._addr = engine, {}, {}
+        self._memory = None if not own_memory else "own"
         SIM.contexts += 1
+        SIM.own_memory_contexts += own_memory
+
+    @property
+    def device_memory(self):  # write-only in TensorRT
+        raise AttributeError("device_memory is write-only")
+
+    @device_memory.setter
+    def device_memory(self, ptr):
+        SIM.view(int(ptr), self._engine._need())  # inside an allocation
+        self._memory = int(ptr)
+
+    def set_device_memory(self, ptr, size):
+        assert size >= self._engine._need()
+        SIM.view(int(ptr), size)
+        self._memory = int(ptr)
 
     def set_input_shape(self, name, shape):
         lo, _, hi = self._engine._profile[name]
@@ -444,6 +490,7 @@ class _Context(_Strict):
     def _enqueue(self, stream_handle, addresses):
         """Run now, or, while the stream is being captured, record the run with the addresses
         and shapes of this moment (what a CUDA graph freezes)."""
+        assert self._memory is not None, "enqueue on a context without activation memory"
         if SIM.fail_enqueue and SIM.fail_enqueue.pop(0):
             return False
         shapes = dict(self._shapes)
@@ -488,6 +535,7 @@ class _Memory:
         self.copies = 0
         self.launches = 0
         self.contexts = 0
+        self.own_memory_contexts = 0
         self.executions = 0
         self.fail_enqueue: list[bool] = []  # the next enqueues fail where True (return False)
         self.capturing: list | None = None  # work recorded by the stream capture in progress
@@ -1067,7 +1115,7 @@ def gpu_sim(monkeypatch, compile_ok=True, cuda_python=True):
         modules.update({"cuda": None, "cuda.bindings": None, "cuda.bindings.driver": None, "cuda.cuda": None})
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    SIM.copies = SIM.launches = SIM.contexts = SIM.executions = SIM.graph_launches = 0
+    SIM.copies = SIM.launches = SIM.contexts = SIM.executions = SIM.graph_launches = SIM.own_memory_contexts = 0
     SIM.fail_enqueue = []
     SIM.capturing, SIM.capture_breaks, SIM.gpu = None, False, ("Simulated GPU", (8, 7))
     return modules
@@ -1104,7 +1152,7 @@ def engines_bundle(bundle, use_trt):
 
 @pytest.mark.parametrize("version_key, gather, api, graphs", [
     ("10.3", "kernel", "auto", True), ("10.3", "memcpy", "auto", False), ("8.5", "auto", "auto", True),
-    ("8.5", "auto", "tensors", False)])
+    ("8.5", "auto", "tensors", False), ("11.0", "kernel", "auto", True)])
 def test_backend_cascade_matches_onnxruntime_on_the_simulator(bundle, use_trt, monkeypatch, version_key, gather,
                                                               api, graphs):
     from edgeexit.export.tensorrt import build_engines
@@ -1127,6 +1175,7 @@ def test_backend_cascade_matches_onnxruntime_on_the_simulator(bundle, use_trt, m
             assert_same(cascade.run_batched(x, 64, collect=True), want)
         keys = {(k, bucket) for k, bucket in backend.graphs.runs}
         assert SIM.contexts == len(keys)  # one context per (stage, bucket), made once
+        assert SIM.own_memory_contexts == 0  # all of them share one activation block
         if graphs:
             assert backend.graphs.graphs and not backend.graphs.failed and SIM.graph_launches > 0
         else:
@@ -1310,7 +1359,7 @@ def _trt_chains(tree: ast.AST) -> set[str]:
 
 
 def _hasattr_guards(tree: ast.AST) -> set[str]:
-    """'X.Y' for every hasattr(trt.X, "Y") in a module."""
+    """'X.Y' for every hasattr(trt.X, "Y") and 'X' for every hasattr(trt, "X") in a module."""
     guards = set()
     for node in ast.walk(tree):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hasattr"
@@ -1318,6 +1367,8 @@ def _hasattr_guards(tree: ast.AST) -> set[str]:
             target = node.args[0]
             if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "trt":
                 guards.add(f"{target.attr}.{node.args[1].value}")
+            elif isinstance(target, ast.Name) and target.id == "trt":
+                guards.add(str(node.args[1].value))
     return guards
 
 
@@ -1330,8 +1381,10 @@ def test_every_trt_name_exists_and_version_specific_ones_are_guarded(source):
     assert not unknown, f"names not in any supported TensorRT version's list: {unknown}"
     guards = _hasattr_guards(tree)
     for name in sorted(used):
-        if TRT_NAMES[name] != ALL:
-            assert name in guards, f"trt.{name} exists only in {sorted(TRT_NAMES[name])}; guard it with hasattr"
+        if TRT_NAMES[name] != ALL:  # guarded itself, or its enum is guarded and has the member wherever it exists
+            top = name.split(".")[0]
+            ok = name in guards or (top in guards and TRT_NAMES[name] == TRT_NAMES.get(top))
+            assert ok, f"trt.{name} exists only in {sorted(TRT_NAMES[name])}; guard it with hasattr"
 
 
 def test_fake_modules_match_the_name_lists():

@@ -266,6 +266,7 @@ class TensorRTBackend(StaticBackend):
         self._graphs: list[Any] = []
         self.stages: list[_Stage] = []
         self.memory = None
+        self._activations = None
         cuda.init()
         self.gpu = gpu_info(device)  # name and compute capability, for profiles and the engine check
         self.device_name = cuda.Device(device).name()
@@ -283,8 +284,10 @@ class TensorRTBackend(StaticBackend):
                 self._runtime.DLA_core = int(dla_core)
             self.stages = [self._load(Path(p), io, api_class) for p, io in zip(plan_paths, ios)]
             self.api = api_class.kind
+            self._activations = self._shared_activation_memory()
             low = max(st.min_batch for st in self.stages)
-            super().__init__(ios, min(st.max_batch for st in self.stages), graphs, warmup)
+            # DLA work cannot be captured in a CUDA graph: DLA engine sets run plainly
+            super().__init__(ios, min(st.max_batch for st in self.stages), graphs and dla_core is None, warmup)
             self.buckets = tuple(b for b in self.buckets if b >= low) or (self.buckets[-1],)
         except BaseException:
             self.close()
@@ -327,13 +330,43 @@ class TensorRTBackend(StaticBackend):
         outputs = [n for n in api.names if n not in api.inputs]
         return _Stage(engine, api, list(api.inputs), outputs, dtypes, rows, max(lo), min(hi))
 
+    def _shared_activation_memory(self):
+        """One device block for every context's activations (they run one at a time on one
+        stream), instead of one per (stage, bucket) context; None where this TensorRT cannot
+        create contexts without their own memory."""
+        trt = self.trt
+        if not (hasattr(trt, "ExecutionContextAllocationStrategy")
+                or all(hasattr(st.engine, "create_execution_context_without_device_memory") for st in self.stages)):
+            return None
+        size = max(int(st.engine.device_memory_size_v2 if hasattr(st.engine, "device_memory_size_v2")
+                       else st.engine.device_memory_size) for st in self.stages)
+        return self.memory.new_buffer(1, (max(size, 1),), np.dtype(np.uint8)), size
+
+    def _new_context(self, engine):
+        """An execution context bound to the shared activation memory (or with its own)."""
+        trt = self.trt
+        if self._activations is None:
+            return engine.create_execution_context()
+        if hasattr(trt, "ExecutionContextAllocationStrategy"):  # 10.0+
+            context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        else:  # 8.x
+            context = engine.create_execution_context_without_device_memory()
+        if context is None:
+            return None
+        block, size = self._activations
+        if hasattr(context, "set_device_memory"):  # 10.1+
+            context.set_device_memory(block.ptr, size)
+        else:
+            context.device_memory = block.ptr
+        return context
+
     def _context(self, stage: int, bucket: int) -> tuple[Any, Any]:
         """The execution context of (stage, bucket): shapes and addresses set once, here."""
         st = self.stages[stage]
         made = st.contexts.get(bucket)
         if made is not None:
             return made
-        context = st.engine.create_execution_context()
+        context = self._new_context(st.engine)
         if context is None:
             raise EdgeExitError(f"backend tensorrt: no execution context for stage {stage} (out of GPU memory?)")
         addresses = {}
@@ -418,14 +451,16 @@ class TensorRTBackend(StaticBackend):
             self._graphs = []
             if getattr(self, "graphs", None) is not None:
                 self.graphs.clear()
+            for st in self.stages:  # contexts go before the memory they use
+                st.contexts.clear()
             if self.memory is not None:
-                self.memory.free([*getattr(self, "buffers", {}).values(), *getattr(self, "_scratch", {}).values()])
+                blocks = [*getattr(self, "buffers", {}).values(), *getattr(self, "_scratch", {}).values()]
+                self.memory.free(blocks + ([self._activations[0]] if self._activations else []))
                 self.memory.close()
         finally:
             getattr(self, "buffers", {}).clear()
             getattr(self, "_scratch", {}).clear()
-            for st in self.stages:
-                st.contexts.clear()
+            self._activations = None
             self.stages = []
             ctx, self._ctx = self._ctx, None
             ctx.pop()
