@@ -536,6 +536,7 @@ class _Memory:
         self.launches = 0
         self.contexts = 0
         self.own_memory_contexts = 0
+        self.syncs = 0
         self.executions = 0
         self.fail_enqueue: list[bool] = []  # the next enqueues fail where True (return False)
         self.capturing: list | None = None  # work recorded by the stream capture in progress
@@ -614,7 +615,7 @@ def fake_pycuda(compile_ok: bool):
         handle = 0x5EED
 
         def synchronize(self):
-            pass
+            SIM.syncs += 1
 
     class Event:
         def record(self, stream=None):
@@ -1172,7 +1173,10 @@ def test_backend_cascade_matches_onnxruntime_on_the_simulator(bundle, use_trt, m
         assert backend.gather_mode == ("memcpy" if gather == "memcpy" else "kernel")
         cascade = Cascade(backend, b.stage_ios, thresholds)
         for _ in range(3):  # plain runs, then (with graphs) captures, then replays: the same answers
+            SIM.syncs = 0
             assert_same(cascade.run_batched(x, 64, collect=True), want)
+            chunks = -(-len(x) // 64)  # the host waits at most twice per stage: conf+pred, leaving logits
+            assert SIM.syncs <= 2 * len(b.stage_ios) * chunks
         keys = {(k, bucket) for k, bucket in backend.graphs.runs}
         assert SIM.contexts == len(keys)  # one context per (stage, bucket), made once
         assert SIM.own_memory_contexts == 0  # all of them share one activation block

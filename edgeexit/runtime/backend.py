@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -41,3 +41,8 @@ class Backend(ABC):
     @abstractmethod
     def download(self, value: Any) -> np.ndarray:
         """The backend's tensor -> host array (waits for the work that produces it)."""
+
+    def download_many(self, values: Sequence[Any]) -> list[np.ndarray]:
+        """Several tensors to the host at once: a device backend waits for the device once
+        for all of them (the cascade's `conf` and `pred` of every step)."""
+        return [self.download(v) for v in values]

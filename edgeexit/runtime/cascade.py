@@ -113,7 +113,7 @@ class Cascade:
         for k, io in enumerate(self.ios):
             start = time.perf_counter()
             out = be.run(k, feeds)
-            c, p = be.download(out[io.conf]), be.download(out[io.pred])
+            c, p = be.download_many([out[io.conf], out[io.pred]])
             samples[k] = len(active)
             if collect:
                 exit_conf[active, k], exit_pred[active, k] = c, p

@@ -152,13 +152,17 @@ class PycudaMemory:
         self.cuda.memcpy_htod_async(buffer.ptr, host, self.stream)
         self._hold_until_done(host)
 
-    def read(self, buffer: DeviceBuffer, n: int) -> np.ndarray:
-        """The first `n` rows of `buffer` on the host (waits for the stream)."""
-        host = self._host_pool.allocate((n, *buffer.row_shape), buffer.dtype)
-        if host.nbytes:
-            self.cuda.memcpy_dtoh_async(host, buffer.ptr, self.stream)
+    def read(self, buffers: Sequence[tuple[DeviceBuffer, int]]) -> list[np.ndarray]:
+        """The first `n` rows of each `(buffer, n)` on the host: every copy is queued through
+        page-locked memory, then the stream is waited for once."""
+        hosts = []
+        for buffer, n in buffers:
+            host = self._host_pool.allocate((n, *buffer.row_shape), buffer.dtype)
+            if host.nbytes:
+                self.cuda.memcpy_dtoh_async(host, buffer.ptr, self.stream)
+            hosts.append(host)
         self.synchronize()
-        return np.array(host, copy=True)
+        return [np.array(host, copy=True) for host in hosts]
 
     def gather(self, dst: DeviceBuffer, src: DeviceBuffer, rows: np.ndarray) -> None:
         """dst[i] = src[rows[i]] on the device (`dst` is not `src`)."""

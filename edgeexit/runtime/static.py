@@ -134,8 +134,8 @@ class StaticBackend(Backend):
         """Host rows -> the first len(array) rows of `buffer` (queued on the backend's stream)."""
 
     @abstractmethod
-    def _read(self, buffer: Any, n: int) -> np.ndarray:
-        """The first `n` rows of `buffer` as a host array (waits for the work that writes them)."""
+    def _read(self, buffers: Sequence[tuple[Any, int]]) -> list[np.ndarray]:
+        """The first `n` rows of each `(buffer, n)` as host arrays, waiting for the device once."""
 
     @abstractmethod
     def _gather(self, dst: Any, src: Any, rows: np.ndarray) -> None:
@@ -260,6 +260,7 @@ class StaticBackend(Backend):
         return Rows(value.name, bucket, len(rows))
 
     def download(self, value: Rows) -> np.ndarray:
-        if not isinstance(value, Rows):
-            return np.asarray(value)
-        return self._read(self.buffers[(value.name, value.bucket)], value.n)
+        return self.download_many([value])[0]
+
+    def download_many(self, values: Sequence[Rows]) -> list[np.ndarray]:
+        return self._read([(self.buffers[(v.name, v.bucket)], v.n) for v in values])

@@ -415,8 +415,8 @@ class TensorRTBackend(StaticBackend):
     def _write(self, buffer: DeviceBuffer, array: np.ndarray) -> None:
         self.memory.write(buffer, array)
 
-    def _read(self, buffer: DeviceBuffer, n: int) -> np.ndarray:
-        return self.memory.read(buffer, n)
+    def _read(self, buffers: Sequence[tuple[DeviceBuffer, int]]) -> list[np.ndarray]:
+        return self.memory.read(buffers)
 
     def _gather(self, dst: DeviceBuffer, src: DeviceBuffer, rows: np.ndarray) -> None:
         self.memory.gather(dst, src, rows)

@@ -63,8 +63,14 @@ class TorchCudaBackend(StaticBackend):
         with torch.inference_mode():
             buffer[:len(array)].copy_(source, non_blocking=True)
 
-    def _read(self, buffer: torch.Tensor, n: int) -> np.ndarray:
-        return buffer[:n].to("cpu", copy=True).numpy()  # a copy: the buffer is overwritten by the next call
+    def _read(self, buffers: Sequence[tuple[torch.Tensor, int]]) -> list[np.ndarray]:
+        """Copies (the buffers are overwritten by the next call), queued without waiting on a
+        GPU (into page-locked memory), then one wait for the stream."""
+        if self.device.type != "cuda":
+            return [buf[:n].to("cpu", copy=True).numpy() for buf, n in buffers]
+        hosts = [buf[:n].to("cpu", non_blocking=True) for buf, n in buffers]
+        torch.cuda.current_stream(self.device).synchronize()
+        return [h.numpy() for h in hosts]
 
     def _gather(self, dst: torch.Tensor, src: torch.Tensor, rows: np.ndarray) -> None:
         index = torch.from_numpy(rows).to(self.device, non_blocking=True)
