@@ -108,11 +108,11 @@ def latency_source(bundle: Bundle, backend: Backend, kind: str, batch: int, x: n
         log(f"latency: the bundle targets {target.name} and this is not it: estimating from its peak figures")
         return LatencySource(estimated_latency(bundle, wanted), False)
     log(f"latency: no profile for {key}; profiling batch sizes {wanted} now")
-    from edgeexit.runtime.loader import bundle_policy, open_monolithic
+    from edgeexit.runtime.loader import bundle_policy, open_monolithic, opened
 
-    entry = profile_bundle(backend, bundle.stage_ios, open_monolithic(bundle, backend.name, threads=threads),
-                           bundle.monolithic_io, x, wanted, bundle.thresholds, iters=iters, threads=threads,
-                           policy=bundle_policy(bundle))
+    with opened(open_monolithic(bundle, backend.name, threads=threads)) as mono:
+        entry = profile_bundle(backend, bundle.stage_ios, mono, bundle.monolithic_io, x, wanted, bundle.thresholds,
+                               iters=iters, threads=threads, policy=bundle_policy(bundle))
     return LatencySource(from_profile(entry, f"profile.json[{key}]"), True, {key: entry})
 
 

@@ -89,8 +89,9 @@ def _cmd_run(args) -> int:
     thresholds = _parse_thresholds(args.thresholds)
     policy = None if thresholds else bundle_policy(bundle)  # thresholds given on the command line win
     thresholds = thresholds or bundle.thresholds
-    cascade = Cascade(open_backend(bundle, args.backend, args.device), bundle.stage_ios, thresholds, policy)
-    result = cascade.run_batched(x, bundle.manifest["export"]["batch"]["max"])
+    with open_backend(bundle, args.backend, args.device) as backend:
+        cascade = Cascade(backend, bundle.stage_ios, thresholds, policy)
+        result = cascade.run_batched(x, bundle.manifest["export"]["batch"]["max"])
     classes, probs = bundle.classes, result.probs
     rows = [{"index": i, "class": int(result.pred[i]), "label": classes[result.pred[i]], "exit": int(result.exit[i]),
              "confidence": float(result.conf[i]), "probabilities": [float(p) for p in probs[i]]}
@@ -126,7 +127,8 @@ def _cmd_trace(args) -> int:
 
     bundle = load_bundle(args.bundle)
     x, y = split_inputs(bundle, args.split, args.data)
-    traces = record_traces(bundle, open_backend(bundle, args.backend, args.device), x, y, args.split)
+    with open_backend(bundle, args.backend, args.device) as backend:
+        traces = record_traces(bundle, backend, x, y, args.split)
     out = save_traces(args.out or f"{bundle.name}.{args.split}.traces.npz", traces)
     acc = traces.correct.mean(axis=0)
     print(f"traces: {out} ({len(traces)} samples x {traces.exits} exits; exit accuracy "
@@ -138,21 +140,21 @@ def _cmd_profile(args) -> int:
     from edgeexit.bundle import load_bundle, update_bundle
     from edgeexit.jetson import TegrastatsSampler, jetson_facts
     from edgeexit.profile import PROFILE, format_profile, profile_bundle, profile_key, with_profiles
-    from edgeexit.runtime.loader import bundle_policy, open_backend, open_monolithic
+    from edgeexit.runtime.loader import bundle_policy, open_backend, open_monolithic, opened
     from edgeexit.tracing import split_inputs
 
     bundle = load_bundle(args.bundle)
     batches = _batch_list(args.batch)
     x, _ = split_inputs(bundle, args.split, args.data)
-    backend = open_backend(bundle, args.backend, args.device, args.threads)
-    mono = open_monolithic(bundle, backend.name, args.device, args.threads)
     given = _parse_thresholds(args.thresholds)
     policy = None if given else bundle_policy(bundle)  # thresholds given on the command line win
     thresholds = given or bundle.thresholds
     power = TegrastatsSampler if jetson_facts() is not None and not args.no_power else None
-    entry = profile_bundle(backend, bundle.stage_ios, mono, bundle.monolithic_io, x, batches, thresholds,
-                           iters=args.iters, warmup=args.warmup, threads=args.threads, power=power, policy=policy,
-                           progress=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
+    with open_backend(bundle, args.backend, args.device, args.threads) as backend, \
+            opened(open_monolithic(bundle, backend.name, args.device, args.threads)) as mono:
+        entry = profile_bundle(backend, bundle.stage_ios, mono, bundle.monolithic_io, x, batches, thresholds,
+                               iters=args.iters, warmup=args.warmup, threads=args.threads, power=power, policy=policy,
+                               progress=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
     key = profile_key(entry["backend"], entry["device"])
     update_bundle(bundle, with_profiles(bundle.path, {key: entry}), {"profile": PROFILE})
     print(json.dumps(entry, indent=2) if args.json else format_profile(entry) + f"\nsaved: {bundle.path / PROFILE} [{key}]")
@@ -166,10 +168,10 @@ def _cmd_calibrate(args) -> int:
 
     bundle = load_bundle(args.bundle)
     budget = Budget(args.budget_ms / 1e3, args.batch, TAILS[args.tail], args.confidence)
-    backend = open_backend(bundle, args.backend, args.device, args.threads)
-    bundle, record = calibrate(bundle, backend, budget, args.solver, args.latency, args.val_traces, args.test_traces,
-                               {"val": args.data_val, "test": args.data_test}, args.threads, args.iters,
-                               measure=not args.no_measure, progress=not args.quiet)
+    with open_backend(bundle, args.backend, args.device, args.threads) as backend:
+        bundle, record = calibrate(bundle, backend, budget, args.solver, args.latency, args.val_traces,
+                                   args.test_traces, {"val": args.data_val, "test": args.data_test}, args.threads,
+                                   args.iters, measure=not args.no_measure, progress=not args.quiet)
     print(json.dumps(record, indent=2) if args.json else format_calibration(record) + f"\nbundle: {bundle.path}")
     return 0
 

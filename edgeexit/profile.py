@@ -103,12 +103,15 @@ def machine_facts(backend: Backend, threads: int | None) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(), "backend": backend.name, "threads": threads,
-        "libraries": {p: v for p in ("onnxruntime", "torch", "tensorrt", "pycuda", "numpy")
+        "libraries": {p: v for p in ("onnxruntime", "torch", "tensorrt", "pycuda", "cuda-python", "numpy")
                       if (v := _version(p)) is not None},
     }
     gpu = getattr(backend, "device_name", None)
     if gpu:
         facts["gpu"] = gpu
+    capability = (getattr(backend, "gpu", None) or {}).get("compute_capability")
+    if capability:
+        facts["compute_capability"] = capability
     jetson = jetson_facts()
     if jetson is not None:
         facts["jetson"] = jetson

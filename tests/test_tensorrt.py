@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import bisect
 import hashlib
 import json
 import os
@@ -530,6 +531,7 @@ class _Memory:
 
     def __init__(self):
         self.blocks: dict[int, np.ndarray] = {}
+        self.bases: list[int] = []  # sorted: addresses only grow
         self.free: dict[int, list[int]] = {}
         self.next = 1 << 20
         self.copies = 0
@@ -537,6 +539,8 @@ class _Memory:
         self.contexts = 0
         self.own_memory_contexts = 0
         self.syncs = 0
+        self.to_host_bytes = 0
+        self.allocations = 0
         self.executions = 0
         self.fail_enqueue: list[bool] = []  # the next enqueues fail where True (return False)
         self.capturing: list | None = None  # work recorded by the stream capture in progress
@@ -551,14 +555,19 @@ class _Memory:
         base = self.next
         self.next += (size + 255) // 256 * 256 + 256  # 256-byte aligned, with a gap
         self.blocks[base] = np.full(size, 0xAB, np.uint8)  # garbage, as cudaMalloc gives
+        self.bases.append(base)
         return base
 
     def release(self, base):
         self.free.setdefault(self.blocks[base].size, []).append(base)
 
     def view(self, ptr, nbytes):
-        for base, mem in self.blocks.items():
-            if base <= ptr and ptr + nbytes <= base + mem.size:
+        bases = self.bases
+        i = bisect.bisect_right(bases, ptr) - 1  # blocks are laid out in increasing address order
+        if i >= 0:
+            base = bases[i]
+            mem = self.blocks[base]
+            if ptr + nbytes <= base + mem.size:
                 return mem[ptr - base: ptr - base + nbytes]
         raise AssertionError(f"simulated device: 0x{ptr:x}+{nbytes} is outside every allocation")
 
@@ -634,6 +643,7 @@ def fake_pycuda(compile_ok: bool):
 
     def to_host(host, src, stream=None):
         outside_capture()
+        SIM.to_host_bytes += host.nbytes
         host[...] = SIM.read(int(src), host.shape, host.dtype)
 
     def to_device(dst, host, stream=None):
@@ -651,7 +661,11 @@ def fake_pycuda(compile_ok: bool):
 
     driver.pushed = 0
     driver.Device, driver.Stream, driver.Event, driver.Context = Device, Stream, Event, Context
-    driver.mem_alloc = lambda size: _Block(size, pooled=False)
+    def mem_alloc(size):
+        SIM.allocations += 1
+        return _Block(size, pooled=False)
+
+    driver.mem_alloc = mem_alloc
     driver.memcpy_htod_async, driver.memcpy_dtoh_async, driver.memcpy_dtod_async = to_device, to_host, dtod
     driver.memset_d8 = memset  # pycuda.driver.memset_d8(dest, data, count)
 
@@ -1117,6 +1131,7 @@ def gpu_sim(monkeypatch, compile_ok=True, cuda_python=True):
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     SIM.copies = SIM.launches = SIM.contexts = SIM.executions = SIM.graph_launches = SIM.own_memory_contexts = 0
+    SIM.syncs = SIM.to_host_bytes = SIM.allocations = 0
     SIM.fail_enqueue = []
     SIM.capturing, SIM.capture_breaks, SIM.gpu = None, False, ("Simulated GPU", (8, 7))
     return modules
@@ -1172,11 +1187,18 @@ def test_backend_cascade_matches_onnxruntime_on_the_simulator(bundle, use_trt, m
         assert backend.api == ("bindings" if version_key == "8.5" and api == "auto" else "tensors")
         assert backend.gather_mode == ("memcpy" if gather == "memcpy" else "kernel")
         cascade = Cascade(backend, b.stage_ios, thresholds)
-        for _ in range(3):  # plain runs, then (with graphs) captures, then replays: the same answers
-            SIM.syncs = 0
+        # What may cross to the host: conf + pred of every active sample at every stage, and the
+        # logits of each sample once, where it leaves. Never an activation.
+        pred_bytes = 4 if version_key == "8.5" else 8  # 8.x's ONNX parser makes int64 int32
+        allowed = int(want.stage_samples.sum()) * (4 + pred_bytes) + want.logits.size * 4
+        for i in range(3):  # plain runs, then (with graphs) captures, then replays: the same answers
+            SIM.syncs = SIM.to_host_bytes = SIM.allocations = 0
             assert_same(cascade.run_batched(x, 64, collect=True), want)
             chunks = -(-len(x) // 64)  # the host waits at most twice per stage: conf+pred, leaving logits
             assert SIM.syncs <= 2 * len(b.stage_ios) * chunks
+            assert SIM.to_host_bytes == allowed
+            if i:
+                assert SIM.allocations == 0  # every buffer was made on the first pass, once per bucket
         keys = {(k, bucket) for k, bucket in backend.graphs.runs}
         assert SIM.contexts == len(keys)  # one context per (stage, bucket), made once
         assert SIM.own_memory_contexts == 0  # all of them share one activation block
@@ -1318,6 +1340,33 @@ def test_engines_from_another_tensorrt_or_gpu_are_refused(engines_bundle, monkey
     SIM.gpu = ("Orin", (8, 7))
     with TensorRTBackend.from_bundle(b) as backend:
         assert backend.gpu == {"name": "Orin", "compute_capability": "8.7"}
+    assert sys.modules["pycuda.driver"].pushed == 0
+
+
+def test_cli_runs_and_profiles_a_bundle_on_tensorrt(engines_bundle, monkeypatch, tmp_path, capsys):
+    """`edgeexit run/profile --backend tensorrt` on the simulator: the loader, the engine check
+    and the profiler's machine facts, end to end through the CLI."""
+    from edgeexit.bundle import load_bundle
+    from edgeexit.cli import main
+    from edgeexit.profile import read_profiles
+
+    b, x = digits_batch(engines_bundle)
+    raw = x[:20] * np.asarray(b.input["std"], np.float32).reshape(1, -1, 1, 1) + \
+        np.asarray(b.input["mean"], np.float32).reshape(1, -1, 1, 1)  # back to pixel units: run normalises
+    np.save(tmp_path / "x.npy", raw)
+    gpu_sim(monkeypatch)
+    answers = {}
+    for backend in ("onnxruntime", "tensorrt"):
+        assert main(["run", str(engines_bundle), "--input", str(tmp_path / "x.npy"), "--backend", backend, "--json"]) == 0
+        answers[backend] = json.loads(capsys.readouterr().out)
+    assert answers["tensorrt"]["backend"] == "tensorrt"
+    for a, t in zip(answers["onnxruntime"]["samples"], answers["tensorrt"]["samples"]):
+        assert (a["class"], a["exit"]) == (t["class"], t["exit"]) and abs(a["confidence"] - t["confidence"]) < 1e-5
+    assert main(["profile", str(engines_bundle), "--backend", "tensorrt", "--batch", "1,8", "--iters", "3",
+                 "--warmup", "1", "--quiet"]) == 0
+    entry = read_profiles(engines_bundle)["profiles"]["tensorrt@Simulated GPU"]
+    assert entry["machine"]["compute_capability"] == "8.7" and set(entry["batches"]) == {"1", "8"}
+    load_bundle(engines_bundle)  # resealed: every checksum holds
     assert sys.modules["pycuda.driver"].pushed == 0
 
 

@@ -42,6 +42,15 @@ class Backend(ABC):
     def download(self, value: Any) -> np.ndarray:
         """The backend's tensor -> host array (waits for the work that produces it)."""
 
+    def close(self) -> None:
+        """Free what the backend holds on its device (a no-op for host backends); idempotent."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def download_many(self, values: Sequence[Any]) -> list[np.ndarray]:
         """Several tensors to the host at once: a device backend waits for the device once
         for all of them (the cascade's `conf` and `pred` of every step)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 from calibration.policy import ExitPolicy
 from edgeexit.bundle import Bundle
 from edgeexit.errors import EdgeExitError
@@ -82,6 +84,11 @@ def open_backend(bundle: Bundle, kind: str = "auto", device: str = "cpu", thread
         return TorchCudaBackend(torch_stages(bundle), bundle.stage_ios, cuda_device(device), max_batch(bundle),
                                 input_shape=bundle.input["shape"][1:])
     raise EdgeExitError(f"backend: {kind!r} is not available here (choose from: {', '.join(BACKENDS)})")
+
+
+def opened(backend: Backend | None) -> AbstractContextManager:
+    """`backend` as a context manager that closes it (nothing to close for None)."""
+    return nullcontext() if backend is None else backend
 
 
 def open_monolithic(bundle: Bundle, kind: str = "auto", device: str = "cpu", threads: int | None = None) -> Backend | None:

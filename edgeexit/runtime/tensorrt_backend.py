@@ -464,9 +464,3 @@ class TensorRTBackend(StaticBackend):
             self.stages = []
             ctx, self._ctx = self._ctx, None
             ctx.pop()
-
-    def __enter__(self) -> "TensorRTBackend":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
