@@ -172,3 +172,22 @@ def test_exported_layer_has_one_conv_per_channel_group(tmp_path):
     n5 = int(five.sum())
     assert kernels == sorted([(16 - n5, 8, 3, 3), (n5, 8, 5, 5)])
     assert [n.op_type for n in graph.node].count("Gather") == 1  # the constant channel restore
+
+
+def test_eval_forward_reads_the_gates_once_until_they_change(monkeypatch):
+    """The deployed form's gate list is kept between eval calls (no device-to-host copy per
+    call, so a CUDA graph can capture it) and follows any change of the gate."""
+    torch.manual_seed(0)
+    conv = MultiScaleConv(4, 6).eval()
+    with torch.no_grad():
+        conv.gate.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0]))
+    calls = []
+    five = MultiScaleConv.five
+    monkeypatch.setattr(MultiScaleConv, "five", lambda self: (calls.append(1), five(self))[1])
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        first = conv(x)
+        assert torch.equal(conv(x), first) and len(calls) == 1
+        conv.gate.fill_(-1.0)  # an in-place change (an optimiser step, load_state_dict) bumps the version
+        assert conv.gate_list() == [False] * 6 and len(calls) == 2
+        assert not torch.allclose(conv(x), first)

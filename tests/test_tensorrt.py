@@ -605,6 +605,7 @@ def fake_pycuda(compile_ok: bool):
             driver.pushed += 1
 
         def pop(self):
+            assert driver.pushed > 0, "cannot pop non-current context"
             driver.pushed -= 1
 
     class Device:
@@ -623,6 +624,9 @@ def fake_pycuda(compile_ok: bool):
     class Stream:
         handle = 0x5EED
 
+        def __init__(self, flags=0):  # pycuda.driver.Stream(flags=0)
+            self.flags = flags
+
         def synchronize(self):
             SIM.syncs += 1
 
@@ -636,10 +640,16 @@ def fake_pycuda(compile_ok: bool):
     class Context:
         @staticmethod
         def pop():  # pycuda.driver.Context.pop() is static: it pops the current context
+            assert driver.pushed > 0, "cannot pop non-current context"
             driver.pushed -= 1
+
+        @staticmethod
+        def synchronize():
+            assert driver.pushed > 0, "no current context"
 
     def outside_capture():
         assert SIM.capturing is None, "a copy was queued while the stream was being captured"
+        assert driver.pushed > 0, "a CUDA call with no current context"
 
     def to_host(host, src, stream=None):
         outside_capture()
@@ -662,6 +672,7 @@ def fake_pycuda(compile_ok: bool):
     driver.pushed = 0
     driver.Device, driver.Stream, driver.Event, driver.Context = Device, Stream, Event, Context
     def mem_alloc(size):
+        assert driver.pushed > 0, "a CUDA call with no current context"
         SIM.allocations += 1
         return _Block(size, pooled=False)
 
@@ -1308,10 +1319,14 @@ def test_calls_from_other_threads_push_the_context_and_are_serialised(engines_bu
             t.start()
         for t in threads:
             t.join()
-        assert len(results) == 4 and all(p == 2 for p in seen)  # owner's push + this call's push, one call at a time
+        assert len(results) == 4 and seen == [1] * 4  # this call's push only, one call at a time
         for got in results:
             assert_same(got, want)
-        assert driver.pushed == 1
+        assert driver.pushed == 0  # no thread keeps the context between calls
+        closer = threading.Thread(target=backend.close)  # closing from another thread works too
+        closer.start()
+        closer.join()
+        assert backend._ctx is None and not backend.buffers
     assert driver.pushed == 0
 
 

@@ -86,6 +86,7 @@ class MultiScaleConv(nn.Module):
         self.gate = nn.Parameter(torch.full((cout,), float(gate_init)))
         self.bn = nn.BatchNorm2d(cout)
         self.register_buffer("ring", _ring_mask(), persistent=False)
+        self._gates: tuple[tuple[int, int], list[bool]] | None = None  # see gate_list
 
     def count_ops(self, inp: torch.Tensor, out: torch.Tensor) -> int:
         """Multiply-adds of the deployed form (for `edgeexit.flops`): 25 taps per input
@@ -97,6 +98,15 @@ class MultiScaleConv(nn.Module):
     def five(self) -> torch.Tensor:
         """(cout,) bool: the hard gate decision, True where the channel uses its 5x5 kernel."""
         return self.gate.detach() > 0
+
+    def gate_list(self) -> list[bool]:
+        """`five()` as host booleans, kept until the gate changes (its storage or version
+        counter), so that an eval forward copies nothing to the host: it can then be
+        captured in a CUDA graph (torch-cuda backend)."""
+        key = (self.gate.data_ptr(), self.gate._version)
+        if self._gates is None or self._gates[0] != key:
+            self._gates = (key, self.five().tolist())
+        return self._gates[1]
 
     def masked_weight(self) -> torch.Tensor:
         """The 5x5 weight with the outer ring scaled by the gate: hard 0/1 forward, and the
@@ -131,7 +141,7 @@ class MultiScaleConv(nn.Module):
             w = w[:, list(in_order)]
         with warnings.catch_warnings():  # the gates are constants of the deployed graph: baking them
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # into the trace is the point
-            five = self.five().tolist()
+            five = self.gate_list()
         idx3 = [c for c, f in enumerate(five) if not f]
         idx5 = [c for c, f in enumerate(five) if f]
         parts = []

@@ -61,7 +61,9 @@ def capture(stream_handle: int, fn: Callable[[], None]) -> StreamGraph:
     try:
         fn()
     except BaseException:
-        drv.cuStreamEndCapture(stream)  # leave the stream out of capture mode, drop the partial graph
+        ended = drv.cuStreamEndCapture(stream)  # leave the stream out of capture mode, drop the partial graph
+        if isinstance(ended, tuple) and len(ended) > 1 and int(ended[0]) == 0 and ended[1] is not None and int(ended[1]):
+            drv.cuGraphDestroy(ended[1])
         raise
     graph = _check(drv, drv.cuStreamEndCapture(stream), "cuStreamEndCapture")
     if graph is None or not int(graph):

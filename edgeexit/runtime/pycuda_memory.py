@@ -100,7 +100,7 @@ class PycudaMemory:
 
         self.cuda = cuda
         self._inflight: list[tuple[Any, tuple]] = []
-        self.stream = cuda.Stream()
+        self.stream = cuda.Stream(flags=1)  # CU_STREAM_NON_BLOCKING: no implicit sync with the legacy stream
         self._host_pool = cuda_tools.PageLockedMemoryPool()
         self._device_pool = cuda_tools.DeviceMemoryPool()
         self.gather_mode, self._kernels = self._gather_kernels(gather)
@@ -143,6 +143,7 @@ class PycudaMemory:
         nbytes = max(rows * buf.row_bytes, 1)
         buf.alloc = self.cuda.mem_alloc(nbytes)
         self.cuda.memset_d8(buf.ptr, 0, nbytes)  # once per buffer: padding rows hold zeros, not garbage
+        self.cuda.Context.synchronize()  # the memset ran on the legacy stream, which ours does not wait for
         return buf
 
     def write(self, buffer: DeviceBuffer, array: np.ndarray) -> None:

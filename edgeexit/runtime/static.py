@@ -118,6 +118,7 @@ class StaticBackend(Backend):
         self._scratch: dict[tuple[str, int], Any] = {}
         self.graphs = GraphCache(self._capture, graphs, warmup)
         self.lock = threading.RLock()
+        self._depth = 0  # scopes entered by the thread holding the lock
 
     # --- what a subclass implements ---------------------------------------------------------
 
@@ -192,19 +193,29 @@ class StaticBackend(Backend):
 
     @contextmanager
     def scope(self) -> Iterator[None]:
+        """The lock, and (outermost scope of a thread only) `_enter` / `_exit` around the work,
+        `_recover` after an error. Every public method runs in one, so a caller that drives
+        the backend directly (the profiler) gets the same guarantees as the cascade."""
         with self.lock:
-            self._enter()
+            outer = self._depth == 0
+            self._depth += 1
+            if outer:
+                self._enter()
             try:
                 yield
             except BaseException:
-                self._recover()
+                if outer:
+                    self._recover()
                 raise
             finally:
-                self._exit()
+                self._depth -= 1
+                if outer:
+                    self._exit()
 
     def upload(self, array: np.ndarray) -> Rows:
         """Host batch -> the first stage's input buffer at its bucket."""
-        return self._place(self.ios[0].inputs[0], np.asarray(array))
+        with self.scope():
+            return self._place(self.ios[0].inputs[0], np.asarray(array))
 
     def _place(self, name: str, array: np.ndarray) -> Rows:
         if array.ndim == 0 or len(array) == 0:
@@ -219,6 +230,10 @@ class StaticBackend(Backend):
         return Rows(name, bucket, len(array))
 
     def run(self, stage: int, feeds: dict[str, Any]) -> dict[str, Rows]:
+        with self.scope():
+            return self._run_stage(stage, feeds)
+
+    def _run_stage(self, stage: int, feeds: dict[str, Any]) -> dict[str, Rows]:
         io = self.ios[stage]
         placed = []
         for name in io.inputs:
@@ -241,6 +256,10 @@ class StaticBackend(Backend):
     def take(self, value: Rows, rows: np.ndarray) -> Rows:
         """Rows `rows` of `value`, gathered on the device into the same tensor's buffer at the
         bucket that holds them (through a scratch buffer when that is the buffer itself)."""
+        with self.scope():
+            return self._take(value, rows)
+
+    def _take(self, value: Rows, rows: np.ndarray) -> Rows:
         rows = np.asarray(rows, dtype=np.int64).ravel()
         if len(rows) == 0:
             raise EdgeExitError(f"backend {self.name}: take of no rows")
@@ -263,4 +282,5 @@ class StaticBackend(Backend):
         return self.download_many([value])[0]
 
     def download_many(self, values: Sequence[Rows]) -> list[np.ndarray]:
-        return self._read([(self.buffers[(v.name, v.bucket)], v.n) for v in values])
+        with self.scope():
+            return self._read([(self.buffers[(v.name, v.bucket)], v.n) for v in values])

@@ -273,8 +273,7 @@ class TensorRTBackend(StaticBackend):
         if check is not None:
             check(self.gpu, str(trt.__version__))
         self._ctx = cuda.Device(device).retain_primary_context()  # the context TensorRT's runtime API uses
-        self._ctx.push()
-        self._owner = threading.get_ident()
+        self._ctx.push()  # current while setting up; afterwards only inside a scope, on whichever thread
         try:
             self.memory = PycudaMemory(gather)
             self.gather_mode = self.memory.gather_mode
@@ -290,8 +289,10 @@ class TensorRTBackend(StaticBackend):
             super().__init__(ios, min(st.max_batch for st in self.stages), graphs and dla_core is None, warmup)
             self.buckets = tuple(b for b in self.buckets if b >= low) or (self.buckets[-1],)
         except BaseException:
+            cuda.Context.pop()
             self.close()
             raise
+        cuda.Context.pop()
 
     @classmethod
     def from_bundle(cls, bundle, device_name: str | None = None, **kwargs) -> "TensorRTBackend":
@@ -386,12 +387,12 @@ class TensorRTBackend(StaticBackend):
         self.memory.recover()
 
     def _enter(self) -> None:
-        if threading.get_ident() != self._owner:  # another thread: make the context current for the call
-            self._ctx.push()
+        """Make the CUDA context current on this thread for the call (pushed, then popped in
+        `_exit`: no thread keeps it, so any thread may call, and a thread may end, freely)."""
+        self._ctx.push()
 
     def _exit(self) -> None:
-        if threading.get_ident() != self._owner:
-            self.cuda.Context.pop()
+        self.cuda.Context.pop()
 
     # --- StaticBackend primitives (tensor moves: PycudaMemory) -------------------------------
 
@@ -445,6 +446,15 @@ class TensorRTBackend(StaticBackend):
         """Wait for the stream, free every graph, buffer and context, release the CUDA context (idempotent)."""
         if self._ctx is None:
             return
+        with getattr(self, "lock", None) or threading.RLock():  # not under a call running on another thread
+            self._ctx.push()
+            try:
+                self._release()
+            finally:
+                self.cuda.Context.pop()
+                self._ctx = None  # drops this backend's hold on the primary context
+
+    def _release(self) -> None:
         try:
             for graph in self._graphs:
                 graph.destroy()
@@ -462,5 +472,3 @@ class TensorRTBackend(StaticBackend):
             getattr(self, "_scratch", {}).clear()
             self._activations = None
             self.stages = []
-            ctx, self._ctx = self._ctx, None
-            ctx.pop()

@@ -15,6 +15,8 @@ the bookkeeping on machines without a GPU).
 
 from __future__ import annotations
 
+import threading
+from contextlib import ExitStack
 from typing import Callable, Sequence
 
 import numpy as np
@@ -24,6 +26,9 @@ from torch import nn
 from edgeexit.errors import EdgeExitError
 from edgeexit.runtime.static import StaticBackend
 from edgeexit.staging import StageIO
+
+
+_CAPTURE = threading.Lock()  # torch allows one graph capture at a time per process
 
 
 class TorchCudaBackend(StaticBackend):
@@ -43,6 +48,8 @@ class TorchCudaBackend(StaticBackend):
         self.stages = [s.to(self.device).eval() for s in stages]
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         self._pool = torch.cuda.graph_pool_handle() if self.graphs.enabled else None
+        self._capture_stream = torch.cuda.Stream(self.device) if self.graphs.enabled else None
+        self._device_scope: ExitStack | None = None
         self._input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
 
     def _input_rows(self, name: str) -> tuple[int, ...] | None:
@@ -73,7 +80,10 @@ class TorchCudaBackend(StaticBackend):
         return [h.numpy() for h in hosts]
 
     def _gather(self, dst: torch.Tensor, src: torch.Tensor, rows: np.ndarray) -> None:
-        index = torch.from_numpy(rows).to(self.device, non_blocking=True)
+        index = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+        if self.device.type == "cuda":
+            index = index.pin_memory()  # a pinned source: the copy does not make the host wait
+        index = index.to(self.device, non_blocking=True)
         with torch.inference_mode():
             torch.index_select(src, 0, index, out=dst[:len(rows)])
 
@@ -89,10 +99,29 @@ class TorchCudaBackend(StaticBackend):
                 self.buffer(name, bucket, tuple(value.shape[1:]), self._row_spec(value)[1]).copy_(value)
 
     def _capture(self, key, fn: Callable[[], None]) -> Callable[[], None]:
+        """Capture `fn` on this backend's device and capture stream (thread-local mode, one
+        capture at a time in the process). A failed capture leaves the thread's current stream
+        as it was (torch's context would leave it on the capture stream)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            fn()
+        previous = torch.cuda.current_stream(self.device)
+        try:
+            with _CAPTURE, torch.cuda.device(self.device), torch.cuda.graph(
+                    graph, pool=self._pool, stream=self._capture_stream, capture_error_mode="thread_local"):
+                fn()
+        finally:
+            torch.cuda.set_stream(previous)
         return graph.replay
+
+    def _enter(self) -> None:
+        """Make this backend's GPU the current one for the call (cuda:1 works as cuda:0 does)."""
+        if self.device.type == "cuda":
+            self._device_scope = ExitStack()
+            self._device_scope.enter_context(torch.cuda.device(self.device))
+
+    def _exit(self) -> None:
+        if self._device_scope is not None:
+            scope, self._device_scope = self._device_scope, None
+            scope.close()
 
     def _recover(self) -> None:
         if self.device.type == "cuda":
@@ -100,12 +129,14 @@ class TorchCudaBackend(StaticBackend):
 
     def close(self) -> None:
         """Drop every graph and buffer (the caching allocator keeps the memory for reuse)."""
-        self.graphs.clear()
-        self.buffers.clear()
-        self._scratch.clear()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
+        with self.lock:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.graphs.clear()
+            self.buffers.clear()
+            self._scratch.clear()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
