@@ -815,9 +815,19 @@ def bundle(built_bundle, tmp_path):
     return dest
 
 
+# Real CUDA modules, where a GPU machine has them, are hidden from the simulated tests: the
+# builder would otherwise record the real GPU in engine.json and the backend refuse the plans
+# on the simulated one.
+CUDA_MODULES = ("pycuda", "pycuda.driver", "pycuda.tools", "pycuda.compiler", "cuda", "cuda.bindings",
+                "cuda.bindings.driver", "cuda.bindings.runtime", "cuda.cuda", "cuda.cudart")
+
+
 @pytest.fixture()
 def use_trt(monkeypatch):
-    """Install fake_trt(version) as `tensorrt`; returns the module."""
+    """Install fake_trt(version) as `tensorrt` (and no real CUDA modules); returns the module."""
+    for name in CUDA_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)
+
     def install(version_key, **kwargs):
         mod = fake_trt(version_key, **kwargs)
         monkeypatch.setitem(sys.modules, "tensorrt", mod)
@@ -1134,11 +1144,10 @@ def digits_batch(bundle_path):
 
 def gpu_sim(monkeypatch, compile_ok=True, cuda_python=True):
     """Install the simulated pycuda (and cuda-python's driver, for graphs); reset the counters."""
-    modules = fake_pycuda(compile_ok)
+    modules = {name: None for name in CUDA_MODULES}
+    modules.update(fake_pycuda(compile_ok))
     if cuda_python:
         modules.update(fake_cuda_driver())
-    else:
-        modules.update({"cuda": None, "cuda.bindings": None, "cuda.bindings.driver": None, "cuda.cuda": None})
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     SIM.copies = SIM.launches = SIM.contexts = SIM.executions = SIM.graph_launches = SIM.own_memory_contexts = 0
