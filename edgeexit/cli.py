@@ -57,8 +57,10 @@ def _load_images(path: str, bundle) -> np.ndarray:
 
     try:
         x = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise EdgeExitError(f"--input: cannot read {path}: {exc}") from None
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
+        raise EdgeExitError(f"--input: cannot read {path}: {exc or 'the file is empty'}") from None
+    if not isinstance(x, np.ndarray):
+        raise EdgeExitError(f"--input: {path} is an .npz archive; give one .npy array [N, C, H, W]")
     if not np.issubdtype(x.dtype, np.number):
         raise EdgeExitError(f"--input: {path} holds {x.dtype}, not numbers")
     shape = tuple(bundle.input["shape"][1:])

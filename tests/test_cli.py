@@ -66,6 +66,12 @@ def test_run_rejects_wrong_input_shape(example_build, tmp_path, capsys):
     np.save(tmp_path / "bad.npy", np.zeros((2, 3, 8, 8), np.float32))
     assert main(["run", str(bundle.path), "--input", str(tmp_path / "bad.npy")]) == 2
     assert "has shape [2, 3, 8, 8]; the bundle takes [N, 1, 8, 8]" in capsys.readouterr().err
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.savez(tmp_path / "archive.npz", x=np.zeros((2, 1, 8, 8), np.float32))
+    for name, says in (("empty.npy", "cannot read"), ("archive.npz", "is an .npz archive")):
+        assert main(["run", str(bundle.path), "--input", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("edgeexit: error: --input:") and says in err and "\n" not in err
 
 
 def test_inspect_text_and_json(example_build, capsys):
