@@ -36,7 +36,8 @@ class Backend(ABC):
 
     @abstractmethod
     def take(self, value: Any, rows: np.ndarray) -> Any:
-        """Rows `rows` of a batch-first tensor, on the backend (the compaction gather)."""
+        """Rows `rows` of a batch-first tensor, on the backend (the compaction gather); the
+        result stays valid until the cascade call ends (it downloads leavers' logits last)."""
 
     @abstractmethod
     def download(self, value: Any) -> np.ndarray:

@@ -3,7 +3,8 @@
 Stage k runs on the samples still active; the loop reads only `conf` and `pred`, retires
 samples with conf >= threshold_k, asks the backend to gather the carried tensors of the
 rest (so they can stay on a device) and goes on; the last stage takes everything left.
-Results come back in input order with the exit each sample took and per-stage timings.
+The leavers' logits are gathered on the backend as they leave and fetched together at the
+end of the call (a device backend waits once for all of them). Results come back in input order with the exit each sample took and per-stage timings.
 
 With an exit policy (`calibration.policy.ExitPolicy`, a trained rule) the decision at exit
 k is the policy's instead of the threshold's; it also sees the previous exit's conf and
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -68,16 +69,26 @@ def gate_thresholds(thresholds: Sequence[float | None], n_stages: int) -> list[f
 
 
 class _Results:
-    """Per-sample results written at input positions as samples leave, exit by exit."""
+    """Per-sample results written at input positions as samples leave, exit by exit; the
+    leavers' logits stay on the backend until the end of the call (`logits`)."""
 
-    def __init__(self, n: int, classes: int, dtype):
+    def __init__(self, n: int):
         self.pred = np.full(n, -1, np.int64)
         self.conf = np.zeros(n, np.float32)
         self.exit = np.full(n, -1, np.int64)
-        self.logits = np.zeros((n, classes), dtype)
+        self.pending: list[tuple[np.ndarray, Any]] = []  # (input positions, logits on the backend)
 
-    def put(self, where: np.ndarray, logits: np.ndarray, conf: np.ndarray, pred: np.ndarray, k: int) -> None:
-        self.logits[where], self.conf[where], self.pred[where], self.exit[where] = logits, conf, pred, k
+    def put(self, where: np.ndarray, logits: Any, conf: np.ndarray, pred: np.ndarray, k: int) -> None:
+        self.conf[where], self.pred[where], self.exit[where] = conf, pred, k
+        self.pending.append((where, logits))
+
+    def logits(self, backend: Backend) -> np.ndarray:
+        """Every leaver's logits in input order, fetched together (one wait on a device)."""
+        parts = backend.download_many([handle for _, handle in self.pending])
+        out = np.zeros((len(self.pred), parts[0].shape[1]), parts[0].dtype)
+        for (where, _), part in zip(self.pending, parts):
+            out[where] = part
+        return out
 
 
 class Cascade:
@@ -124,18 +135,17 @@ class Cascade:
             else:
                 leave = policy.leave(k, c, p, prev_c, prev_p)
             if leave is None or np.count_nonzero(leave) == len(active):  # everyone left: done
-                logits = be.download(out[io.logits])
-                seconds[k] = time.perf_counter() - start
                 if results is None:  # all n left together, in input order: these arrays are the result
+                    logits = be.download(out[io.logits])
+                    seconds[k] = time.perf_counter() - start
                     return CascadeResult(p.astype(np.int64, copy=False), logits, c, np.full(n, k), seconds,
                                          samples, exit_conf, exit_pred)
-                results.put(active, logits, c, p, k)
+                results.put(active, out[io.logits], c, p, k)
                 break
             if leave.any():  # some leave: record them, gather the rest on the backend
                 rows, keep = np.flatnonzero(leave), np.flatnonzero(~leave)
-                logits = be.download(be.take(out[io.logits], rows))
-                results = results or _Results(n, logits.shape[1], logits.dtype)
-                results.put(active[rows], logits, c[rows], p[rows], k)
+                results = results or _Results(n)
+                results.put(active[rows], be.take(out[io.logits], rows), c[rows], p[rows], k)
                 feeds = {name: be.take(out[name], keep) for name in io.carry}
                 active = active[keep]
                 if policy is not None:
@@ -144,7 +154,9 @@ class Cascade:
                 feeds = {name: out[name] for name in io.carry}
             prev_c, prev_p = c, p
             seconds[k] = time.perf_counter() - start
-        return CascadeResult(results.pred, results.logits, results.conf, results.exit, seconds, samples,
+        logits = results.logits(be)  # the leavers' logits, fetched once: counted in the last stage's time
+        seconds[k] += time.perf_counter() - start
+        return CascadeResult(results.pred, logits, results.conf, results.exit, seconds, samples,
                              exit_conf, exit_pred)
 
     def run_batched(self, x: np.ndarray, batch: int, collect: bool = False) -> CascadeResult:
