@@ -51,12 +51,14 @@ def configs():
 
 
 def staged(spec, samples: int):
-    """A random-weight model of `spec`, its stages, their I/O names and `samples` random inputs."""
+    """A random-weight model of `spec`, its stages and their I/O names, the monolithic I/O
+    names, and `samples` random inputs."""
     torch.manual_seed(0)
     model = build_model(spec.model, spec.input, spec.base_dir).eval()
     x = torch.randn(samples, *spec.input.shape)
     stages = make_stages(model, spec.gating.confidence)
-    return model, stages, stage_io(stages, x, spec.input.name), x
+    mono_io = StageIO(0, (spec.input.name,), (), "logits", "conf", "pred")
+    return model, stages, stage_io(stages, x, spec.input.name), mono_io, x
 
 
 def full_depth(backend, ios) -> Cascade:
@@ -66,8 +68,7 @@ def full_depth(backend, ios) -> Cascade:
 def onnxruntime_rows(rounds: int, samples: int) -> list[dict]:
     rows = []
     for label, spec in configs():
-        model, stages, ios, x = staged(spec, samples)
-        mono_io = StageIO(0, (spec.input.name,), (), "logits", "conf", "pred")
+        model, stages, ios, mono_io, x = staged(spec, samples)
         with tempfile.TemporaryDirectory() as tmp:
             graphs = export_stages(stages, ios, x, Path(tmp) / "stages", 17, 1e-4)
             mono = export_checked(Monolithic(model, spec.gating.confidence), (x,), Path(tmp) / "mono.onnx", mono_io, 17, 1e-4)
@@ -84,8 +85,7 @@ def torch_cuda_rows(rounds: int, samples: int, batches=(1, 32)) -> list[dict]:
 
     rows = []
     for label, spec in configs():
-        model, stages, ios, x = staged(spec, samples)
-        mono_io = StageIO(0, (spec.input.name,), (), "logits", "conf", "pred")
+        model, stages, ios, mono_io, x = staged(spec, samples)
         for graphs in (True, False):
             for batch in batches:
                 cascade = TorchCudaBackend(stages, ios, "cuda", max_batch=batch, graphs=graphs)
@@ -118,16 +118,16 @@ def gated_rows(bundle_path: str | None, rounds: int, batches=(1, 32)) -> list[di
             build(load_spec(EXAMPLE), Path(tmp) / "digits", progress=False)[0]
         x, y = split_inputs(bundle, "test")
         rows = []
-        for batch in batches:
-            backend, mono = open_backend(bundle, "torch-cuda", "cuda"), open_monolithic(bundle, "torch-cuda", "cuda")
+        with open_backend(bundle, "torch-cuda", "cuda") as backend, open_monolithic(bundle, "torch-cuda", "cuda") as mono:
             gated = Cascade(backend, bundle.stage_ios, bundle.thresholds)
-            t = call_latency({"cascade": gated, "monolithic": Cascade(mono, [bundle.monolithic_io], [None])},
-                             x, batch, rounds)
-            result = gated.run_batched(x, batch)
-            rows.append({"model": bundle.name, "batch": batch, "thresholds": bundle.thresholds,
-                         "calibrated": "calibration.json" in bundle.manifest.get("files", {}),
-                         "accuracy": float(np.mean(result.pred == y)),
-                         "exit_shares": [float(s) for s in result.exit_shares()], **ms(t)})
+            for batch in batches:
+                t = call_latency({"cascade": gated, "monolithic": full_depth(mono, [bundle.monolithic_io])},
+                                 x, batch, rounds)
+                result = gated.run_batched(x, batch)
+                rows.append({"model": bundle.name, "batch": batch, "thresholds": bundle.thresholds,
+                             "calibrated": "calibration.json" in bundle.manifest.get("files", {}),
+                             "accuracy": float(np.mean(result.pred == y)),
+                             "exit_shares": [float(s) for s in result.exit_shares()], **ms(t)})
     return rows
 
 

@@ -72,6 +72,15 @@ def _load_images(path: str, bundle) -> np.ndarray:
     return normalize(x, bundle.input["mean"], bundle.input["std"])
 
 
+def _gating(args, bundle):
+    """(thresholds, exit policy) a command gates on: --thresholds when given (no policy), else
+    the bundle's thresholds and its exit policy, if it has one."""
+    from edgeexit.runtime.loader import bundle_policy
+
+    given = _parse_thresholds(args.thresholds)
+    return (given, None) if given else (bundle.thresholds, bundle_policy(bundle))
+
+
 def _parse_thresholds(text: str | None):
     if text is None:
         return None
@@ -84,13 +93,11 @@ def _parse_thresholds(text: str | None):
 def _cmd_run(args) -> int:
     from edgeexit.bundle import load_bundle
     from edgeexit.runtime.cascade import Cascade
-    from edgeexit.runtime.loader import bundle_policy, open_backend
+    from edgeexit.runtime.loader import open_backend
 
     bundle = load_bundle(args.bundle)
     x = _load_images(args.input, bundle)
-    thresholds = _parse_thresholds(args.thresholds)
-    policy = None if thresholds else bundle_policy(bundle)  # thresholds given on the command line win
-    thresholds = thresholds or bundle.thresholds
+    thresholds, policy = _gating(args, bundle)
     with open_backend(bundle, args.backend, args.device) as backend:
         cascade = Cascade(backend, bundle.stage_ios, thresholds, policy)
         result = cascade.run_batched(x, bundle.manifest["export"]["batch"]["max"])
@@ -142,15 +149,13 @@ def _cmd_profile(args) -> int:
     from edgeexit.bundle import load_bundle, update_bundle
     from edgeexit.jetson import TegrastatsSampler, jetson_facts
     from edgeexit.profile import PROFILE, format_profile, profile_bundle, profile_key, with_profiles
-    from edgeexit.runtime.loader import bundle_policy, open_backend, open_monolithic, opened
+    from edgeexit.runtime.loader import open_backend, open_monolithic, opened
     from edgeexit.tracing import split_inputs
 
     bundle = load_bundle(args.bundle)
     batches = _batch_list(args.batch)
     x, _ = split_inputs(bundle, args.split, args.data)
-    given = _parse_thresholds(args.thresholds)
-    policy = None if given else bundle_policy(bundle)  # thresholds given on the command line win
-    thresholds = given or bundle.thresholds
+    thresholds, policy = _gating(args, bundle)
     power = TegrastatsSampler if jetson_facts() is not None and not args.no_power else None
     with open_backend(bundle, args.backend, args.device, args.threads) as backend, \
             opened(open_monolithic(bundle, backend.name, args.device, args.threads)) as mono:

@@ -4,7 +4,8 @@ Stage k runs on the samples still active; the loop reads only `conf` and `pred`,
 samples with conf >= threshold_k, asks the backend to gather the carried tensors of the
 rest (so they can stay on a device) and goes on; the last stage takes everything left.
 The leavers' logits are gathered on the backend as they leave and fetched together at the
-end of the call (a device backend waits once for all of them). Results come back in input order with the exit each sample took and per-stage timings.
+end of the call (a device backend waits once for all of them). Results come back in input
+order with the exit each sample took and per-stage timings.
 
 With an exit policy (`calibration.policy.ExitPolicy`, a trained rule) the decision at exit
 k is the policy's instead of the threshold's; it also sees the previous exit's conf and

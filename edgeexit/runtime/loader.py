@@ -79,10 +79,7 @@ def open_backend(bundle: Bundle, kind: str = "auto", device: str = "cpu", thread
 
         return TorchBackend(torch_stages(bundle), bundle.stage_ios, device)
     if kind == "torch-cuda":
-        from edgeexit.runtime.torch_cuda_backend import TorchCudaBackend
-
-        return TorchCudaBackend(torch_stages(bundle), bundle.stage_ios, cuda_device(device), max_batch(bundle),
-                                input_shape=bundle.input["shape"][1:])
+        return _torch_cuda(bundle, torch_stages(bundle), bundle.stage_ios, device)
     raise EdgeExitError(f"backend: {kind!r} is not available here (choose from: {', '.join(BACKENDS)})")
 
 
@@ -99,17 +96,20 @@ def open_monolithic(bundle: Bundle, kind: str = "auto", device: str = "cpu", thr
         from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend([bundle.monolithic_path], [bundle.monolithic_io], threads)
-    if kind == "torch":
+    if kind in ("torch", "torch-cuda"):
+        from edgeexit.staging import Monolithic
+
+        model = Monolithic(torch_model(bundle), bundle.manifest["gating"]["confidence"])
+        if kind == "torch-cuda":
+            return _torch_cuda(bundle, [model], [bundle.monolithic_io], device)
         from edgeexit.runtime.torch_backend import TorchBackend
-        from edgeexit.staging import Monolithic
 
-        model = Monolithic(torch_model(bundle), bundle.manifest["gating"]["confidence"])
         return TorchBackend([model], [bundle.monolithic_io], device)
-    if kind == "torch-cuda":
-        from edgeexit.runtime.torch_cuda_backend import TorchCudaBackend
-        from edgeexit.staging import Monolithic
-
-        model = Monolithic(torch_model(bundle), bundle.manifest["gating"]["confidence"])
-        return TorchCudaBackend([model], [bundle.monolithic_io], cuda_device(device), max_batch(bundle),
-                                input_shape=bundle.input["shape"][1:])
     return None
+
+
+def _torch_cuda(bundle: Bundle, modules, ios, device: str) -> Backend:
+    """The torch-cuda backend over `modules` at the bundle's max batch and input shape."""
+    from edgeexit.runtime.torch_cuda_backend import TorchCudaBackend
+
+    return TorchCudaBackend(modules, ios, cuda_device(device), max_batch(bundle), input_shape=bundle.input["shape"][1:])

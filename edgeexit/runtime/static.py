@@ -67,9 +67,6 @@ class Rows:
     bucket: int
     n: int
 
-    def __len__(self) -> int:
-        return self.n
-
 
 class GraphCache:
     """Replays `(stage, bucket)` as a captured graph after `warmup` plain runs.
@@ -240,12 +237,10 @@ class StaticBackend(Backend):
             if name not in feeds:
                 raise EdgeExitError(f"backend {self.name}: stage {stage} needs input {name!r}")
             value = feeds[name]
-            if isinstance(value, Rows) and value.name != name:  # another tensor's rows: copy them over
-                src = self.buffers[(value.name, value.bucket)]
-                self._copy_rows(self._like(name, value.bucket, src), src, value.n)
-                value = Rows(name, value.bucket, value.n)
-            elif not isinstance(value, Rows):  # a host array
+            if not isinstance(value, Rows):  # a host array
                 value = self._place(name, np.asarray(value))
+            elif value.name != name:  # stage inputs are read in place: only the tensor of that name will do
+                raise EdgeExitError(f"backend {self.name}: stage {stage} input {name!r} was fed {value.name!r}")
             placed.append(value)
         if len({(v.bucket, v.n) for v in placed}) != 1:
             raise EdgeExitError(f"backend {self.name}: stage {stage} inputs disagree on the batch size")

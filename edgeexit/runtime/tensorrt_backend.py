@@ -44,7 +44,7 @@ one-line EdgeExitError.
 from __future__ import annotations
 
 import json
-import threading
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -396,16 +396,18 @@ class TensorRTBackend(StaticBackend):
 
     # --- StaticBackend primitives (tensor moves: PycudaMemory) -------------------------------
 
+    def _engine_input(self, name: str) -> _Stage | None:
+        return next((st for st in self.stages if name in st.inputs), None)
+
     def _input_rows(self, name: str) -> tuple[int, ...] | None:
-        return next((st.row_shapes[name] for st in self.stages if name in st.inputs), None)
+        st = self._engine_input(name)
+        return None if st is None else st.row_shapes[name]
 
     def _input_dtype(self, name: str, array: np.ndarray) -> np.dtype:
         """A float batch is converted to the engine's input type (fp16 engines take fp16)."""
-        for st in self.stages:
-            if name in st.inputs:
-                want = st.dtypes[name]
-                return want if array.dtype.kind == want.kind == "f" else array.dtype
-        return array.dtype
+        st = self._engine_input(name)
+        want = None if st is None else st.dtypes[name]
+        return want if want is not None and array.dtype.kind == want.kind == "f" else array.dtype
 
     def _new_buffer(self, rows: int, row_shape: tuple[int, ...], dtype: np.dtype) -> DeviceBuffer:
         return self.memory.new_buffer(rows, row_shape, dtype)
@@ -446,7 +448,8 @@ class TensorRTBackend(StaticBackend):
         """Wait for the stream, free every graph, buffer and context, release the CUDA context (idempotent)."""
         if self._ctx is None:
             return
-        with getattr(self, "lock", None) or threading.RLock():  # not under a call running on another thread
+        with getattr(self, "lock", None) or nullcontext():  # not under a call running on another thread
+            # (no lock yet: the constructor failed before it, and nobody else can hold the backend)
             self._ctx.push()
             try:
                 self._release()
