@@ -9,7 +9,9 @@ stand-ins registered in ``sys.modules``:
 - ``fake_pycuda()`` + the fake TensorRT runtime: a *simulator* of device memory (numpy bytes
   behind integer pointers) whose engines run the stage's ONNX graph on onnxruntime, so the
   backend's shape setting, address binding, output-buffer reuse and on-device gathers can be
-  checked end to end against the onnxruntime backend. It checks the bookkeeping, not CUDA.
+  checked end to end against the onnxruntime backend. Its gather launches run the kernel's own
+  CUDA source, compiled for the host (``host_kernels.py``). It checks the bookkeeping and the
+  kernel's indexing, not CUDA.
 
 Tests needing the real libraries use ``pytest.importorskip`` and skip here with a reason.
 """
@@ -31,6 +33,7 @@ import numpy as np
 import pytest
 
 from edgeexit.errors import EdgeExitError
+from host_kernels import host_gather
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "digits" / "model.yaml"
@@ -701,22 +704,27 @@ def fake_pycuda(compile_ok: bool):
     compiler = types.ModuleType("pycuda.compiler")
 
     class _Kernel:
-        def __init__(self, unit):
-            self.unit = unit
+        def __init__(self, kind):
+            self.kind, self.unit = kind, {"u32": 4, "u8": 1}[kind]
 
         def prepare(self, arg_types):
             assert arg_types == "PPPqq"
             return self
 
         def prepared_async_call(self, grid, block, stream, dst, src, rows, n_rows, row_units):
-            # What gather_rows_u32 / gather_rows_u8 compute, element unit by element unit.
+            # The kernel's own source runs on the host (tests/host_kernels.py) over the simulated
+            # memory, once the launch is checked to stay inside its buffers.
             outside_capture()
             SIM.launches += 1
             assert isinstance(grid, tuple) and isinstance(block, tuple) and stream is not None
             idx = SIM.read(rows, (n_rows,), np.int64)
             row_bytes = row_units * self.unit
-            for i, r in enumerate(idx):
-                SIM.view(dst + i * row_bytes, row_bytes)[:] = SIM.view(src + int(r) * row_bytes, row_bytes)
+            assert idx.min() >= 0, "a negative row index"
+            dst_view = SIM.view(dst, n_rows * row_bytes)
+            src_view = SIM.view(src, (int(idx.max()) + 1) * row_bytes)
+            rows_view = SIM.view(rows, n_rows * 8)
+            host_gather().launch(self.kind, grid[0], block[0], dst_view.ctypes.data, src_view.ctypes.data,
+                                 rows_view.ctypes.data, n_rows, row_units)
 
     class SourceModule:
         def __init__(self, source, nvcc="nvcc", **kwargs):
@@ -725,7 +733,7 @@ def fake_pycuda(compile_ok: bool):
             assert "gather_rows_u32" in source and "gather_rows_u8" in source
 
         def get_function(self, name):
-            return _Kernel(4 if name.endswith("u32") else 1)
+            return _Kernel(name.removeprefix("gather_rows_"))
 
     compiler.SourceModule = SourceModule
     package = types.ModuleType("pycuda")
@@ -1114,6 +1122,30 @@ def test_contiguous_runs_and_launch_shape():
     assert gather_launch(10**6, 4096)[2] == 65535  # grid-stride loop covers the rest
 
 
+@pytest.mark.parametrize("row_shape, dtype", [((32, 8, 8), np.float32), ((10,), np.float16), ((3,), np.uint8),
+                                              ((5,), np.int64)])
+@pytest.mark.parametrize("grid", ["launch", 1, 3])
+def test_gather_kernel_source_gathers_like_numpy(row_shape, dtype, grid):
+    """The kernel's own code, run on the host: dst[i] = src[rows[i]] for any rows, row size and
+    grid (a grid smaller than the work exercises the grid-stride loop); nothing past n rows of
+    dst is written."""
+    from edgeexit.runtime.pycuda_memory import _BLOCK, gather_launch
+
+    kernel = host_gather()
+    if kernel is None:
+        pytest.skip("no C++ compiler here to run the gather kernel's source on the host")
+    rng = np.random.default_rng(7)
+    src = rng.integers(0, 250, size=(64, *row_shape)).astype(dtype)
+    for rows in (np.array([3, 0, 63, 17, 17, 40]), np.arange(10, 42), rng.permutation(64)[:37], np.array([5])):
+        rows = rows.astype(np.int64)
+        dst = np.full((len(rows) + 2, *row_shape), 7, dtype)  # two guard rows after the n written
+        kind, units, blocks = gather_launch(len(rows), src[0].nbytes)
+        kernel.launch(kind, blocks if grid == "launch" else grid, _BLOCK, dst.ctypes.data, src.ctypes.data,
+                      rows.ctypes.data, len(rows), units)
+        np.testing.assert_array_equal(dst[:len(rows)], src[rows])
+        assert (dst[len(rows):] == 7).all()
+
+
 def test_select_engines(bundle):
     from edgeexit.bundle import Bundle
     from edgeexit.runtime.tensorrt_backend import select_engines
@@ -1144,6 +1176,8 @@ def digits_batch(bundle_path):
 
 def gpu_sim(monkeypatch, compile_ok=True, cuda_python=True):
     """Install the simulated pycuda (and cuda-python's driver, for graphs); reset the counters."""
+    if compile_ok and host_gather() is None:
+        pytest.skip("no C++ compiler here to run the gather kernel's source on the host")
     modules = {name: None for name in CUDA_MODULES}
     modules.update(fake_pycuda(compile_ok))
     if cuda_python:
@@ -1506,8 +1540,9 @@ def test_real_tensorrt_cascade_matches_onnxruntime(bundle):
     np.testing.assert_allclose(got.conf[got.exit == want.exit], want.conf[got.exit == want.exit], atol=1e-3)
 
 
-def test_gather_kernel_compiles_for_orin(tmp_path):
-    """The device-side gather kernel is real CUDA: nvcc builds it for Orin (sm_87) where nvcc exists."""
+@pytest.mark.parametrize("arch", ["sm_72", "sm_87", "sm_90", "sm_110"])  # Xavier, Orin, H100/H200, Thor
+def test_gather_kernel_compiles_for_the_jetson_gpus(tmp_path, arch):
+    """The device-side gather kernel is real CUDA: nvcc builds it for each GPU it knows, warning-free."""
     import shutil
     import subprocess
 
@@ -1516,9 +1551,13 @@ def test_gather_kernel_compiles_for_orin(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not installed here")
+    known = subprocess.run([nvcc, "--list-gpu-arch"], check=True, capture_output=True, text=True).stdout.split()
+    if arch.replace("sm_", "compute_") not in known:
+        pytest.skip(f"this nvcc cannot build for {arch} (CUDA 13 dropped Volta; JetPack 5's CUDA 11.4 builds it)")
     source = tmp_path / "gather.cu"
     source.write_text('extern "C" {\n' + GATHER_SOURCE + "\n}\n")  # pycuda's SourceModule wraps it so too
     cubin = tmp_path / "gather.cubin"
-    subprocess.run([nvcc, "-cubin", "-arch=sm_87", str(source), "-o", str(cubin)], check=True, capture_output=True)
+    subprocess.run([nvcc, "-cubin", f"-arch={arch}", "-Werror", "all-warnings", str(source), "-o", str(cubin)],
+                   check=True, capture_output=True)
     symbols = cubin.read_bytes()
     assert b"gather_rows_u32" in symbols and b"gather_rows_u8" in symbols
