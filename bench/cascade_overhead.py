@@ -16,7 +16,7 @@ Two architectures for the overhead: the shipped digits example (tiny: per-call o
 dominates) and the same architecture at CIFAR size (3x32x32, wider), where compute
 dominates. Weights are random there: latency does not depend on them.
 
-    python bench/cascade_overhead.py [--backend torch-cuda] [--rounds 5] [--json FILE]
+    python bench/cascade_overhead.py [--backend torch-cuda [--device cpu]] [--rounds 5] [--json FILE]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 from edgeexit.export.onnx import export_checked, export_stages
 from edgeexit.models import build_model
 from edgeexit.profile import call_latency
-from edgeexit.runtime.cascade import NEVER, Cascade
+from edgeexit.runtime.cascade import Cascade, full_depth
 from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from edgeexit.spec import load_spec
 from edgeexit.staging import Monolithic, StageIO, make_stages, stage_io
@@ -61,10 +61,6 @@ def staged(spec, samples: int):
     return model, stages, stage_io(stages, x, spec.input.name), mono_io, x
 
 
-def full_depth(backend, ios) -> Cascade:
-    return Cascade(backend, ios, [NEVER] * (len(ios) - 1) + [None])
-
-
 def onnxruntime_rows(rounds: int, samples: int) -> list[dict]:
     rows = []
     for label, spec in configs():
@@ -80,16 +76,18 @@ def onnxruntime_rows(rounds: int, samples: int) -> list[dict]:
     return rows
 
 
-def torch_cuda_rows(rounds: int, samples: int, batches=(1, 32)) -> list[dict]:
+def torch_cuda_rows(rounds: int, samples: int, device: str = "cuda", batches=(1, 32)) -> list[dict]:
+    """Full-depth cascade vs monolithic on the torch-cuda backend, with and without CUDA graphs
+    (on a CPU `device`, a dry run: the static buffers without graphs)."""
     from edgeexit.runtime.torch_cuda_backend import TorchCudaBackend
 
     rows = []
     for label, spec in configs():
         model, stages, ios, mono_io, x = staged(spec, samples)
-        for graphs in (True, False):
+        for graphs in (True, False) if device.startswith("cuda") else (False,):
             for batch in batches:
-                cascade = TorchCudaBackend(stages, ios, "cuda", max_batch=batch, graphs=graphs)
-                mono = TorchCudaBackend([Monolithic(model, spec.gating.confidence)], [mono_io], "cuda",
+                cascade = TorchCudaBackend(stages, ios, device, max_batch=batch, graphs=graphs)
+                mono = TorchCudaBackend([Monolithic(model, spec.gating.confidence)], [mono_io], device,
                                         max_batch=batch, graphs=graphs)
                 t = call_latency({"cascade": full_depth(cascade, ios), "monolithic": full_depth(mono, [mono_io])},
                                  x.numpy(), batch, rounds)
@@ -106,7 +104,7 @@ def ms(t: dict[str, float]) -> dict[str, float]:
             "ratio": t["cascade"] / t["monolithic"]}
 
 
-def gated_rows(bundle_path: str | None, rounds: int, batches=(1, 32)) -> list[dict]:
+def gated_rows(bundle_path: str | None, rounds: int, device: str = "cuda", batches=(1, 32)) -> list[dict]:
     """The trained example's cascade at its thresholds vs its monolithic graph, on torch-cuda."""
     from edgeexit.build import build
     from edgeexit.bundle import load_bundle
@@ -118,7 +116,7 @@ def gated_rows(bundle_path: str | None, rounds: int, batches=(1, 32)) -> list[di
             build(load_spec(EXAMPLE), Path(tmp) / "digits", progress=False)[0]
         x, y = split_inputs(bundle, "test")
         rows = []
-        with open_backend(bundle, "torch-cuda", "cuda") as backend, open_monolithic(bundle, "torch-cuda", "cuda") as mono:
+        with open_backend(bundle, "torch-cuda", device) as backend, open_monolithic(bundle, "torch-cuda", device) as mono:
             gated = Cascade(backend, bundle.stage_ios, bundle.thresholds)
             for batch in batches:
                 t = call_latency({"cascade": gated, "monolithic": full_depth(mono, [bundle.monolithic_io])},
@@ -137,23 +135,28 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--bundle", help="torch-cuda: a built bundle to time at its thresholds (default: build the example)")
+    parser.add_argument("--device", default="cuda", help="torch-cuda: cuda (default), cuda:1, or cpu for a dry "
+                        "run of this script without a GPU (static buffers, no graphs; not GPU figures)")
     parser.add_argument("--json", help="also write every row to this file")
     args = parser.parse_args()
     if args.backend == "onnxruntime":
         rows, where, target = onnxruntime_rows(args.rounds, args.samples), "onnxruntime CPU", 1.05
         gated = []
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit("cascade_overhead: --backend torch-cuda needs an NVIDIA GPU and a CUDA build of torch")
-        rows, where, target = torch_cuda_rows(args.rounds, args.samples), torch.cuda.get_device_name(), 1.10
-        gated = gated_rows(args.bundle, args.rounds)
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit("cascade_overhead: --backend torch-cuda needs an NVIDIA GPU and a CUDA build of torch "
+                             "(--device cpu: a dry run of the script)")
+        where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
+            "the CPU (a dry run of the GPU path: not GPU figures)"
+        rows, target = torch_cuda_rows(args.rounds, args.samples, args.device), 1.10
+        gated = gated_rows(args.bundle, args.rounds, args.device)
     print(f"full-depth cascade vs monolithic per call on {where}, interleaved in this run (target <= {target})")
     print(f"{'model':<22} {'batch':>5} {'mode':>12} {'monolithic ms':>14} {'cascade ms':>11} {'ratio':>6}")
     for r in rows:
         print(f"{r['model']:<22} {r['batch']:>5} {r['mode']:>12} {r['monolithic_ms']:>14.4f} {r['cascade_ms']:>11.4f} "
               f"{r['ratio']:>6.3f}" + (f"  capture failed: {r['capture_failed']}" if "capture_failed" in r else ""))
     if gated:
-        print(f"\ncascade at the bundle's thresholds vs its monolithic graph (torch-cuda, graphs) on {where}")
+        print(f"\ncascade at the bundle's thresholds vs its monolithic graph (torch-cuda) on {where}")
         for r in gated:
             shares = " / ".join(f"{s:.0%}" for s in r["exit_shares"])
             print(f"{r['model']:<16} batch {r['batch']:>3}  thresholds {r['thresholds']} "

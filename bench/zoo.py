@@ -32,7 +32,7 @@ from edgeexit.bundle import load_bundle, update_bundle
 from edgeexit.calibrate import calibrate, cheapest_call, full_depth_call, latency_source
 from edgeexit.plots import plot_exit_curves
 from edgeexit.profile import PROFILE, interleaved_calls, with_profiles
-from edgeexit.runtime.cascade import NEVER, Cascade
+from edgeexit.runtime.cascade import Cascade, full_depth
 from edgeexit.runtime.loader import open_backend, open_monolithic
 from edgeexit.spec import load_spec
 from edgeexit.tracing import split_inputs
@@ -55,7 +55,7 @@ def bench_one(bundle, fraction: float, rounds: int) -> dict:
     mono_io = bundle.monolithic_io
     k = len(bundle.stage_ios)
     runners = {"calibrated": Cascade(backend, bundle.stage_ios, record["thresholds"]),
-               "full_depth": Cascade(backend, bundle.stage_ios, [NEVER] * (k - 1) + [None]),
+               "full_depth": full_depth(backend, bundle.stage_ios),
                "monolithic": lambda s: mono.run(0, {mono_io.inputs[0]: s})}
     chunks = [x[i:i + 1] for i in range(len(x))]
     calls = interleaved_calls(runners, chunks, rounds * len(chunks), warmup=50)

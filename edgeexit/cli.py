@@ -233,10 +233,14 @@ def _cmd_devices(args) -> int:
     return 0
 
 
+TORCH_DEVICE_HELP = ("torch device: --backend torch on cpu (default), cuda, cuda:1; torch-cuda on cuda (default), "
+                     "cuda:1, or cpu (its static buffers without CUDA graphs: a dry run of the GPU path)")
+
+
 def _backend_args(p: argparse.ArgumentParser) -> None:
     """--backend, --device and --threads, shared by the commands that time a bundle."""
     p.add_argument("--backend", default="auto", choices=BACKENDS)
-    p.add_argument("--device", default="cpu", help="torch device for --backend torch (cpu, cuda, cuda:1) and torch-cuda (cuda, cuda:1)")
+    p.add_argument("--device", help=TORCH_DEVICE_HELP)
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
 
 
@@ -263,7 +267,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--input", required=True, help=".npy of raw images, [N, C, H, W] or one [C, H, W]")
     r.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="auto: TensorRT engines where TensorRT is installed and built, else onnxruntime")
-    r.add_argument("--device", default="cpu", help="torch device for --backend torch (cpu, cuda, cuda:1) and torch-cuda (cuda, cuda:1)")
+    r.add_argument("--device", help=TORCH_DEVICE_HELP)
     r.add_argument("--thresholds", help="gate on these thresholds instead of the bundle's exit policy or "
                                         "thresholds, e.g. 0.9,0.8,null")
     r.add_argument("--json", action="store_true")
@@ -288,7 +292,7 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--split", default="val", help="split of the bundle's data: train, val, calibration or test")
     tr.add_argument("--data", help=".npz with x and y to trace instead of the bundle's data")
     tr.add_argument("--backend", default="auto", choices=BACKENDS)
-    tr.add_argument("--device", default="cpu", help="torch device for --backend torch")
+    tr.add_argument("--device", help=TORCH_DEVICE_HELP)
     tr.add_argument("--out", help="output .npz (default: <bundle name>.<split>.traces.npz)")
     tr.set_defaults(fn=_cmd_trace)
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from edgeexit.runtime.backend import Backend
-from edgeexit.runtime.cascade import NEVER, Cascade
+from edgeexit.runtime.cascade import NEVER, Cascade, full_depth
 from edgeexit.staging import StageIO
 
 if TYPE_CHECKING:
@@ -177,7 +177,7 @@ def profile_batch(backend: Backend, ios: Sequence[StageIO], mono: Backend | None
     `batch`. The gated cascade decides by `policy` when given one (the bundle's `gating.policy`),
     else by `thresholds`."""
     k_total = len(ios)
-    full = Cascade(backend, ios, [NEVER] * (k_total - 1) + [None])
+    full = full_depth(backend, ios)
     gated = Cascade(backend, ios, thresholds, policy)
     runners: dict[str, Cascade] = {"cascade_full": full, "cascade": gated}
     if mono is not None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from edgeexit.errors import EdgeExitError
-from edgeexit.runtime.cascade import Cascade, trace
+from edgeexit.runtime.cascade import Cascade, full_depth, trace
 from edgeexit.runtime.static import GraphCache, Rows, bucket_for, bucket_sizes
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (or a CPU build of torch)")
@@ -164,6 +164,20 @@ def test_loader_offers_torch_cuda_and_says_what_to_do_without_cuda(bundle):
         open_backend(bundle, "torch-cuda")
     with pytest.raises(EdgeExitError, match="no CUDA device"):
         open_monolithic(bundle, "torch-cuda")
+
+
+def test_torch_cuda_on_an_explicit_cpu_device_is_a_dry_run_of_the_gpu_path(bundle, data, reference):
+    """`--device cpu` opens the static-buffer backend (no graphs) for the stages and for the
+    monolithic baseline; both agree with onnxruntime."""
+    from edgeexit.runtime.loader import open_backend, open_monolithic
+
+    ort, thresholds = reference
+    with open_backend(bundle, "torch-cuda", "cpu") as backend, open_monolithic(bundle, "torch-cuda", "cpu") as mono:
+        assert backend.name == mono.name == "torch-cuda" and not backend.graphs.enabled
+        assert_same(Cascade(backend, bundle.stage_ios, thresholds).run_batched(data, 32),
+                    Cascade(ort, bundle.stage_ios, thresholds).run_batched(data, 32))
+        whole = Cascade(mono, [bundle.monolithic_io], [None]).run_batched(data, 32)
+        np.testing.assert_array_equal(whole.pred, full_depth(ort, bundle.stage_ios)(data).pred)
 
 
 # --- on an NVIDIA GPU ----------------------------------------------------------------------------

@@ -173,7 +173,11 @@ class Cascade:
         )
 
 
+def full_depth(backend: Backend, ios: Sequence[StageIO]) -> Cascade:
+    """The cascade with no early exit: every sample runs every stage and every exit head."""
+    return Cascade(backend, ios, [NEVER] * (len(ios) - 1) + [None])
+
+
 def trace(backend: Backend, ios: Sequence[StageIO], x: np.ndarray, batch: int) -> CascadeResult:
     """Every exit's confidence and prediction for every sample: the cascade with no early exit."""
-    cascade = Cascade(backend, ios, [NEVER] * (len(ios) - 1) + [None])
-    return cascade.run_batched(x, batch, collect=True)
+    return full_depth(backend, ios).run_batched(x, batch, collect=True)

@@ -56,15 +56,11 @@ def max_batch(bundle: Bundle) -> int:
     return int(((bundle.manifest.get("export") or {}).get("batch") or {}).get("max", 64))
 
 
-def cuda_device(device: str) -> str:
-    """`device` if it names a CUDA device, else the first one (the torch-cuda backend's default)."""
-    return device if device.startswith("cuda") else "cuda"
-
-
-def open_backend(bundle: Bundle, kind: str = "auto", device: str = "cpu", threads: int | None = None) -> Backend:
+def open_backend(bundle: Bundle, kind: str = "auto", device: str | None = None, threads: int | None = None) -> Backend:
     """A backend running `bundle`'s stages: TensorRT engines (GPU), onnxruntime (CPU), the
-    torch reference on `device` (cpu, cuda, cuda:1), or torch-cuda (static buffers per batch
-    bucket and CUDA graphs on `device`, cuda by default)."""
+    torch reference on `device` (cpu by default, cuda, cuda:1), or torch-cuda (static buffers
+    per batch bucket and CUDA graphs on `device`: cuda by default; cpu runs the same buffers
+    without graphs, a dry run of the GPU path)."""
     kind = resolve_backend(bundle, kind)
     if kind == "tensorrt":
         from edgeexit.runtime.tensorrt_backend import TensorRTBackend
@@ -77,7 +73,7 @@ def open_backend(bundle: Bundle, kind: str = "auto", device: str = "cpu", thread
     if kind == "torch":
         from edgeexit.runtime.torch_backend import TorchBackend
 
-        return TorchBackend(torch_stages(bundle), bundle.stage_ios, device)
+        return TorchBackend(torch_stages(bundle), bundle.stage_ios, device or "cpu")
     if kind == "torch-cuda":
         return _torch_cuda(bundle, torch_stages(bundle), bundle.stage_ios, device)
     raise EdgeExitError(f"backend: {kind!r} is not available here (choose from: {', '.join(BACKENDS)})")
@@ -88,7 +84,8 @@ def opened(backend: Backend | None) -> AbstractContextManager:
     return nullcontext() if backend is None else backend
 
 
-def open_monolithic(bundle: Bundle, kind: str = "auto", device: str = "cpu", threads: int | None = None) -> Backend | None:
+def open_monolithic(bundle: Bundle, kind: str = "auto", device: str | None = None,
+                    threads: int | None = None) -> Backend | None:
     """The monolithic baseline as a one-stage backend on the same kind of backend, or None
     where the bundle has no such graph for it (TensorRT engines are built per stage only)."""
     kind = resolve_backend(bundle, kind)
@@ -104,12 +101,12 @@ def open_monolithic(bundle: Bundle, kind: str = "auto", device: str = "cpu", thr
             return _torch_cuda(bundle, [model], [bundle.monolithic_io], device)
         from edgeexit.runtime.torch_backend import TorchBackend
 
-        return TorchBackend([model], [bundle.monolithic_io], device)
+        return TorchBackend([model], [bundle.monolithic_io], device or "cpu")
     return None
 
 
-def _torch_cuda(bundle: Bundle, modules, ios, device: str) -> Backend:
+def _torch_cuda(bundle: Bundle, modules, ios, device: str | None) -> Backend:
     """The torch-cuda backend over `modules` at the bundle's max batch and input shape."""
     from edgeexit.runtime.torch_cuda_backend import TorchCudaBackend
 
-    return TorchCudaBackend(modules, ios, cuda_device(device), max_batch(bundle), input_shape=bundle.input["shape"][1:])
+    return TorchCudaBackend(modules, ios, device or "cuda", max_batch(bundle), input_shape=bundle.input["shape"][1:])
