@@ -38,7 +38,8 @@ class ExportedGraph:
 
 def count_flops(module: nn.Module, args: tuple[torch.Tensor, ...]) -> int:
     """FLOPs of one forward pass per sample (torch's own counter; batch divided out)."""
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    # no_grad, not inference_mode: torch 2.1's FlopCounterMode counts nothing under inference_mode.
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(*args)
     return int(counter.get_total_flops() // max(1, args[0].shape[0]))
 
