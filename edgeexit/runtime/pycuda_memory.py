@@ -88,7 +88,6 @@ class DeviceBuffer:
         return f"DeviceBuffer(0x{self.ptr:x}, [{self.rows}, {', '.join(map(str, self.row_shape))}] {self.dtype})"
 
 
-
 class PycudaMemory:
     """Buffers, copies and gathers on one pycuda stream (`gather`: kernel, memcpy or auto)."""
 

@@ -10,11 +10,12 @@ with the torch-CUDA backend):
    stage k's inputs at B, outputs the static buffers of its outputs at B. Its carried
    outputs are stage k+1's inputs (same names), so nothing is copied between stages;
 3. after `warmup` plain runs the execution of (stage, bucket) is captured on the stream as a
-   CUDA graph (pycuda ``Stream.begin_capture`` / ``end_capture`` / ``instantiate``) and
-   replayed with one launch from then on; a capture that fails leaves that key running
-   plainly;
+   CUDA graph (cuda-python's driver API, `edgeexit.runtime.cuda_graphs`: pycuda has no graph
+   API) and replayed with one launch from then on; a capture that fails leaves that key
+   running plainly;
 4. only ``conf`` and ``pred`` of the n live rows come back to the host (page-locked), the
-   cascade decides, and the logits of the samples that leave are gathered and copied back;
+   cascade decides, and the logits of the samples that leave are gathered on the GPU and
+   copied back together at the end of the call;
 5. the rows that stay are gathered on the GPU into the carried tensors' buffers at the
    bucket that holds them: one tiny CUDA kernel (``pycuda.compiler.SourceModule``, compiled
    once) per tensor, whatever the pattern; without nvcc, ``memcpy_dtod_async`` per run of
@@ -55,6 +56,7 @@ from edgeexit.errors import EdgeExitError
 from edgeexit.runtime.pycuda_memory import DeviceBuffer, PycudaMemory
 from edgeexit.runtime.static import StaticBackend
 from edgeexit.staging import StageIO
+
 # TensorRT DataType member name -> numpy type (by name, not trt.nptype: 8.x's maps bool to np.bool,
 # which numpy 1.24-1.26 does not have; 8.x also has no INT64, its ONNX parser casts int64 to int32).
 _NUMPY = {
@@ -66,6 +68,7 @@ _NUMPY = {
     "BOOL": np.bool_,
     "UINT8": np.uint8,
 }
+
 
 def numpy_dtype(trt_dtype) -> np.dtype:
     """The numpy dtype of a TensorRT DataType (by member name)."""
@@ -104,7 +107,6 @@ def select_engines(bundle, device_name: str | None = None,
             f"bundle: no engines for TensorRT {suffix[4:]} (have: {have}); plans run only on the "
             f"TensorRT version that built them; run `edgeexit engines {bundle.path}` here")
     raise EdgeExitError(f"bundle: several engine sets for TensorRT {suffix[4:]} ({', '.join(matches)}); name the device")
-
 
 
 def check_engines(key: str, entry: dict[str, Any], built_gpu: dict[str, str] | None, version: str,
