@@ -8,9 +8,9 @@ every sample runs every stage and every exit head, so the ratio is the price of 
 - `--backend onnxruntime` (default; CPU): batch 1, 1 thread and all threads; target <= 1.05.
 - `--backend torch-cuda` (an NVIDIA GPU): batch 1 and 32, with and without CUDA graphs (the
   monolithic baseline replayed as a graph too); target <= 1.10 with graphs. Then the shipped
-  digits example is trained here (or `--bundle` is loaded) and its cascade at the bundle's
-  thresholds (calibrated ones if `edgeexit calibrate` ran on it) is timed against its
-  monolithic graph: the speedup early exits buy on this GPU.
+  digits example is trained here (or `--bundle` is loaded) and its cascade, gated as the
+  bundle says (its thresholds, calibrated ones if `edgeexit calibrate` ran on it, or its exit
+  policy), is timed against its monolithic graph: the speedup early exits buy on this GPU.
 
 Two architectures for the overhead: the shipped digits example (tiny: per-call overhead
 dominates) and the same architecture at CIFAR size (3x32x32, wider), where compute
@@ -86,16 +86,14 @@ def torch_cuda_rows(rounds: int, samples: int, device: str = "cuda", batches=(1,
         model, stages, ios, mono_io, x = staged(spec, samples)
         for graphs in (True, False) if device.startswith("cuda") else (False,):
             for batch in batches:
-                cascade = TorchCudaBackend(stages, ios, device, max_batch=batch, graphs=graphs)
-                mono = TorchCudaBackend([Monolithic(model, spec.gating.confidence)], [mono_io], device,
-                                        max_batch=batch, graphs=graphs)
-                t = call_latency({"cascade": full_depth(cascade, ios), "monolithic": full_depth(mono, [mono_io])},
-                                 x.numpy(), batch, rounds)
-                failed = {**cascade.graphs.failed, **mono.graphs.failed}
+                with TorchCudaBackend(stages, ios, device, max_batch=batch, graphs=graphs) as cascade, \
+                        TorchCudaBackend([Monolithic(model, spec.gating.confidence)], [mono_io], device,
+                                         max_batch=batch, graphs=graphs) as mono:
+                    t = call_latency({"cascade": full_depth(cascade, ios), "monolithic": full_depth(mono, [mono_io])},
+                                     x.numpy(), batch, rounds)
+                    failed = {**cascade.graphs.failed, **mono.graphs.failed}
                 rows.append({"model": label, "batch": batch, "mode": "graphs" if graphs else "eager",
                              **ms(t), **({"capture_failed": failed} if failed else {})})
-                cascade.close()
-                mono.close()
     return rows
 
 
@@ -105,10 +103,11 @@ def ms(t: dict[str, float]) -> dict[str, float]:
 
 
 def gated_rows(bundle_path: str | None, rounds: int, device: str = "cuda", batches=(1, 32)) -> list[dict]:
-    """The trained example's cascade at its thresholds vs its monolithic graph, on torch-cuda."""
+    """The trained example's cascade as the bundle gates (its thresholds, or its exit policy
+    when it has one, as `edgeexit run` does) vs its monolithic graph, on torch-cuda."""
     from edgeexit.build import build
     from edgeexit.bundle import load_bundle
-    from edgeexit.runtime.loader import open_backend, open_monolithic
+    from edgeexit.runtime.loader import bundle_policy, open_backend, open_monolithic
     from edgeexit.tracing import split_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,12 +116,14 @@ def gated_rows(bundle_path: str | None, rounds: int, device: str = "cuda", batch
         x, y = split_inputs(bundle, "test")
         rows = []
         with open_backend(bundle, "torch-cuda", device) as backend, open_monolithic(bundle, "torch-cuda", device) as mono:
-            gated = Cascade(backend, bundle.stage_ios, bundle.thresholds)
+            policy = bundle_policy(bundle)
+            gated = Cascade(backend, bundle.stage_ios, bundle.thresholds, policy)
             for batch in batches:
                 t = call_latency({"cascade": gated, "monolithic": full_depth(mono, [bundle.monolithic_io])},
                                  x, batch, rounds)
                 result = gated.run_batched(x, batch)
                 rows.append({"model": bundle.name, "batch": batch, "thresholds": bundle.thresholds,
+                             "policy": policy is not None,
                              "calibrated": "calibration.json" in bundle.manifest.get("files", {}),
                              "accuracy": float(np.mean(result.pred == y)),
                              "exit_shares": [float(s) for s in result.exit_shares()], **ms(t)})
@@ -156,10 +157,11 @@ def main() -> None:
         print(f"{r['model']:<22} {r['batch']:>5} {r['mode']:>12} {r['monolithic_ms']:>14.4f} {r['cascade_ms']:>11.4f} "
               f"{r['ratio']:>6.3f}" + (f"  capture failed: {r['capture_failed']}" if "capture_failed" in r else ""))
     if gated:
-        print(f"\ncascade at the bundle's thresholds vs its monolithic graph (torch-cuda) on {where}")
+        print(f"\ncascade as the bundle gates vs its monolithic graph (torch-cuda) on {where}")
         for r in gated:
             shares = " / ".join(f"{s:.0%}" for s in r["exit_shares"])
-            print(f"{r['model']:<16} batch {r['batch']:>3}  thresholds {r['thresholds']} "
+            gating = "the exit policy" if r["policy"] else f"thresholds {r['thresholds']}"
+            print(f"{r['model']:<16} batch {r['batch']:>3}  {gating} "
                   f"({'calibrated' if r['calibrated'] else 'from the yaml'})  accuracy {r['accuracy']:.1%}  "
                   f"exits {shares}  cascade {r['cascade_ms']:.4f} ms  monolithic {r['monolithic_ms']:.4f} ms  "
                   f"speedup {1 / r['ratio']:.2f}x")

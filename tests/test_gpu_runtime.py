@@ -244,14 +244,11 @@ def test_profiler_and_traces_run_on_the_static_backend(bundle, data, reference):
     """`edgeexit profile` and `trace` drive a backend through the same calls on a GPU: here
     the static-buffer one on the CPU, with every number checked for sense."""
     from edgeexit.profile import profile_bundle
-    from edgeexit.runtime.loader import torch_model
-    from edgeexit.runtime.torch_cuda_backend import TorchCudaBackend
-    from edgeexit.staging import Monolithic
+    from edgeexit.runtime.loader import open_monolithic
 
     ort, thresholds = reference
     backend = static_torch(bundle, max_batch=64)
-    mono = TorchCudaBackend([Monolithic(torch_model(bundle), bundle.manifest["gating"]["confidence"])],
-                            [bundle.monolithic_io], "cpu", max_batch=64)
+    mono = open_monolithic(bundle, "torch-cuda", "cpu")
     entry = profile_bundle(backend, bundle.stage_ios, mono, bundle.monolithic_io, data, [1, 8], thresholds,
                            iters=5, warmup=2)
     assert entry["backend"] == "torch-cuda" and set(entry["batches"]) == {"1", "8"}
