@@ -166,7 +166,7 @@ def main() -> None:
                   f"exits {shares}  cascade {r['cascade_ms']:.4f} ms  monolithic {r['monolithic_ms']:.4f} ms  "
                   f"speedup {1 / r['ratio']:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": where, "overhead": rows, "gated": gated}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"device": where, "overhead": rows, "gated": gated}, indent=2, allow_nan=False) + "\n")
 
 
 if __name__ == "__main__":

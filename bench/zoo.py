@@ -28,7 +28,7 @@ import numpy as np
 
 from calibration.solvers import Budget
 from edgeexit.build import build
-from edgeexit.bundle import load_bundle, update_bundle
+from edgeexit.bundle import Change, load_bundle, update_bundle
 from edgeexit.calibrate import calibrate, cheapest_call, full_depth_call, latency_source
 from edgeexit.plots import plot_exit_curves
 from edgeexit.profile import PROFILE, interleaved_calls, with_profiles
@@ -47,7 +47,7 @@ def bench_one(bundle, fraction: float, rounds: int) -> dict:
     x, y = split_inputs(bundle, "test")
     source = latency_source(bundle, backend, "auto", 1, x, THREADS, iters=200)
     if source.new_profile:
-        bundle = update_bundle(bundle, with_profiles(bundle.path, source.new_profile), {"profile": PROFILE})
+        bundle = update_bundle(bundle, Change(with_profiles(bundle.path, source.new_profile), {"profile": PROFILE}))
     lat = source.model
     budget = Budget(max(fraction * full_depth_call(lat, 1), 1.05 * cheapest_call(lat, 1)))
     bundle, record = calibrate(bundle, backend, budget, measure=False, curve_points=2, progress=False)
@@ -111,7 +111,7 @@ def main() -> int:
                 rows.append(bench_one(bundle, args.fraction, args.rounds))
     print_rows(rows, args.fraction)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(rows, indent=2, allow_nan=False) + "\n")
     if args.plot:
         curves = {r["name"]: (r["paper_mflops"], r["exit_accuracy"]) for r in rows}
         if not plot_exit_curves(curves, Path(args.plot), "model zoo on digits: every exit on the test split"):

@@ -59,7 +59,7 @@ def save_traces(path: str | Path, traces: Traces) -> Path:
     os.close(fd)
     try:
         np.savez_compressed(tmp, conf=traces.conf.astype(np.float32), pred=traces.pred.astype(np.int64),
-                            labels=traces.labels.astype(np.int64), meta=np.array(json.dumps(traces.meta)))
+                            labels=traces.labels.astype(np.int64), meta=np.array(json.dumps(traces.meta, allow_nan=False)))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -11,10 +11,8 @@ whole build has succeeded.
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,13 +25,15 @@ import torch
 
 import edgeexit
 from calibration.gating import shared_threshold_sweep
-from edgeexit.bundle import Bundle, load_bundle, write_bundle
+from edgeexit.atomic import staging
+from edgeexit.bundle import Bundle, check_output, load_bundle, write_bundle
 from edgeexit.data import Dataset, data_record, load_dataset, normalize
 from edgeexit.devices import check_target, load_device
 from edgeexit.errors import SpecError
 from edgeexit.export.onnx import ExportedGraph, activation_bytes, count_flops, export_checked, export_stages
 from edgeexit.export.precision import apply_precision, convert
 from edgeexit.flops import exit_flops
+from edgeexit.jsonio import dumps
 from edgeexit.models import build_model, load_weights
 from edgeexit.plots import plot_tradeoff
 from edgeexit.profile import per_sample_latency
@@ -207,17 +207,22 @@ def evaluate(bundle_root: Path, ios: list[StageIO], mono_path: Path, mono_io: St
 def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tuple[Bundle, dict[str, Any]]:
     """Run the whole pipeline for `spec`; returns the verified bundle and its report."""
     dest = (output or spec.output).resolve()
-    data = load_dataset(spec)
-    log(f"[1/7] data: {spec.data.kind}, train/val/calibration/test = "
-        f"{len(data.train.y)}/{len(data.val.y)}/{len(data.calibration.y)}/{len(data.test.y)}")
+    step = log if progress else (lambda _message: None)  # --quiet: no step lines; notes still print
+    # everything that can be refused without data comes first: the output, the model, the weights
+    check_output(dest)
     model = new_model(spec)
     costs = check_device(spec, model)
-    trained = fit_or_load(model, spec, data, costs, progress)
+    if spec.weights is not None:
+        load_weights(model, spec.weights)
+    data = load_dataset(spec)
+    step(f"[1/7] data: {spec.data.kind}, train/val/calibration/test = "
+         f"{len(data.train.y)}/{len(data.val.y)}/{len(data.calibration.y)}/{len(data.test.y)}")
+    trained = None if spec.weights is not None else fit_or_load(model, spec, data, costs, progress)
     thresholds = list(spec.gating.thresholds or default_thresholds(spec.gating.confidence, len(model.blocks)))
     gate_thresholds(thresholds, len(model.blocks))
-    log(f"[2/7] model: {spec.model.arch or spec.model.factory}, {len(model.blocks)} exits, "
-        + ("trained: val accuracy per exit " + ", ".join(f"{a:.1%}" for a in trained["val_accuracy"])
-           if trained else f"weights {spec.weights.name}"))
+    step(f"[2/7] model: {spec.model.arch or spec.model.factory}, {len(model.blocks)} exits, "
+         + ("trained: val accuracy per exit " + ", ".join(f"{a:.1%}" for a in trained["val_accuracy"])
+            if trained else f"weights {spec.weights.name}"))
 
     norm = lambda a: normalize(a, spec.input.mean, spec.input.std)  # noqa: E731
     x_test = norm(data.test.x)
@@ -225,21 +230,20 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
     stages = make_stages(model, spec.gating.confidence)
     staged_diff = check_staging(model, stages, sample)
     ios = stage_io(stages, sample, spec.input.name)
-    log(f"[3/7] stages: staged vs monolithic logits max abs diff {staged_diff:.2e}")
+    step(f"[3/7] stages: staged vs monolithic logits max abs diff {staged_diff:.2e}")
 
-    with tempfile.TemporaryDirectory(prefix="edgeexit-build-") as tmp:
-        root = Path(tmp)
+    with staging(dest) as root:  # beside the output, so the seal's swap is one atomic step
         exported = export_stages(stages, ios, sample, root / "stages", spec.export.opset, spec.export.parity_atol)
         mono_io = StageIO(0, (spec.input.name,), (), "logits", "conf", "pred")
         mono = export_checked(Monolithic(model, spec.gating.confidence), (sample,), root / "monolithic.onnx",
                               mono_io, spec.export.opset, spec.export.parity_atol)
-        log("[4/7] onnx: " + ", ".join(f"stage{g.io.index} {g.parity:.1e}" for g in exported)
+        step("[4/7] onnx: " + ", ".join(f"stage{g.io.index} {g.parity:.1e}" for g in exported)
             + f", monolithic {mono.parity:.1e} (max abs diff vs torch, opset {spec.export.opset})")
         torch.save(model.state_dict(), root / "weights.pt")
         x_cal = norm(data.calibration.x)
         precision = apply_precision(root / "stages", ios, spec, x_cal, x_test, data.test.y, log)
         mono_precision = _monolithic_precision(spec, mono.path, x_cal)
-        log(f"[5/7] precision: stages {', '.join(precision.precisions)}, monolithic {mono_precision}; final exit "
+        step(f"[5/7] precision: stages {', '.join(precision.precisions)}, monolithic {mono_precision}; final exit "
             f"drop {precision.report['final_drop_pt']:.2f} pt vs fp32 (tolerance {spec.export.tolerance_pt:g})")
 
         report = evaluate(root, ios, mono.path, mono_io, thresholds, x_test, data.test.y, spec.export.batch.max,
@@ -250,14 +254,14 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
                        "training": trained, "precision": precision.report,
                        "paper_cumulative_ops": exit_flops(model, spec.input.shape),
                        "monolithic_precision": mono_precision})
-        log(f"[6/7] evaluated on {report['samples']} test samples (onnxruntime CPU)")
-        (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        step(f"[6/7] evaluated on {report['samples']} test samples (onnxruntime CPU)")
+        (root / "report.json").write_text(dumps(report) + "\n")
         if not plot_tradeoff(report, root / "tradeoff.png"):
             log("      no tradeoff.png: matplotlib is not installed (pip install 'edgeexit[plot]')")
         write_bundle(root, _manifest(spec, exported, precision.precisions, mono, mono_precision, thresholds, costs,
                                      root), dest)
     bundle = load_bundle(dest)
-    log(f"[7/7] bundle: {dest} ({len(bundle.manifest['files'])} files, checksums verified)")
+    step(f"[7/7] bundle: {dest} ({len(bundle.manifest['files'])} files, checksums verified)")
     if load_device(spec.target.device).kind == "jetson" or spec.target.backend == "tensorrt":
         bundle = _engines(bundle, spec, progress)
     elif spec.budget.latency_ms is not None:

@@ -16,7 +16,6 @@ optimiser's thresholds stay for when it is removed). Any other solver removes a 
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,8 +29,9 @@ from calibration.latency import SOURCES, LatencyModel, estimate, from_profile
 from calibration.policy import ExitPolicy, PolicyFit, fit_policy, policy_point
 from calibration.solvers import SOLVERS, Budget, Scorer, best_feasible, geometric, optimise, tail_seconds
 from calibration.traces import Traces, load_traces
-from edgeexit.bundle import Bundle, update_bundle
+from edgeexit.bundle import Bundle, Change, update_bundle
 from edgeexit.errors import EdgeExitError
+from edgeexit.jsonio import dumps
 from edgeexit.profile import (PROFILE, device_id, interleaved_calls, machine_facts, profile_bundle, profile_key,
                               read_profiles, with_profiles)
 from edgeexit.runtime.backend import Backend
@@ -255,19 +255,23 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
         record["held"] = None  # an estimate: only the device can tell
     budgets = np.linspace(floor, record["full_depth_ms"] / 1e3, curve_points + 1)[1:]
     record["pareto"] = pareto(traces["val"], traces["test"], lat, budget, budgets, progress, solver == "policy")
-    files = {CALIBRATION: (json.dumps(record, indent=2) + "\n").encode()}
-    updates: dict[str, Any] = {"calibration": CALIBRATION}
-    if source.new_profile:
-        files.update(with_profiles(bundle.path, source.new_profile))
-        updates["profile"] = PROFILE
     png = _pareto_png(record, bundle.name)
-    if png is not None:
-        files[PARETO_PNG] = png
-    gating = {k: v for k, v in bundle.manifest["gating"].items() if k != "policy"}  # a stale policy goes
-    gating["thresholds"] = record["thresholds"]
-    if policy is not None:
-        gating["policy"] = policy.to_dict()
-    return update_bundle(bundle, files, {**updates, "gating": gating}), record
+
+    def change(current: Bundle) -> Change:  # computed under the bundle's lock, from its state then
+        files = {CALIBRATION: (dumps(record) + "\n").encode()}
+        updates: dict[str, Any] = {"calibration": CALIBRATION}
+        if source.new_profile:
+            files.update(with_profiles(current.path, source.new_profile))
+            updates["profile"] = PROFILE
+        if png is not None:
+            files[PARETO_PNG] = png
+        gating = {k: v for k, v in current.manifest["gating"].items() if k != "policy"}  # a stale policy goes
+        gating["thresholds"] = record["thresholds"]
+        if policy is not None:
+            gating["policy"] = policy.to_dict()
+        return Change(files, {**updates, "gating": gating})
+
+    return update_bundle(bundle, change), record
 
 
 def _pareto_png(record: dict[str, Any], name: str) -> bytes | None:

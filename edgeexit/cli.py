@@ -1,4 +1,4 @@
-"""The `edgeexit` command: build | train | run | trace | profile | calibrate | inspect | engines | devices.
+"""The `edgeexit` command: build | train | run | trace | profile | calibrate | inspect | sign | keygen | engines | devices.
 
 User errors (bad yaml, missing files, tampered bundles) print one line on stderr and exit 2;
 anything else is a bug and keeps its traceback.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 from calibration.latency import SOURCES
 from calibration.solvers import SOLVERS, TAILS, Budget
 from edgeexit.errors import EdgeExitError
+from edgeexit.jsonio import dumps
 from edgeexit.spec import BACKENDS, PRECISIONS
 
 
@@ -26,7 +26,7 @@ def _cmd_build(args) -> int:
     from edgeexit.spec import load_spec
 
     bundle, report = build(load_spec(args.spec), Path(args.out) if args.out else None, progress=not args.quiet)
-    print(json.dumps(report, indent=2) if args.json else format_summary(bundle, report))
+    print(dumps(report) if args.json else format_summary(bundle, report))
     return 0
 
 
@@ -39,37 +39,84 @@ def _cmd_train(args) -> int:
 
     spec = load_spec(args.spec, require_weights=False)
     out = Path(args.out) if args.out else (spec.weights or spec.output.parent / f"{spec.name}.pt")
+    _check_file_out(out, "--out" if args.out else "weights")  # before training, not after
     data = load_dataset(spec)
     model = new_model(spec)
     trained = fit_or_load(model, dataclasses.replace(spec, weights=None), data, check_device(spec, model),
                           progress=not args.quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    torch.save(model.state_dict(), partial)
-    os.replace(partial, out)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        torch.save(model.state_dict(), partial)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
     log(f"weights: {out}")
     print("val accuracy per exit: " + ", ".join(f"{a:.1%}" for a in trained["val_accuracy"]))
     return 0
 
 
-def _load_images(path: str, bundle) -> np.ndarray:
-    from edgeexit.data import normalize, resize_like
+def _check_file_out(out: Path, what: str) -> None:
+    """Refuse a file output that is a folder or lies under a file, before any work."""
+    if out.is_dir():
+        raise EdgeExitError(f"{what}: {out} is a folder; give the file to write, e.g. {out / 'weights.pt'}")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise EdgeExitError(f"{what}: {out} lies under {parent}, which is a file")
 
+
+CHUNK_BYTES = 64 << 20  # raw images normalised and run per chunk: peak memory stays near this
+
+
+def _open_images(path: str, bundle):
+    """The raw images of an .npy file as [N, C, H, W], memory-mapped (never read whole), and
+    the mapping (to release pages already run)."""
+    from edgeexit.npy import MappedNpy
+
+    if not Path(path).is_file():
+        raise EdgeExitError(f"--input: file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":
+            raise EdgeExitError(f"--input: {path} is an .npz archive; give one .npy array [N, C, H, W]")
     try:
-        x = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
-        raise EdgeExitError(f"--input: cannot read {path}: {exc or 'the file is empty'}") from None
-    if not isinstance(x, np.ndarray):
-        raise EdgeExitError(f"--input: {path} is an .npz archive; give one .npy array [N, C, H, W]")
-    if not np.issubdtype(x.dtype, np.number):
-        raise EdgeExitError(f"--input: {path} holds {x.dtype}, not numbers")
+        mapped = MappedNpy(Path(path))
+    except (OSError, ValueError, EOFError) as exc:  # EOFError / ValueError: empty, truncated or not an .npy
+        raise EdgeExitError(f"--input: cannot read {path}: {str(exc) or 'the file is empty'}") from None
+    x = mapped.array
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise EdgeExitError(f"--input: {path} holds {x.dtype}, not real numbers")
     shape = tuple(bundle.input["shape"][1:])
     if x.ndim == len(shape) and x.shape[0] == shape[0]:  # one image
         x = x[None]
-    x = resize_like(x, shape, bool((bundle.manifest.get("data") or {}).get("resize", False)))
-    if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+    resize = bool((bundle.manifest.get("data") or {}).get("resize", False))
+    fits = x.ndim == len(shape) + 1 and x.shape[1] == shape[0] and (resize or tuple(x.shape[2:]) == shape[1:])
+    if not fits:
         raise EdgeExitError(f"--input: {path} has shape {list(x.shape)}; the bundle takes [N, {', '.join(map(str, shape))}]")
-    return normalize(x, bundle.input["mean"], bundle.input["std"])
+    if len(x) == 0:
+        raise EdgeExitError(f"--input: {path} holds no images (shape {list(x.shape)})")
+    return x, mapped
+
+
+def _chunks(x: np.ndarray, batch: int):
+    """(start, rows) over `x`, whole batches of about CHUNK_BYTES each."""
+    per_sample = max(1, x[0].size * 4)
+    rows = max(1, CHUNK_BYTES // per_sample)
+    rows = max(batch, rows - rows % batch) if rows >= batch else rows
+    for start in range(0, len(x), rows):
+        yield start, x[start:start + rows]
+
+
+def _refuse_nonfinite(x: np.ndarray, mapped, path: str, batch: int) -> None:
+    from edgeexit.data import describe_samples, nonfinite_samples
+
+    bad = []
+    for start, chunk in _chunks(x, batch):
+        bad.append(nonfinite_samples(np.asarray(chunk)) + start)
+        mapped.release(start, start + len(chunk))
+    bad = np.concatenate(bad)
+    if len(bad):
+        raise EdgeExitError(f"--input: {path}: {describe_samples(bad, len(x))} contain NaN or Inf; refused "
+                            "(--allow-nonfinite runs them anyway)")
 
 
 def _gating(args, bundle):
@@ -90,53 +137,88 @@ def _parse_thresholds(text: str | None):
         raise EdgeExitError(f"--thresholds: {text!r} is not a comma-separated list of numbers (last may be null)") from None
 
 
-def _cmd_run(args) -> int:
+def _open_bundle(args):
+    """The verified bundle a command names; with --trust (or EDGEEXIT_TRUST, a device's trust
+    store) only one signed by a trusted key."""
     from edgeexit.bundle import load_bundle
-    from edgeexit.runtime.cascade import Cascade
-    from edgeexit.runtime.loader import open_backend
 
     bundle = load_bundle(args.bundle)
-    x = _load_images(args.input, bundle)
+    trust = getattr(args, "trust", None) or os.environ.get("EDGEEXIT_TRUST")
+    if trust:
+        from edgeexit.signing import verify_signature
+
+        args.signed_by = verify_signature(bundle, Path(trust))
+    return bundle
+
+
+def _cmd_run(args) -> int:
+    from edgeexit.data import normalize, resize_like
+    from edgeexit.jsonio import finite_or_none
+    from edgeexit.runtime.cascade import Cascade
+    from edgeexit.runtime.loader import max_batch, open_backend
+
+    bundle = _open_bundle(args)
+    x, mapped = _open_images(args.input, bundle)
+    batch = max_batch(bundle)
+    if not args.allow_nonfinite:
+        _refuse_nonfinite(x, mapped, args.input, batch)
     thresholds, policy = _gating(args, bundle)
-    with open_backend(bundle, args.backend, args.device) as backend:
+    shape, resize = tuple(bundle.input["shape"][1:]), bool((bundle.manifest.get("data") or {}).get("resize", False))
+    classes = bundle.classes
+    counts = np.zeros(len(bundle.stage_ios), dtype=np.int64)
+    with open_backend(bundle, args.backend, args.device, trust_code=args.trust_code) as backend:
         cascade = Cascade(backend, bundle.stage_ios, thresholds, policy)
-        result = cascade.run_batched(x, bundle.manifest["export"]["batch"]["max"])
-    classes, probs = bundle.classes, result.probs
-    rows = [{"index": i, "class": int(result.pred[i]), "label": classes[result.pred[i]], "exit": int(result.exit[i]),
-             "confidence": float(result.conf[i]), "probabilities": [float(p) for p in probs[i]]}
-            for i in range(len(x))]
+        if args.json:
+            head = dumps({"bundle": str(bundle.path), "backend": cascade.backend.name, "thresholds": thresholds,
+                          "policy": None if policy is None else policy.to_dict()})
+            print(head[:-2] + ',\n  "samples": [')
+        else:
+            print(f"backend: {cascade.backend.name}", file=sys.stderr)
+            print(f"{'index':>5}  {'class':>8}  {'exit':>4}  {'confidence':>10}")
+        for start, raw in _chunks(x, batch):
+            chunk = normalize(resize_like(np.asarray(raw, dtype=np.float32), shape, resize),
+                              bundle.input["mean"], bundle.input["std"])
+            result = cascade.run_batched(chunk, batch)
+            mapped.release(start, start + len(chunk))
+            counts += np.bincount(result.exit, minlength=len(counts))
+            for i in range(len(chunk)):
+                k, pred = start + i, int(result.pred[i])
+                if args.json:
+                    row = {"index": k, "class": pred, "label": classes[pred], "exit": int(result.exit[i]),
+                           "confidence": finite_or_none(result.conf[i]),
+                           "probabilities": [finite_or_none(p) for p in result.probs[i]]}
+                    print(("    " if k == 0 else ",\n    ") + dumps(row, indent=None), end="")
+                else:
+                    print(f"{k:>5}  {classes[pred]:>8}  {int(result.exit[i]):>4}  {float(result.conf[i]):>10.4f}")
     if args.json:
-        print(json.dumps({"bundle": str(bundle.path), "backend": cascade.backend.name, "thresholds": thresholds,
-                          "policy": None if policy is None else policy.to_dict(), "samples": rows}, indent=2))
+        print("\n  ]\n}")
         return 0
-    print(f"{'index':>5}  {'class':>8}  {'exit':>4}  {'confidence':>10}")
-    for r in rows:
-        print(f"{r['index']:>5}  {r['label']:>8}  {r['exit']:>4}  {r['confidence']:>10.4f}")
-    shares = result.exit_shares()
+    shares = counts / counts.sum()
     print("exit shares: " + ", ".join(f"exit {k} {s:.0%}" for k, s in enumerate(shares))
           + ("; gated by the bundle's exit policy (gating.policy)" if policy is not None else ""))
     return 0
 
 
-def _batch_list(text: str) -> list[int]:
+def _batch_list(text: str, largest: int) -> list[int]:
     try:
         sizes = sorted({int(b) for b in text.split(",")})
     except ValueError:
         sizes = []
     if not sizes or sizes[0] < 1:
         raise EdgeExitError(f"--batch: {text!r} is not a comma-separated list of batch sizes >= 1")
+    if sizes[-1] > largest:
+        raise EdgeExitError(f"--batch: {sizes[-1]} is above the bundle's export.batch.max ({largest})")
     return sizes
 
 
 def _cmd_trace(args) -> int:
     from calibration.traces import save_traces
-    from edgeexit.bundle import load_bundle
     from edgeexit.runtime.loader import open_backend
     from edgeexit.tracing import record_traces, split_inputs
 
-    bundle = load_bundle(args.bundle)
+    bundle = _open_bundle(args)
     x, y = split_inputs(bundle, args.split, args.data)
-    with open_backend(bundle, args.backend, args.device) as backend:
+    with open_backend(bundle, args.backend, args.device, trust_code=args.trust_code) as backend:
         traces = record_traces(bundle, backend, x, y, args.split)
     out = save_traces(args.out or f"{bundle.name}.{args.split}.traces.npz", traces)
     acc = traces.correct.mean(axis=0)
@@ -146,77 +228,124 @@ def _cmd_trace(args) -> int:
 
 
 def _cmd_profile(args) -> int:
-    from edgeexit.bundle import load_bundle, update_bundle
+    from edgeexit.bundle import Change, update_bundle
     from edgeexit.jetson import TegrastatsSampler, jetson_facts
     from edgeexit.profile import PROFILE, format_profile, profile_bundle, profile_key, with_profiles
-    from edgeexit.runtime.loader import open_backend, open_monolithic, opened
+    from edgeexit.runtime.loader import max_batch, open_backend, open_monolithic, opened
     from edgeexit.tracing import split_inputs
 
-    bundle = load_bundle(args.bundle)
-    batches = _batch_list(args.batch)
+    bundle = _open_bundle(args)
+    batches = _batch_list(args.batch, max_batch(bundle))
     x, _ = split_inputs(bundle, args.split, args.data)
     thresholds, policy = _gating(args, bundle)
     power = TegrastatsSampler if jetson_facts() is not None and not args.no_power else None
-    with open_backend(bundle, args.backend, args.device, args.threads) as backend, \
-            opened(open_monolithic(bundle, backend.name, args.device, args.threads)) as mono:
+    with open_backend(bundle, args.backend, args.device, args.threads, args.trust_code) as backend, \
+            opened(open_monolithic(bundle, backend.name, args.device, args.threads, args.trust_code)) as mono:
         entry = profile_bundle(backend, bundle.stage_ios, mono, bundle.monolithic_io, x, batches, thresholds,
                                iters=args.iters, warmup=args.warmup, threads=args.threads, power=power, policy=policy,
                                progress=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
     key = profile_key(entry["backend"], entry["device"])
-    update_bundle(bundle, with_profiles(bundle.path, {key: entry}), {"profile": PROFILE})
-    print(json.dumps(entry, indent=2) if args.json else format_profile(entry) + f"\nsaved: {bundle.path / PROFILE} [{key}]")
+    # merged into the profiles as they are when the lock is held, not as they were at the start
+    update_bundle(bundle, lambda current: Change(with_profiles(current.path, {key: entry}), {"profile": PROFILE}))
+    print(dumps(entry) if args.json else format_profile(entry) + f"\nsaved: {bundle.path / PROFILE} [{key}]")
     return 0
 
 
 def _cmd_calibrate(args) -> int:
-    from edgeexit.bundle import load_bundle
     from edgeexit.calibrate import calibrate, format_calibration
-    from edgeexit.runtime.loader import open_backend
+    from edgeexit.runtime.loader import max_batch, open_backend
 
-    bundle = load_bundle(args.bundle)
+    bundle = _open_bundle(args)
+    if args.batch > max_batch(bundle):
+        raise EdgeExitError(f"--batch: {args.batch} is above the bundle's export.batch.max ({max_batch(bundle)})")
+    if not 0 < args.confidence < 1:
+        raise EdgeExitError(f"--confidence: {args.confidence:g} must be between 0 and 1")
     budget = Budget(args.budget_ms / 1e3, args.batch, TAILS[args.tail], args.confidence)
-    with open_backend(bundle, args.backend, args.device, args.threads) as backend:
+    with open_backend(bundle, args.backend, args.device, args.threads, args.trust_code) as backend:
         bundle, record = calibrate(bundle, backend, budget, args.solver, args.latency, args.val_traces,
                                    args.test_traces, {"val": args.data_val, "test": args.data_test}, args.threads,
                                    args.iters, measure=not args.no_measure, progress=not args.quiet)
-    print(json.dumps(record, indent=2) if args.json else format_calibration(record) + f"\nbundle: {bundle.path}")
+    print(dumps(record) if args.json else format_calibration(record) + f"\nbundle: {bundle.path}")
     return 0
 
 
-def _cmd_inspect(args) -> int:
-    from edgeexit.bundle import load_bundle
+def _text(value) -> str:
+    """A manifest value as a person reads it: null for None, lists without quotes."""
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ", ".join(_text(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
-    bundle = load_bundle(args.bundle)
+
+def _signature_line(args, bundle) -> str:
+    from edgeexit.signing import signature_record
+
+    if getattr(args, "signed_by", None):
+        return f"signature: ed25519 key {args.signed_by}, verified against the trusted keys"
+    record = signature_record(bundle)
+    if record is None:
+        return "signature: none (edgeexit sign BUNDLE --key KEY)"
+    return f"signature: ed25519 key {record['key']}, not checked (give --trust PUBKEY)"
+
+
+def _cmd_inspect(args) -> int:
+    bundle = _open_bundle(args)
     m = bundle.manifest
     if args.json:
-        print(json.dumps({"path": str(bundle.path), "verified": True, "manifest": m}, indent=2))
+        print(dumps({"path": str(bundle.path), "verified": True, "signed_by": getattr(args, "signed_by", None),
+                     "manifest": m}))
         return 0
     inp = m["input"]
-    print(f"{m['name']}  (format {m['format']}, built {m.get('created', '?')}, checksums verified: {len(m['files'])} files)")
-    print(f"input:   {inp['name']} {inp['shape']} {inp['dtype']}  mean {inp['mean']} std {inp['std']}")
+    print(f"{m['name']}  (format {m['format']}, built {m.get('created', '?')}, manifest seal and checksums "
+          f"verified: {len(m['files'])} files)")
+    print(_signature_line(args, bundle))
+    print(f"input:   {inp['name']} {_text(inp['shape'])} {inp['dtype']}  mean {_text(inp['mean'])} std {_text(inp['std'])}")
     print(f"classes: {len(m['classes'])} ({', '.join(m['classes'][:10])}{', ...' if len(m['classes']) > 10 else ''})")
-    print(f"gating:  {m['gating']['confidence']}, thresholds {m['gating']['thresholds']}")
+    print(f"gating:  {m['gating']['confidence']}, thresholds {_text(m['gating']['thresholds'])}")
     print(f"{'stage':>5}  {'file':<20} {'precision':>9}  {'MFLOPs':>8}  {'params':>8}  inputs -> carry")
     for s in m["stages"]:
-        print(f"{s['index']:>5}  {s['onnx']:<20} {s['precision']:>9}  {s['flops'] / 1e6:>8.3f}  {s['params']:>8}  "
+        flops = s.get("flops")
+        print(f"{s['index']:>5}  {s['onnx']:<20} {_text(s.get('precision')):>9}  "
+              f"{(f'{flops / 1e6:.3f}' if isinstance(flops, (int, float)) else '?'):>8}  {_text(s.get('params')):>8}  "
               f"{', '.join(s['inputs'])} -> {', '.join(s['outputs']['carry']) or '(none)'}")
-    mono = m.get("monolithic_cost", {})
-    print(f"monolithic: {m['monolithic']}" + (f"  {mono['flops'] / 1e6:.3f} MFLOPs" if mono else ""))
-    for key, entry in m.get("engines", {}).items():
-        print(f"engines: {key} ({len(entry['stages'])} plans, TensorRT {entry.get('tensorrt', '?')}, "
-              f"precision {entry.get('precision')}, DLA {entry.get('dla_core')})")
+    mono = m.get("monolithic_cost") if isinstance(m.get("monolithic_cost"), dict) else {}
+    flops = mono.get("flops")
+    print(f"monolithic: {m['monolithic']}" + (f"  {flops / 1e6:.3f} MFLOPs" if isinstance(flops, (int, float)) else ""))
+    for key, entry in (m.get("engines") or {}).items():
+        print(f"engines: {key} ({len(entry['stages'])} plans, TensorRT {_text(entry.get('tensorrt', '?'))}, "
+              f"precision {_text(entry.get('precision'))}, DLA {_text(entry.get('dla_core'))})")
     if not m.get("engines"):
         print("engines: none (build them on the device with `edgeexit engines BUNDLE`)")
-    tc = m.get("toolchain", {})
-    print("toolchain: " + ", ".join(f"{k} {v}" for k, v in tc.items()))
+    tc = m.get("toolchain") if isinstance(m.get("toolchain"), dict) else {}
+    print("toolchain: " + ", ".join(f"{k} {_text(v)}" for k, v in tc.items()))
+    return 0
+
+
+def _cmd_sign(args) -> int:
+    from edgeexit.bundle import load_bundle
+    from edgeexit.signing import sign_bundle
+
+    bundle, key = sign_bundle(load_bundle(args.bundle), Path(args.key))
+    print(f"signed: {bundle.path} with ed25519 key {key} ({bundle.path / 'manifest.sig'})")
+    return 0
+
+
+def _cmd_keygen(args) -> int:
+    from edgeexit.signing import write_keypair
+
+    public, key = write_keypair(Path(args.path))
+    print(f"keys: {args.path} (private, keep it off the devices) and {public} (public, key {key}: put it in the "
+          "devices' trust store)")
     return 0
 
 
 def _cmd_engines(args) -> int:
-    from edgeexit.bundle import load_bundle
     from edgeexit.export.tensorrt import build_engines
 
-    bundle = load_bundle(args.bundle)
+    bundle = _open_bundle(args)
     device = args.device or bundle.manifest["target"]["device"]
     dla = args.dla if args.dla is not None else bundle.manifest["target"].get("dla_core")
     out = build_engines(bundle.path, device, precision=args.precision, progress=not args.quiet, dla_core=dla,
@@ -229,7 +358,7 @@ def _cmd_devices(args) -> int:
     from edgeexit.devices import format_table, list_devices, profile_to_dict
 
     profiles = list_devices()
-    print(json.dumps([profile_to_dict(p) for p in profiles], indent=2) if args.json else format_table(profiles))
+    print(dumps([profile_to_dict(p) for p in profiles]) if args.json else format_table(profiles))
     return 0
 
 
@@ -237,17 +366,55 @@ TORCH_DEVICE_HELP = ("torch device: --backend torch on cpu (default), cuda, cuda
                      "cuda:1, or cpu (its static buffers without CUDA graphs: a dry run of the GPU path)")
 
 
+TRUST_CODE_HELP = ("let --backend torch/torch-cuda import the installed module a factory bundle names "
+                   "(model.factory is Python code: off by default)")
+TRUST_HELP = ("refuse the bundle unless it is signed by this ed25519 public key, or by one of the *.pub/*.pem "
+              "keys in this folder (default: $EDGEEXIT_TRUST when set)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, like every other edgeexit error (usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"edgeexit: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(lo: int):
+    """argparse type: an integer >= lo."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{value} is below {lo}")
+        return value
+    return parse
+
+
+def _positive_ms(text: str) -> float:
+    """argparse type: a finite number of milliseconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
+    return value
+
+
 def _backend_args(p: argparse.ArgumentParser) -> None:
-    """--backend, --device and --threads, shared by the commands that time a bundle."""
+    """--backend, --device, --threads and --trust-code, shared by the commands that time a bundle."""
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", help=TORCH_DEVICE_HELP)
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument("--threads", type=_count(1), default=1, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
 
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser (kept separate so the README's command reference can be checked)."""
-    p = argparse.ArgumentParser(prog="edgeexit", description="Deploy early-exit CNNs: staged export and a gated runtime.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="edgeexit", description="Deploy early-exit CNNs: staged export and a gated runtime.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     b = sub.add_parser("build", help="train/load, split, export, evaluate and bundle a model.yaml")
     b.add_argument("spec", help="model.yaml")
@@ -270,13 +437,27 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help=TORCH_DEVICE_HELP)
     r.add_argument("--thresholds", help="gate on these thresholds instead of the bundle's exit policy or "
                                         "thresholds, e.g. 0.9,0.8,null")
+    r.add_argument("--trust", help=TRUST_HELP)
+    r.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
+    r.add_argument("--allow-nonfinite", action="store_true",
+                   help="run images holding NaN/Inf (refused by default) and report their raw outputs")
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=_cmd_run)
 
     i = sub.add_parser("inspect", help="verify a bundle and show what it holds")
     i.add_argument("bundle")
+    i.add_argument("--trust", help=TRUST_HELP)
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=_cmd_inspect)
+
+    sg = sub.add_parser("sign", help="sign a bundle with an ed25519 private key (manifest.sig)")
+    sg.add_argument("bundle")
+    sg.add_argument("--key", required=True, help="ed25519 private key, PEM or OpenSSH (edgeexit keygen writes one)")
+    sg.set_defaults(fn=_cmd_sign)
+
+    kg = sub.add_parser("keygen", help="write a new ed25519 key pair for signing bundles: PATH and PATH.pub")
+    kg.add_argument("path")
+    kg.set_defaults(fn=_cmd_keygen)
 
     e = sub.add_parser("engines", help="build TensorRT engines for a bundle's stages (run on the target device)")
     e.add_argument("bundle")
@@ -293,6 +474,7 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", help=".npz with x and y to trace instead of the bundle's data")
     tr.add_argument("--backend", default="auto", choices=BACKENDS)
     tr.add_argument("--device", help=TORCH_DEVICE_HELP)
+    tr.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
     tr.add_argument("--out", help="output .npz (default: <bundle name>.<split>.traces.npz)")
     tr.set_defaults(fn=_cmd_trace)
 
@@ -300,8 +482,8 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("bundle")
     _backend_args(pr)
     pr.add_argument("--batch", default="1,8,32", help="batch sizes, comma-separated (default 1,8,32)")
-    pr.add_argument("--iters", type=int, default=200, help="timed calls per runner and batch size")
-    pr.add_argument("--warmup", type=int, default=20, help="untimed calls first")
+    pr.add_argument("--iters", type=_count(1), default=200, help="timed calls per runner and batch size")
+    pr.add_argument("--warmup", type=_count(0), default=20, help="untimed calls first")
     pr.add_argument("--thresholds", help="thresholds for the gated cascade (default: the bundle's)")
     pr.add_argument("--split", default="test", help="real samples to run (a split of the bundle's data)")
     pr.add_argument("--data", help=".npz with x (and y) to run instead of the bundle's data")
@@ -312,10 +494,10 @@ def parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", help="thresholds that maximise accuracy under a latency budget")
     c.add_argument("bundle")
-    c.add_argument("--budget-ms", type=float, required=True, help="latency budget of one cascade call, ms")
+    c.add_argument("--budget-ms", type=_positive_ms, required=True, help="latency budget of one cascade call, ms")
     c.add_argument("--tail", default="mean", choices=tuple(TAILS),
                    help="what must stay under the budget: the mean call latency (default) or a percentile")
-    c.add_argument("--batch", type=int, default=1, help="samples per cascade call (default 1)")
+    c.add_argument("--batch", type=_count(1), default=1, help="samples per cascade call (default 1)")
     c.add_argument("--solver", default=SOLVERS[0], choices=SOLVERS)
     c.add_argument("--confidence", type=float, default=Budget.confidence,
                    help=f"mean budget: one-sided confidence that it holds on unseen samples (default {Budget.confidence})")
@@ -323,7 +505,7 @@ def parser() -> argparse.ArgumentParser:
                    help="profile: the bundle's profile.json; estimate: the target's peak figures; "
                         "auto: profile.json, else profile now on a matching machine, else estimate")
     _backend_args(c)
-    c.add_argument("--iters", type=int, default=200, help="timed calls per batch size when profiling now")
+    c.add_argument("--iters", type=_count(1), default=200, help="timed calls per batch size when profiling now")
     c.add_argument("--val-traces", help="validation traces (.npz from `edgeexit trace`) instead of tracing now")
     c.add_argument("--test-traces", help="test traces instead of tracing now")
     c.add_argument("--data-val", help=".npz (x, y) to fit on instead of the bundle's val split")
@@ -345,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except EdgeExitError as exc:
-        print(f"edgeexit: error: {exc}", file=sys.stderr)
+        print(f"edgeexit: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always
         return 2
     except BrokenPipeError:  # stdout piped into a reader that stopped early (`| head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

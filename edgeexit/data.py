@@ -8,6 +8,7 @@ laid out as `root/<class name>/<image>`. Images stay in raw units here; normalis
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,37 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return bunch.images.astype(np.float32)[:, None], bunch.target.astype(np.int64)
 
 
+def max_input_bytes() -> int:
+    """The largest input file read whole into memory (EDGEEXIT_MAX_INPUT_BYTES, default 4 GiB);
+    `edgeexit run` memory-maps .npy inputs instead, so they are not bound by it."""
+    return int(os.environ.get("EDGEEXIT_MAX_INPUT_BYTES", 4 << 30))
+
+
+def nonfinite_samples(x: np.ndarray) -> np.ndarray:
+    """Indices of the samples of `x` (first axis) holding a NaN or an Inf."""
+    if np.issubdtype(x.dtype, np.integer) or len(x) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+
+
+def describe_samples(indices, total: int) -> str:
+    """`3 of 100 samples (7, 12, 40)`: for one-line errors about particular samples."""
+    shown = ", ".join(str(int(i)) for i in list(indices)[:8])
+    return f"{len(indices)} of {total} samples ({shown}{', ...' if len(indices) > 8 else ''})"
+
+
+def refuse_nonfinite(x: np.ndarray, what: str, offset: int = 0, total: int | None = None) -> None:
+    """One line naming how many and which samples of `x` hold NaN/Inf, if any do."""
+    bad = nonfinite_samples(x)
+    if len(bad):
+        raise EdgeExitError(f"{what}: {describe_samples(bad + offset, total or len(x))} contain NaN or Inf")
+
+
 def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    size = path.stat().st_size if path.is_file() else 0
+    if size > max_input_bytes():
+        raise SpecError(f"data.source: {path} is {size} bytes, above the {max_input_bytes()}-byte input limit "
+                        "(EDGEEXIT_MAX_INPUT_BYTES)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             if "x" not in archive or "y" not in archive:
@@ -83,6 +114,11 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise SpecError(f"data.source: {path} has x {x.shape} and y {y.shape}; need x (N,C,H,W) or (N,H,W) and y (N,)")
     if not np.issubdtype(y.dtype, np.integer):
         raise SpecError(f"data.source: {path} labels 'y' must be integers, got {y.dtype}")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise SpecError(f"data.source: {path} images 'x' must be real numbers, got {x.dtype}")
+    if len(x) == 0:
+        raise SpecError(f"data.source: {path} holds no samples")
+    refuse_nonfinite(x, f"data.source: {path}")
     return x.astype(np.float32), y.astype(np.int64)
 
 

@@ -17,7 +17,6 @@ The result is one `profile.json` entry, keyed by backend and device.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from edgeexit.jsonio import dumps, read_json
 from edgeexit.runtime.backend import Backend
 from edgeexit.runtime.cascade import NEVER, Cascade, full_depth
 from edgeexit.staging import StageIO
@@ -60,14 +60,14 @@ def call_latency(runners: dict[str, Runner], x: np.ndarray, batch: int, rounds: 
 def read_profiles(bundle_path: Path) -> dict[str, Any]:
     """The bundle's `profile.json` (empty when it has none)."""
     path = bundle_path / PROFILE
-    return json.loads(path.read_text()) if path.is_file() else {"format": 1, "profiles": {}}
+    return read_json(path, "profile", 64 << 20) if path.is_file() else {"format": 1, "profiles": {}}
 
 
 def with_profiles(bundle_path: Path, entries: dict[str, dict[str, Any]]) -> dict[str, bytes]:
     """`profile.json` with `entries` (key -> entry) added or replaced, as a file for `update_bundle`."""
     profiles = read_profiles(bundle_path)
     profiles["profiles"].update(entries)
-    return {PROFILE: (json.dumps(profiles, indent=2) + "\n").encode()}
+    return {PROFILE: (dumps(profiles) + "\n").encode()}
 
 
 def stats_ms(seconds: Sequence[float]) -> dict[str, float]:

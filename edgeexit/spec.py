@@ -8,6 +8,7 @@ so a spec means the same thing whatever the current directory is.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,8 @@ def _float(value: Any, path: str, lo: float | None = None, hi: float | None = No
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpecError(f"{path}: expected a number, got {_type_name(value)}")
     value = float(value)
+    if not math.isfinite(value):
+        raise SpecError(f"{path}: {value} is not a finite number")
     too_low = lo is not None and (value <= lo if lo_open else value < lo)
     if too_low or (hi is not None and value > hi):
         lo_txt = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
@@ -393,6 +396,7 @@ def parse_spec(raw: Any, base_dir: Path, source: Path | None = None, require_wei
 
     `require_weights` is False for `edgeexit train`, which creates the weights file.
     """
+    _check_values(raw)
     top = _mapping(raw, "", TOP_LEVEL_REQUIRED, TOP_LEVEL_OPTIONAL)
     name = _str(top["name"], "name")
     if not _NAME_RE.match(name):
@@ -432,15 +436,47 @@ def _check_device(spec: Spec) -> None:
     load_device(spec.target.device)  # raises "target.device: unknown device ..." with the known names
 
 
+MAX_YAML_BYTES = 1 << 20  # a model.yaml is a page of settings; this leaves room for long class lists
+MAX_YAML_VALUES = 100_000  # values after YAML aliases are expanded (an alias bomb stops here)
+MAX_YAML_DEPTH = 64
+
+
+def _check_values(raw: Any) -> None:
+    """Refuse NaN/Inf anywhere in the document, and a document that expands (through YAML
+    aliases, or a recursive alias) beyond MAX_YAML_VALUES values or MAX_YAML_DEPTH levels."""
+    count = 0
+    stack: list[tuple[Any, str, int]] = [(raw, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        count += 1
+        if count > MAX_YAML_VALUES or depth > MAX_YAML_DEPTH:
+            raise SpecError(f"model.yaml: expands to more than {MAX_YAML_VALUES} values or {MAX_YAML_DEPTH} levels "
+                            "(recursive or repeated YAML aliases?)")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SpecError(f"{path or 'model.yaml'}: {value} is not a finite number")
+        if isinstance(value, dict):
+            stack += [(v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, f"{path}[{k}]", depth + 1) for k, v in enumerate(value)]
+
+
 def load_spec(path: str | Path, require_weights: bool = True) -> Spec:
-    """Read and validate a model.yaml file (yaml.safe_load only; no object construction)."""
+    """Read and validate a model.yaml file (yaml.safe_load only; no object construction;
+    at most MAX_YAML_BYTES of UTF-8)."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"model.yaml: file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise SpecError(f"model.yaml: {path} is {size} bytes; a model.yaml may have at most {MAX_YAML_BYTES}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"model.yaml: {path} is not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise SpecError(f"model.yaml: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise SpecError("model.yaml: nested too deeply") from None
     return parse_spec(raw, path.resolve().parent, source=path.resolve(), require_weights=require_weights)

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from edgeexit.data import Dataset, normalize
-from edgeexit.errors import SpecError
+from edgeexit.errors import EdgeExitError, SpecError
 from edgeexit.spec import Spec
 from edgeexit.staging import run_exits
 
@@ -124,7 +124,7 @@ def train(model: nn.Module, spec: Spec, data: Dataset, costs: list[float] | None
     handoff = None if cfg.feature_surgery is None else surgery_handoff(cfg.feature_surgery)
     losses, seconds = [], []
     bar = tqdm(range(cfg.epochs), desc=f"train {spec.name}", unit="epoch", disable=not progress, leave=False)
-    for _ in bar:
+    for epoch in bar:
         model.train()
         total, order = 0.0, torch.randperm(len(x), generator=gen)
         start = time.perf_counter()
@@ -135,6 +135,10 @@ def train(model: nn.Module, spec: Spec, data: Dataset, costs: list[float] | None
                 loss = _eenets_loss(logits, learned, y[idx], costs, cfg.cost_lambda, cfg.loss == "eenets_sum")
             else:
                 loss = _ce_loss(logits, learned, y[idx])
+            if not torch.isfinite(loss):
+                bar.close()
+                raise EdgeExitError(f"train: the loss diverged ({float(loss.detach())}) in epoch {epoch + 1}, step "
+                                    f"{i // cfg.batch_size + 1}; lower train.lr (now {cfg.lr:g}) or check the data")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -143,5 +147,7 @@ def train(model: nn.Module, spec: Spec, data: Dataset, costs: list[float] | None
         seconds.append(time.perf_counter() - start)
         losses.append(total / len(x))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise EdgeExitError(f"train: the weights diverged to NaN/Inf; lower train.lr (now {cfg.lr:g})")
     val = exit_accuracy(model, normalize(data.val.x, spec.input.mean, spec.input.std), data.val.y)
     return TrainResult(val_accuracy=val, losses=losses, epoch_seconds=seconds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -58,3 +59,35 @@ def twoscale_spec(tmp_path, digits_raw):
                data={"source": "digits.npz", "seed": 1}, train={"epochs": 3, "seed": 0}, output="out/twoscale")
     yield write_spec(tmp_path, raw)
     sys.modules.pop("twoscale_model", None)
+
+
+def reseal(bundle_dir: Path, manifest: dict, files: bool = False) -> None:
+    """Write `manifest` into a bundle with a valid seal (and, with `files`, fresh checksums of
+    what is on disk): what a forger who knows the format does. The checks that do not rest on
+    the seal (paths, links, unlisted files, types) must still refuse what it hides."""
+    from edgeexit.bundle import checksums
+    from edgeexit.seal import sealed
+
+    if files:
+        manifest = {**manifest, "files": checksums(bundle_dir)}
+    (bundle_dir / "manifest.json").write_text(json.dumps(sealed(manifest), indent=2))
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Hidden staging folders beside a bundle (the lock file is meant to stay)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock"))
+
+
+@pytest.fixture(scope="session")
+def small_spec(tmp_path_factory):
+    """A tiny variant of the example (1 epoch, width 8), built once into `out` beside its yaml:
+    for tests that build, kill and attack bundles many times."""
+    from edgeexit.cli import main
+
+    folder = tmp_path_factory.mktemp("small")
+    raw = example_raw()
+    raw.update(model={"arch": "eenet_resnet", "args": {"widths": [8, 8, 8], "depths": [1, 1, 1], "exit_pool": 2}},
+               train={**raw["train"], "epochs": 1}, output="out")
+    spec = write_spec(folder, raw)
+    assert main(["build", str(spec), "--quiet"]) == 0
+    return spec

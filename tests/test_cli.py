@@ -140,3 +140,21 @@ def test_jetson_build_without_tensorrt_says_so_and_stays_valid(tmp_path, capsys)
     capsys.readouterr()
     assert main(["engines", str(bundle)]) == 2
     assert capsys.readouterr().err.strip().startswith("edgeexit: error: tensorrt: not installed here")
+
+
+def test_the_readme_command_table_lists_every_command_and_option():
+    """The Commands table is the reference: a new flag that is not in it is a test failure."""
+    import argparse
+
+    from conftest import ROOT
+    from edgeexit.cli import parser
+
+    rows = {line.split("`")[1].split()[1]: line for line in (ROOT / "README.md").read_text().splitlines()
+            if line.startswith("| `edgeexit ")}
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        assert name in rows, f"README has no row for `edgeexit {name}`"
+        for action in p._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag != "--help":
+                    assert flag in rows[name], f"README's `edgeexit {name}` row lacks {flag}"

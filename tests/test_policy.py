@@ -16,7 +16,7 @@ from calibration.latency import LatencyModel
 from calibration.policy import FEATURES, ExitPolicy, expected_reward, fit_policy, policy_point
 from calibration.solvers import Budget, Scorer, best_feasible, geometric, optimise
 from calibration.traces import Traces
-from edgeexit.bundle import load_bundle, update_bundle
+from edgeexit.bundle import Change, load_bundle, update_bundle
 from edgeexit.cli import main
 from edgeexit.errors import EdgeExitError
 from edgeexit.runtime.cascade import Cascade, trace
@@ -171,7 +171,7 @@ def bundle_copy(example_build, tmp_path):
 def test_run_gates_on_the_manifest_policy(bundle_copy, digits_raw, tmp_path, capsys):
     bundle = load_bundle(bundle_copy)
     never = ExitPolicy(np.zeros((2, len(FEATURES))), np.full(2, -1.0))  # nobody leaves early
-    update_bundle(bundle, {}, {"gating": {**bundle.manifest["gating"], "policy": never.to_dict()}})
+    update_bundle(bundle, Change(manifest={"gating": {**bundle.manifest["gating"], "policy": never.to_dict()}}))
     np.save(tmp_path / "images.npy", digits_raw[0][:20])
     assert main(["run", str(bundle_copy), "--input", str(tmp_path / "images.npy"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

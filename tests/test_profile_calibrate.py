@@ -13,8 +13,8 @@ import pytest
 from calibration.latency import from_profile
 from calibration.policy import FEATURES, ExitPolicy
 from calibration.traces import load_traces
-from conftest import example_raw, write_spec
-from edgeexit.bundle import load_bundle, update_bundle
+from conftest import example_raw, leftovers, write_spec
+from edgeexit.bundle import Change, load_bundle, update_bundle
 from edgeexit.calibrate import latency_source
 from edgeexit.cli import main
 from edgeexit.errors import BundleError
@@ -69,7 +69,7 @@ def test_profile_times_the_cascade_on_the_bundle_policy(bundle_copy):
     """A bundle gated by `gating.policy` is profiled as it runs: the gated cascade on the policy."""
     bundle = load_bundle(bundle_copy)
     never = ExitPolicy(np.zeros((2, len(FEATURES))), np.full(2, -1.0))  # nobody leaves early
-    bundle = update_bundle(bundle, {}, {"gating": {**bundle.manifest["gating"], "policy": never.to_dict()}})
+    bundle = update_bundle(bundle, Change(manifest={"gating": {**bundle.manifest["gating"], "policy": never.to_dict()}}))
     backend = open_backend(bundle, "onnxruntime", threads=1)
     x = split_inputs(bundle, "test")[0][:16]
     on_thresholds = profile_bundle(backend, bundle.stage_ios, None, bundle.monolithic_io, x, [1], bundle.thresholds,
@@ -142,12 +142,14 @@ def test_estimate_for_a_jetson_target(example_build):
 def test_update_bundle_is_atomic_and_never_writes_through(bundle_copy):
     bundle = load_bundle(bundle_copy)
     weights = (bundle_copy / "weights.pt").read_bytes()
-    with pytest.raises(BundleError, match="cannot write"):
-        update_bundle(bundle, {"../escape.json": b"{}"}, {})
-    updated = update_bundle(bundle, {"notes/extra.json": b"{}"}, {"note": 1})
+    with pytest.raises(BundleError, match="points outside the bundle"):
+        update_bundle(bundle, Change({"../escape.json": b"{}"}))
+    with pytest.raises(BundleError, match="cannot write manifest.json"):
+        update_bundle(bundle, Change({"manifest.json": b"{}"}))
+    updated = update_bundle(bundle, Change({"notes/extra.json": b"{}"}, {"note": 1}))
     assert updated.manifest["note"] == 1 and "notes/extra.json" in updated.manifest["files"]
     assert (bundle_copy / "weights.pt").read_bytes() == weights
-    assert not [p for p in bundle_copy.parent.iterdir() if p.name.startswith(".")]  # no partial or old dirs left
+    assert leftovers(bundle_copy.parent) == []  # no partial or old dirs left
 
 
 def test_build_with_a_budget_on_the_host_calibrates_itself(tmp_path, capsys):

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import leftovers
 from edgeexit.errors import EdgeExitError
 from host_kernels import host_gather
 
@@ -1072,7 +1073,7 @@ def test_build_engines_adds_engines_and_reseals_the_bundle(bundle, use_trt, caps
     after = snapshot(bundle)
     assert {k: v for k, v in after.items() if k in before and k != "manifest.json"} == \
         {k: v for k, v in before.items() if k != "manifest.json"}  # nothing else changed
-    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no staging left
+    assert leftovers(bundle.parent) == []  # no staging left
     err = capsys.readouterr().err
     assert "stage 3/3" in err
 
@@ -1092,7 +1093,7 @@ def test_build_engines_failure_leaves_the_bundle_as_it_was(bundle, use_trt):
     with pytest.raises(EdgeExitError, match="building stage0.onnx"):
         build_engines(bundle, DEVICE, progress=False)
     assert snapshot(bundle) == before
-    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers(bundle.parent) == []
     load_bundle(bundle)
 
 

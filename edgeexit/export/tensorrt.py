@@ -28,7 +28,6 @@ imports neither at import time; without TensorRT `build_engines` says so in one 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import shutil
 import sys
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edgeexit.errors import EdgeExitError
+from edgeexit.jsonio import dumps
 
 NOT_INSTALLED = ("tensorrt: not installed here (import tensorrt failed); the bundle stays valid "
                  "\u2014 run `edgeexit engines BUNDLE` on the Jetson")
@@ -460,7 +460,8 @@ def build_engines(bundle_path: str | Path, device_name: str, *, precision: str |
     so on any failure it is left byte-for-byte as it was. Returns the engines folder.
     """
     trt = _require_trt()  # first: without TensorRT nothing else is looked at or touched
-    from edgeexit.bundle import load_bundle, write_bundle
+    from edgeexit.atomic import staging
+    from edgeexit.bundle import Change, load_bundle, update_bundle
     from edgeexit.devices import load_device
 
     bundle_path = Path(bundle_path)
@@ -492,12 +493,8 @@ def build_engines(bundle_path: str | Path, device_name: str, *, precision: str |
     batch = _check_batch((export_batch.get("min", 1), export_batch.get("opt", 1), export_batch.get("max", 1)))
     stages = bundle.manifest["stages"]
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{bundle_path.name}.engines-", dir=bundle_path.parent))
-    try:
-        shutil.copytree(bundle_path, staging, dirs_exist_ok=True)
-        out_dir = staging / rel_dir
-        if out_dir.exists():  # a rebuild replaces the set for this device + version
-            shutil.rmtree(out_dir)
+    with staging(bundle_path.resolve(), "engines") as scratch:  # plans are built here, then moved in
+        out_dir = scratch / rel_dir
         out_dir.mkdir(parents=True)
         previous_cache = bundle_path / rel_dir / TIMING_CACHE
         if previous_cache.is_file():
@@ -508,14 +505,14 @@ def build_engines(bundle_path: str | Path, device_name: str, *, precision: str |
         total_start = time.perf_counter()
         for stage in stages:
             k = stage["index"]
-            onnx_path = staging / stage["onnx"]
+            onnx_path = bundle_path / stage["onnx"]
             facts = graph_facts(onnx_path)
             stage_precision = precision or stage.get("precision") or facts.precision
             plan_rel = f"{rel_dir}/stage{k}.plan"
             say(f"engines: stage {k + 1}/{len(stages)} ({stage['onnx']}, {stage_precision}, batch "
                 f"{batch[0]}..{batch[2]}) building ...", progress)
             meta = build_engine(
-                onnx_path, staging / plan_rel, batch=batch, input_shapes=facts.input_shapes,
+                onnx_path, scratch / plan_rel, batch=batch, input_shapes=facts.input_shapes,
                 precision=stage_precision, workspace_mb=device.builder_workspace_mb, dla_core=dla_core,
                 timing_cache=out_dir / TIMING_CACHE, optimization_level=optimization_level,
                 logger=logger, graph_precision=facts.precision)
@@ -535,10 +532,8 @@ def build_engines(bundle_path: str | Path, device_name: str, *, precision: str |
             "build_seconds": round(time.perf_counter() - total_start, 3),
             "stages": metas,
         }
-        (out_dir / ENGINE_JSON).write_text(json.dumps(metadata, indent=2) + "\n")
-        manifest = {k: v for k, v in bundle.manifest.items() if k not in ("format", "files")}
-        engines = dict(manifest.get("engines") or {})
-        engines[key] = {
+        (out_dir / ENGINE_JSON).write_text(dumps(metadata) + "\n")
+        entry = {
             "dir": rel_dir,
             "stages": plans,
             "metadata": f"{rel_dir}/{ENGINE_JSON}",
@@ -547,9 +542,9 @@ def build_engines(bundle_path: str | Path, device_name: str, *, precision: str |
             "precision": [m["precision"] for m in metas],
             "dla_core": dla_core,
         }
-        manifest["engines"] = engines
-        write_bundle(staging, manifest, bundle_path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        built = {p.relative_to(scratch).as_posix(): p for p in sorted(out_dir.iterdir())}
+        # a rebuild replaces the set for this device + version; other devices' sets are kept
+        update_bundle(bundle, lambda current: Change(
+            built, {"engines": {**(current.manifest.get("engines") or {}), key: entry}}, remove=(rel_dir,)))
     say(f"engines: {len(stages)} plan(s) in {bundle_path / rel_dir}", progress)
     return bundle_path / rel_dir

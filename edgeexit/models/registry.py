@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,15 +27,37 @@ def register(name: str) -> Callable:
     return wrap
 
 
-def _resolve_factory(factory: str, base_dir) -> Callable[..., nn.Module]:
+def _module_origin(module_name: str) -> list[Path]:
+    """Where the top package of `module_name` would be imported from (nothing is executed)."""
+    spec = importlib.util.find_spec(module_name.split(".")[0])
+    if spec is None:
+        return []
+    places = [Path(spec.origin)] if spec.origin and spec.origin not in ("built-in", "frozen") else []
+    return places + [Path(p) for p in (spec.submodule_search_locations or [])]
+
+
+def _resolve_factory(factory: str, base_dir: Path | None, refuse_under: Path | None = None) -> Callable[..., nn.Module]:
+    """The factory function; `base_dir` (a yaml's folder) is importable while it is looked up,
+    and a module that would come from inside `refuse_under` (a bundle) is refused unrun."""
     module_name, fn_name = factory.split(":")
-    added = str(base_dir) not in sys.path
+    added = base_dir is not None and str(base_dir) not in sys.path
     if added:  # a user's model file next to their model.yaml is importable
         sys.path.insert(0, str(base_dir))
     try:
+        if refuse_under is not None:
+            inside = [p for p in _module_origin(module_name) if p.resolve().is_relative_to(refuse_under.resolve())]
+            if inside:
+                raise SpecError(f"model.factory: {module_name!r} would be imported from inside the bundle ({inside[0]}); "
+                                "a bundle never runs code it carries: install the module where it runs")
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise SpecError(f"model.factory: cannot import {module_name!r}: {exc}") from None
+    except SystemExit as exc:
+        raise SpecError(f"model.factory: importing {module_name!r} called sys.exit({exc.code})") from None
+    except SpecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's module failed: say so in one line
+        raise SpecError(f"model.factory: importing {module_name!r} raised {type(exc).__name__}: {exc}") from None
     finally:
         if added:
             sys.path.remove(str(base_dir))
@@ -49,17 +73,19 @@ def _accepts(fn: Callable) -> tuple[list[str], bool]:
     return names, any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def build_model(model_spec, input_spec, base_dir) -> nn.Module:
+def build_model(model_spec, input_spec, base_dir: Path | None, refuse_under: Path | None = None) -> nn.Module:
     """Instantiate a `model:` section (zoo architecture or user factory), weights not loaded.
 
     `in_channels` and `num_classes` come from the input section and are passed to
     constructors that accept them, so the yaml states them once. `base_dir` (the yaml's
-    folder) is where a user's factory module may live.
+    folder) is where a user's factory module may live; None adds no import path (a bundle's
+    factory must be installed), and a factory module inside `refuse_under` is refused.
+    A factory runs the user's Python code: whatever it raises becomes one line.
     """
     if model_spec.arch is not None:
         fn, label = ARCHITECTURES[model_spec.arch], model_spec.arch
     else:
-        fn, label = _resolve_factory(model_spec.factory, base_dir), model_spec.factory
+        fn, label = _resolve_factory(model_spec.factory, base_dir, refuse_under), model_spec.factory
     names, takes_any = _accepts(fn)
     kwargs = dict(model_spec.args)
     for key in kwargs:
@@ -73,6 +99,12 @@ def build_model(model_spec, input_spec, base_dir) -> nn.Module:
         model = fn(**kwargs)
     except (TypeError, ValueError) as exc:
         raise SpecError(f"model.args: {label} rejected its arguments: {exc}") from None
+    except SystemExit as exc:
+        raise SpecError(f"model.factory: {label} called sys.exit({exc.code}) instead of returning a model") from None
+    except Exception as exc:  # noqa: BLE001
+        if model_spec.arch is not None:
+            raise  # the zoo's own constructors: a bug, keep the traceback
+        raise SpecError(f"model.factory: {label} raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise SpecError(f"model: {label} returned {type(model).__name__}, not a torch.nn.Module")
     for attr in ("blocks", "exits"):
@@ -88,7 +120,8 @@ def load_weights(model: nn.Module, path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here is the user's file
-        raise SpecError(f"weights: cannot read {path}: {str(exc).splitlines()[0]}") from None
+        first = (str(exc).splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise SpecError(f"weights: cannot read {path}: {first or type(exc).__name__}") from None
     if not isinstance(state, dict):
         raise SpecError(f"weights: {path} is not a state_dict")
     try:

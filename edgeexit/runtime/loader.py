@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import AbstractContextManager, nullcontext
 
 from calibration.policy import ExitPolicy
@@ -11,28 +12,77 @@ from edgeexit.runtime.backend import Backend
 from edgeexit.spec import BACKENDS
 
 
-def torch_model(bundle: Bundle):
-    """Rebuild the bundle's torch model (eval mode) from its model section and weights.pt."""
+TRUST_CODE_HINT = ("the torch backend would import and run model.factory {factory!r}, Python code named by the "
+                   "bundle: pass --trust-code if you trust it (its module must be installed here; a bundle's "
+                   "own files are never imported), or use --backend onnxruntime")
+
+
+def torch_model(bundle: Bundle, trust_code: bool = False):
+    """Rebuild the bundle's torch model (eval mode) from its model section and weights.pt.
+
+    A zoo architecture is built from edgeexit's own code; a `factory` is the bundle naming
+    Python code to run, so it is imported only when `trust_code` says the user trusts it,
+    only from an installed module, never from the bundle."""
     from edgeexit.models import build_model, load_weights
     from edgeexit.spec import InputSpec, ModelSpec
 
-    m = bundle.manifest["model"]
+    m = bundle.manifest.get("model")
+    if not isinstance(m, dict) or (m.get("arch") is None) == (m.get("factory") is None):
+        raise EdgeExitError("bundle: manifest field model names neither a zoo arch nor a factory; the torch "
+                            "backend cannot rebuild it")
+    if m.get("factory") is not None and not trust_code:
+        raise EdgeExitError(TRUST_CODE_HINT.format(factory=m["factory"]))
+    if m.get("arch") is not None:
+        from edgeexit.models import ARCHITECTURES
+
+        if m["arch"] not in ARCHITECTURES:
+            raise EdgeExitError(f"bundle: model.arch {m['arch']!r} is not in this edgeexit's zoo")
+    if not isinstance(m.get("args", {}), dict) or not bundle.manifest.get("weights"):
+        raise EdgeExitError("bundle: the torch backend needs model.args (an object) and weights in the manifest")
     inp = bundle.input
     model = build_model(
         ModelSpec(m.get("arch"), m.get("factory"), m.get("args", {})),
         InputSpec(inp["name"], tuple(inp["shape"][1:]), inp["dtype"], tuple(inp["mean"]), tuple(inp["std"]),
                   tuple(bundle.classes)),
-        bundle.path,
+        None, refuse_under=bundle.path,
     )
     load_weights(model, bundle.path / bundle.manifest["weights"])
     return model.eval()
 
 
-def torch_stages(bundle: Bundle):
+def torch_stages(bundle: Bundle, trust_code: bool = False):
     """The bundle's torch Stage modules (the reference the exported graphs were checked against)."""
     from edgeexit.staging import make_stages
 
-    return make_stages(torch_model(bundle), bundle.manifest["gating"]["confidence"])
+    return make_stages(torch_model(bundle, trust_code), bundle.manifest["gating"]["confidence"])
+
+
+_TORCH_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def check_device(kind: str, device: str | None) -> str | None:
+    """`device` when the backend `kind` can use it here; one line naming the problem when not
+    (a typo, a CUDA device on a CPU build of torch, --device for a backend that has none)."""
+    if device is None:
+        return None
+    if not _TORCH_DEVICE.match(device):
+        raise EdgeExitError(f"--device: {device!r} is not a torch device (cpu, cuda or cuda:N)")
+    if kind not in ("torch", "torch-cuda"):
+        if device != "cpu":
+            raise EdgeExitError(f"--device {device}: only --backend torch and torch-cuda take a device "
+                                f"(this is {kind})")
+        return device
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            build = " (a CPU build)" if torch.version.cuda is None else ""
+            raise EdgeExitError(f"--device {device}: this torch {torch.__version__}{build} sees no CUDA GPU; "
+                                "use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise EdgeExitError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 def bundle_policy(bundle: Bundle) -> ExitPolicy | None:
@@ -56,12 +106,14 @@ def max_batch(bundle: Bundle) -> int:
     return int(((bundle.manifest.get("export") or {}).get("batch") or {}).get("max", 64))
 
 
-def open_backend(bundle: Bundle, kind: str = "auto", device: str | None = None, threads: int | None = None) -> Backend:
+def open_backend(bundle: Bundle, kind: str = "auto", device: str | None = None, threads: int | None = None,
+                 trust_code: bool = False) -> Backend:
     """A backend running `bundle`'s stages: TensorRT engines (GPU), onnxruntime (CPU), the
     torch reference on `device` (cpu by default, cuda, cuda:1), or torch-cuda (static buffers
     per batch bucket and CUDA graphs on `device`: cuda by default; cpu runs the same buffers
-    without graphs, a dry run of the GPU path)."""
+    without graphs, a dry run of the GPU path). `trust_code`: see `torch_model`."""
     kind = resolve_backend(bundle, kind)
+    device = check_device(kind, device)
     if kind == "tensorrt":
         from edgeexit.runtime.tensorrt_backend import TensorRTBackend
 
@@ -73,9 +125,9 @@ def open_backend(bundle: Bundle, kind: str = "auto", device: str | None = None, 
     if kind == "torch":
         from edgeexit.runtime.torch_backend import TorchBackend
 
-        return TorchBackend(torch_stages(bundle), bundle.stage_ios, device or "cpu")
+        return TorchBackend(torch_stages(bundle, trust_code), bundle.stage_ios, device or "cpu")
     if kind == "torch-cuda":
-        return _torch_cuda(bundle, torch_stages(bundle), bundle.stage_ios, device)
+        return _torch_cuda(bundle, torch_stages(bundle, trust_code), bundle.stage_ios, device)
     raise EdgeExitError(f"backend: {kind!r} is not available here (choose from: {', '.join(BACKENDS)})")
 
 
@@ -85,10 +137,11 @@ def opened(backend: Backend | None) -> AbstractContextManager:
 
 
 def open_monolithic(bundle: Bundle, kind: str = "auto", device: str | None = None,
-                    threads: int | None = None) -> Backend | None:
+                    threads: int | None = None, trust_code: bool = False) -> Backend | None:
     """The monolithic baseline as a one-stage backend on the same kind of backend, or None
     where the bundle has no such graph for it (TensorRT engines are built per stage only)."""
     kind = resolve_backend(bundle, kind)
+    device = check_device(kind, device)
     if kind == "onnxruntime":
         from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
@@ -96,7 +149,7 @@ def open_monolithic(bundle: Bundle, kind: str = "auto", device: str | None = Non
     if kind in ("torch", "torch-cuda"):
         from edgeexit.staging import Monolithic
 
-        model = Monolithic(torch_model(bundle), bundle.manifest["gating"]["confidence"])
+        model = Monolithic(torch_model(bundle, trust_code), bundle.manifest["gating"]["confidence"])
         if kind == "torch-cuda":
             return _torch_cuda(bundle, [model], [bundle.monolithic_io], device)
         from edgeexit.runtime.torch_backend import TorchBackend

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from edgeexit.errors import EdgeExitError
 from edgeexit.runtime.backend import Backend
 from edgeexit.staging import StageIO
 
@@ -34,13 +35,29 @@ def make_session(path: Path, threads: int | None = None,
                                 disabled_optimizers=list(disabled_optimizers))
 
 
+def _checked_session(path: Path, io: StageIO, threads: int | None) -> ort.InferenceSession:
+    """A session of one stage graph, refused in one line where onnxruntime cannot load it or its
+    tensor names are not the ones the manifest gives."""
+    try:
+        session = make_session(path, threads)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's Fail / InvalidProtobuf / InvalidGraph
+        raise EdgeExitError(f"bundle: onnxruntime cannot load {path.name}: {str(exc).splitlines()[0][:300]}") from None
+    inputs = {i.name for i in session.get_inputs()}
+    outputs = {o.name for o in session.get_outputs()}
+    missing = [n for n in io.inputs if n not in inputs] + [n for n in io.outputs if n not in outputs]
+    if missing or len(inputs) != len(io.inputs):
+        raise EdgeExitError(f"bundle: {path.name} does not have the tensors its manifest entry names "
+                            f"({', '.join(missing) or 'extra inputs'})")
+    return session
+
+
 class OnnxRuntimeBackend(Backend):
     """One InferenceSession per stage file."""
 
     name = "onnxruntime"
 
     def __init__(self, paths: Sequence[Path], ios: Sequence[StageIO], threads: int | None = None):
-        self.sessions = [make_session(p, threads) for p in paths]
+        self.sessions = [_checked_session(p, io, threads) for p, io in zip(paths, ios)]
         self.names = [list(io.outputs) for io in ios]
 
     def upload(self, array: np.ndarray) -> np.ndarray:
