@@ -65,7 +65,7 @@ def _check_file_out(out: Path, what: str) -> None:
             raise EdgeExitError(f"{what}: {out} lies under {parent}, which is a file")
 
 
-CHUNK_BYTES = 64 << 20  # raw images normalised and run per chunk: peak memory stays near this
+CHUNK_BYTES = 16 << 20  # raw images normalised and run per chunk: peak memory stays near a few of these
 
 
 def _open_images(path: str, bundle):
@@ -132,9 +132,12 @@ def _parse_thresholds(text: str | None):
     if text is None:
         return None
     try:
-        return [None if t.strip().lower() in ("null", "none", "") else float(t) for t in text.split(",")]
+        values = [None if t.strip().lower() in ("null", "none", "") else float(t) for t in text.split(",")]
     except ValueError:
-        raise EdgeExitError(f"--thresholds: {text!r} is not a comma-separated list of numbers (last may be null)") from None
+        values = [float("nan")]
+    if any(v is not None and not np.isfinite(v) for v in values):
+        raise EdgeExitError(f"--thresholds: {text!r} is not a comma-separated list of finite numbers (last may be null)")
+    return values
 
 
 def _open_bundle(args):

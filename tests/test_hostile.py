@@ -126,6 +126,7 @@ CASES = {
     "calibrate-batch-1000000000": lambda f: ["calibrate", B, "--budget-ms", "1", "--batch", "1000000000"],
     "calibrate-budget-nan": lambda f: ["calibrate", B, "--budget-ms", "nan"],
     "calibrate-budget-negative": lambda f: ["calibrate", B, "--budget-ms", "-1"],
+    "thresholds-nan": lambda f: ["run", B, "--input", X(f), "--thresholds", "nan,0.5,null"],
     "unknown-option": lambda f: ["run", B, "--inptu", "x.npy"],
     # bundles
     "bundle-corrupt-onnx-resealed": lambda f: ["run", _corrupt_stage(f), "--input", X(f)],
