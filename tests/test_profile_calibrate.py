@@ -89,9 +89,10 @@ def test_cli_profile_then_calibrate_writes_into_the_bundle(bundle_copy, capsys, 
     profiles = json.loads((bundle_copy / "profile.json").read_text())["profiles"]
     assert "profile.json" in bundle.manifest["files"] and len(profiles) == 1
     model = from_profile(next(iter(profiles.values())), "p")
-    # between exit 0 and exit 1, rounded as it is passed on the command line (the bound is checked
-    # against the budget calibrate was given, not a value a few 1e-9 ms below it)
-    budget_ms = round(float(model.exit_seconds()[:2].mean() * 1e3), 6)
+    # halfway between a call leaving at exit 0 and a full-depth call (exit 0 and exit 1 can be
+    # within noise of each other on a busy machine), rounded as it is passed on the command line
+    # (the bound is checked against the budget calibrate was given, not a value 1e-9 ms below it)
+    budget_ms = round(float(model.exit_seconds()[[0, -1]].mean() * 1e3), 6)
 
     assert main(["trace", str(bundle_copy), "--split", "val", "--out", str(tmp_path / "val.npz")]) == 0
     capsys.readouterr()
