@@ -77,6 +77,13 @@ def install(partial: Path, dest: Path) -> None:
         exchange(partial, dest)
 
 
+def refuse_under_file(path: Path, what: str) -> None:
+    """One line when a parent of `path` is a file (nothing can be written there)."""
+    for parent in reversed(Path(os.path.abspath(path)).parents):
+        if os.path.lexists(parent) and not parent.is_dir():
+            raise BundleError(f"{what}: {path} lies under {parent}, which is a file")
+
+
 def staging_name(dest: Path, kind: str = "partial") -> str:
     """The name of a staging folder for `dest`: `.NAME.KIND-PID-RAND`."""
     return f".{dest.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping
 
-from edgeexit.atomic import install, locked, make_staging, staging
+from edgeexit.atomic import install, locked, make_staging, refuse_under_file, staging
 from edgeexit.errors import BundleError
 from edgeexit.jsonio import dumps, read_json
 from edgeexit.seal import SEAL, check_seal, check_shape, path_fields, sealed
@@ -187,9 +187,7 @@ def check_output(dest: Path) -> None:
     """Refuse, before any work, an output location edgeexit may not replace: it must be
     absent, an empty folder, or an intact edgeexit bundle (anything else may be the user's)."""
     dest = Path(os.path.abspath(dest))
-    for parent in reversed(dest.parents):
-        if os.path.lexists(parent) and not parent.is_dir():
-            raise BundleError(f"output: {dest} lies under {parent}, which is a file")
+    refuse_under_file(dest, "output")
     if os.path.lexists(dest):
         if not dest.is_dir():
             raise BundleError(f"output: {dest} is a file, not a bundle folder; choose another output")

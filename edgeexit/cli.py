@@ -58,11 +58,11 @@ def _cmd_train(args) -> int:
 
 def _check_file_out(out: Path, what: str) -> None:
     """Refuse a file output that is a folder or lies under a file, before any work."""
+    from edgeexit.atomic import refuse_under_file
+
     if out.is_dir():
         raise EdgeExitError(f"{what}: {out} is a folder; give the file to write, e.g. {out / 'weights.pt'}")
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise EdgeExitError(f"{what}: {out} lies under {parent}, which is a file")
+    refuse_under_file(out, what)
 
 
 CHUNK_BYTES = 16 << 20  # raw images normalised and run per chunk: peak memory stays near a few of these
