@@ -37,7 +37,8 @@ from edgeexit.profile import call_latency
 from edgeexit.runtime.cascade import Cascade, full_depth
 from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from edgeexit.spec import load_spec
-from edgeexit.staging import Monolithic, StageIO, make_stages, stage_io
+from edgeexit.stage_io import StageIO
+from edgeexit.staging import Monolithic, make_stages, stage_io
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits" / "model.yaml"
 

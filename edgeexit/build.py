@@ -40,7 +40,8 @@ from edgeexit.profile import per_sample_latency
 from edgeexit.runtime.cascade import NEVER, Cascade, gate_thresholds, trace
 from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from edgeexit.spec import Spec
-from edgeexit.staging import Monolithic, StageIO, check_staging, make_stages, per_stage, stage_io
+from edgeexit.stage_io import StageIO
+from edgeexit.staging import Monolithic, check_staging, make_stages, per_stage, stage_io
 from edgeexit.train import seed_everything, train
 
 PARITY_SAMPLES = 64  # real samples used for the ONNX-vs-torch parity check

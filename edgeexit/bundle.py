@@ -25,12 +25,18 @@ from edgeexit.atomic import install, locked, make_staging, refuse_under_file, st
 from edgeexit.errors import BundleError
 from edgeexit.jsonio import dumps, read_json
 from edgeexit.seal import SEAL, check_seal, check_shape, path_fields, sealed
-from edgeexit.staging import StageIO
+from edgeexit.stage_io import StageIO
 
 FORMAT = 2  # 2: the manifest is sealed and every file in the bundle is listed
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 UNLISTED = (MANIFEST, SIGNATURE)  # the only files `files` does not (cannot) list
+
+
+def optional_files(manifest: Mapping[str, Any]) -> set[str]:
+    """Listed files a bundle may lack: the torch weights, which only the torch reference backend
+    reads (a deployed bundle may leave them out; if they come back they must match)."""
+    return {manifest["weights"]} if manifest.get("weights") else set()
 MAX_MANIFEST_BYTES = 16 << 20
 
 
@@ -97,9 +103,8 @@ def _check_tree(root: Path, manifest: dict[str, Any]) -> None:
     for rel in on_disk:
         if rel not in files and rel not in UNLISTED:
             raise BundleError(f"bundle: {rel} is not listed in the manifest (added after the build; refused)")
-    for rel in files:
-        if rel not in present:
-            raise BundleError(f"bundle: {rel} is missing")
+    for rel in set(files) - present - optional_files(manifest):
+        raise BundleError(f"bundle: {rel} is missing")
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,17 @@ class Bundle:
     @property
     def thresholds(self) -> list[float | None]:
         return self.manifest["gating"]["thresholds"]
+
+    @property
+    def has_weights(self) -> bool:
+        """Whether the torch weights are here (a deployed bundle may leave them out)."""
+        return bool(self.manifest.get("weights")) and (self.path / self.manifest["weights"]).is_file()
+
+    @property
+    def present(self) -> dict[str, str]:
+        """The listed files that are on disk, with their digests."""
+        absent = {rel for rel in optional_files(self.manifest) if not (self.path / rel).is_file()}
+        return {rel: h for rel, h in self.manifest["files"].items() if rel not in absent}
 
     @property
     def stage_ios(self) -> list[StageIO]:
@@ -174,13 +190,14 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     path = Path(path)
     manifest = read_manifest(path)
     _check_tree(path, manifest)
+    bundle = Bundle(path, manifest)
     if verify:
-        for rel, digest in manifest["files"].items():
+        for rel, digest in bundle.present.items():
             actual = sha256(path / rel)
             if actual != digest:
                 raise BundleError(f"bundle: {rel} fails its checksum (manifest {digest[:12]}..., file {actual[:12]}...): "
                                   "modified after the build")
-    return Bundle(path, manifest)
+    return bundle
 
 
 def check_output(dest: Path) -> None:
@@ -292,11 +309,12 @@ def update_bundle(base: Bundle, change: Change | Callable[[Bundle], Change]) -> 
         gone = lambda rel: rel in ch.files or any(rel == r or rel.startswith(r.rstrip("/") + "/")  # noqa: E731
                                                   for r in ch.remove)
         inherited = {rel: h for rel, h in current.manifest["files"].items() if not gone(rel)}
+        here = {rel: h for rel, h in current.present.items() if rel in inherited}
         partial = make_staging(dest)
         try:
-            for rel in inherited:
+            for rel in here:
                 _link_or_copy(dest / rel, partial / rel)
-            for rel, digest in inherited.items():  # a file rewritten in place since the check above
+            for rel, digest in here.items():  # a file rewritten in place since the check above
                 if sha256(partial / rel) != digest:
                     raise BundleError(f"bundle: {rel} changed while this command ran; nothing was written")
             files = dict(inherited)
@@ -326,7 +344,7 @@ def replace_signature(bundle: Bundle, signature: bytes, signed_digest: str) -> B
         if current.manifest[SEAL]["digest"] != signed_digest:
             raise BundleError(f"bundle: {dest} changed while it was being signed; nothing was written")
         with staging(dest) as partial:
-            for rel in [*current.manifest["files"], MANIFEST]:
+            for rel in [*current.present, MANIFEST]:
                 _link_or_copy(dest / rel, partial / rel)
             (partial / SIGNATURE).write_bytes(signature)
             load_bundle(partial)

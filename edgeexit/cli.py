@@ -53,6 +53,8 @@ def _cmd_train(args) -> int:
         partial.unlink(missing_ok=True)
     log(f"weights: {out}")
     print("val accuracy per exit: " + ", ".join(f"{a:.1%}" for a in trained["val_accuracy"]))
+    if spec.weights is None or out.resolve() != spec.weights.resolve():
+        print(f"build trains again unless the yaml names these weights: weights: {os.path.relpath(out, spec.base_dir)}")
     return 0
 
 
@@ -65,6 +67,7 @@ def _check_file_out(out: Path, what: str) -> None:
     refuse_under_file(out, what)
 
 
+BUILD_MODULES = ("torch", "onnxsim")  # the `build` extra: training and export, never the runtime
 CHUNK_BYTES = 16 << 20  # raw images normalised and run per chunk: peak memory stays near a few of these
 
 
@@ -303,7 +306,7 @@ def _cmd_inspect(args) -> int:
         return 0
     inp = m["input"]
     print(f"{m['name']}  (format {m['format']}, built {m.get('created', '?')}, manifest seal and checksums "
-          f"verified: {len(m['files'])} files)")
+          f"verified: {len(bundle.present)} files)")
     print(_signature_line(args, bundle))
     print(f"input:   {inp['name']} {_text(inp['shape'])} {inp['dtype']}  mean {_text(inp['mean'])} std {_text(inp['std'])}")
     print(f"classes: {len(m['classes'])} ({', '.join(m['classes'][:10])}{', ...' if len(m['classes']) > 10 else ''})")
@@ -317,6 +320,9 @@ def _cmd_inspect(args) -> int:
     mono = m.get("monolithic_cost") if isinstance(m.get("monolithic_cost"), dict) else {}
     flops = mono.get("flops")
     print(f"monolithic: {m['monolithic']}" + (f"  {flops / 1e6:.3f} MFLOPs" if isinstance(flops, (int, float)) else ""))
+    if m.get("weights"):
+        print(f"weights: {m['weights']}" + ("" if bundle.has_weights else " (left out of this bundle: the torch "
+                                              "backend is unavailable; onnxruntime and tensorrt do not need it)"))
     for key, entry in (m.get("engines") or {}).items():
         print(f"engines: {key} ({len(entry['stages'])} plans, TensorRT {_text(entry.get('tensorrt', '?'))}, "
               f"precision {_text(entry.get('precision'))}, DLA {_text(entry.get('dla_core'))})")
@@ -531,6 +537,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except EdgeExitError as exc:
         print(f"edgeexit: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name not in BUILD_MODULES:
+            raise
+        print(f"edgeexit: error: {args.command} needs {exc.name}, which the runtime install leaves out: "
+              "pip install 'edgeexit[build]'", file=sys.stderr)
         return 2
     except BrokenPipeError:  # stdout piped into a reader that stopped early (`| head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -30,7 +30,7 @@ import numpy as np
 from edgeexit.jsonio import dumps, read_json
 from edgeexit.runtime.backend import Backend
 from edgeexit.runtime.cascade import NEVER, Cascade, full_depth
-from edgeexit.staging import StageIO
+from edgeexit.stage_io import StageIO
 
 if TYPE_CHECKING:
     from calibration.policy import ExitPolicy

@@ -9,13 +9,13 @@ data. Several carried tensors are allowed (MSDNet carries one feature map per sc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import torch
 from torch import nn
 
 from edgeexit.errors import EdgeExitError, SpecError
+from edgeexit.stage_io import StageIO
 
 T = TypeVar("T")
 
@@ -51,7 +51,8 @@ def confidence(kind: str, logits: torch.Tensor, learned: torch.Tensor | None) ->
         return top2[:, 0] - top2[:, 1]
     if kind == "entropy":
         ent = -(probs * torch.log_softmax(logits, dim=1)).sum(dim=1)
-        return 1.0 - ent / math.log(logits.shape[1])
+        # log C computed in the graph: a Python math.log of the traced shape leaks a TracerWarning
+        return 1.0 - ent / torch.log(torch.ones_like(logits).sum(dim=1))
     raise SpecError(f"gating.confidence: unknown kind {kind!r}")
 
 
@@ -105,22 +106,6 @@ class Monolithic(nn.Module):
             carry = as_tuple(block(*carry))
         logits, learned = split_exit(self.model.exits[-1](*carry))
         return logits, confidence(self.kind, logits, learned), torch.argmax(logits, dim=1)
-
-
-@dataclass(frozen=True)
-class StageIO:
-    """Tensor names of one stage, as the runtime and the bundle manifest see them."""
-
-    index: int
-    inputs: tuple[str, ...]
-    carry: tuple[str, ...]
-    logits: str
-    conf: str
-    pred: str
-
-    @property
-    def outputs(self) -> tuple[str, ...]:
-        return (*self.carry, self.logits, self.conf, self.pred)
 
 
 def make_stages(model: nn.Module, kind: str) -> list[Stage]:

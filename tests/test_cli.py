@@ -90,7 +90,8 @@ def test_train_then_build_from_weights(tmp_path, capsys):
     raw["weights"] = "weights/model.pt"
     spec = write_spec(tmp_path, raw)
     assert main(["train", str(spec), "--quiet"]) == 0
-    assert capsys.readouterr().out.startswith("val accuracy per exit: ")
+    out = capsys.readouterr().out
+    assert out.startswith("val accuracy per exit: ") and "build trains again" not in out
     state = torch.load(tmp_path / "weights" / "model.pt", weights_only=True)
     assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
     assert main(["build", str(spec), "--quiet", "--json"]) == 0
@@ -100,12 +101,14 @@ def test_train_then_build_from_weights(tmp_path, capsys):
     assert all(torch.equal(state[k], bundle_weights[k]) for k in state)
 
 
-def test_training_is_deterministic(tmp_path):
+def test_training_is_deterministic(tmp_path, capsys):
     raw = example_raw()
     raw["train"]["epochs"] = 1
     spec = write_spec(tmp_path, raw)
     for name in ("a.pt", "b.pt"):
         assert main(["train", str(spec), "--quiet", "--out", str(tmp_path / name)]) == 0
+        # weights the yaml does not name are not what build uses: train says how to make it
+        assert f"build trains again unless the yaml names these weights: weights: {name}" in capsys.readouterr().out
     a, b = (torch.load(tmp_path / n, weights_only=True) for n in ("a.pt", "b.pt"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 

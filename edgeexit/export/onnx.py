@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from edgeexit.errors import EdgeExitError
-from edgeexit.staging import StageIO, per_stage
+from edgeexit.stage_io import StageIO
+from edgeexit.staging import per_stage
 
 
 PARITY_RTOL = 1e-5  # float32 reassociation (fused Conv+BN, other summation order) is ~1e-6 relative

@@ -25,7 +25,7 @@ from edgeexit.errors import SpecError
 from edgeexit.export.quantize import convert_fp16, quantize_int8
 from edgeexit.runtime.cascade import CascadeResult, trace
 from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend, make_session
-from edgeexit.staging import StageIO
+from edgeexit.stage_io import StageIO
 
 
 def carried_feeds(paths: Sequence[Path], ios: Sequence[StageIO], x: np.ndarray) -> list[dict[str, np.ndarray]]:

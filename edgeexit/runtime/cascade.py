@@ -22,7 +22,7 @@ import numpy as np
 
 from edgeexit.errors import EdgeExitError
 from edgeexit.runtime.backend import Backend
-from edgeexit.staging import StageIO
+from edgeexit.stage_io import StageIO
 
 if TYPE_CHECKING:
     from calibration.policy import ExitPolicy

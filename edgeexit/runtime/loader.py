@@ -39,6 +39,9 @@ def torch_model(bundle: Bundle, trust_code: bool = False):
             raise EdgeExitError(f"bundle: model.arch {m['arch']!r} is not in this edgeexit's zoo")
     if not isinstance(m.get("args", {}), dict) or not bundle.manifest.get("weights"):
         raise EdgeExitError("bundle: the torch backend needs model.args (an object) and weights in the manifest")
+    if not bundle.has_weights:
+        raise EdgeExitError(f"bundle: {bundle.manifest['weights']} is not in this bundle (a deployed bundle may leave "
+                            "it out); the torch backend needs it: use --backend onnxruntime or tensorrt")
     inp = bundle.input
     model = build_model(
         ModelSpec(m.get("arch"), m.get("factory"), m.get("args", {})),
@@ -62,7 +65,14 @@ _TORCH_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 def check_device(kind: str, device: str | None) -> str | None:
     """`device` when the backend `kind` can use it here; one line naming the problem when not
-    (a typo, a CUDA device on a CPU build of torch, --device for a backend that has none)."""
+    (a typo, a CUDA device on a CPU build of torch, --device for a backend that has none, a
+    torch backend where torch is not installed)."""
+    if kind in ("torch", "torch-cuda"):
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise EdgeExitError(f"--backend {kind}: torch is not installed here (the runtime install runs "
+                                "onnxruntime and tensorrt); for the torch reference: pip install 'edgeexit[build]'") from None
     if device is None:
         return None
     if not _TORCH_DEVICE.match(device):

@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from edgeexit.errors import EdgeExitError
 from edgeexit.runtime.backend import Backend
-from edgeexit.staging import StageIO
+from edgeexit.stage_io import StageIO
 
 
 # onnxruntime CPU fuses DQ->Conv->Q into an integer convolution only when the Q feeding it

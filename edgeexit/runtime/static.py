@@ -37,7 +37,7 @@ import numpy as np
 
 from edgeexit.errors import EdgeExitError
 from edgeexit.runtime.backend import Backend
-from edgeexit.staging import StageIO
+from edgeexit.stage_io import StageIO
 
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:

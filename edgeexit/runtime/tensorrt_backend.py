@@ -55,7 +55,7 @@ import numpy as np
 from edgeexit.errors import EdgeExitError
 from edgeexit.runtime.pycuda_memory import DeviceBuffer, PycudaMemory
 from edgeexit.runtime.static import StaticBackend
-from edgeexit.staging import StageIO
+from edgeexit.stage_io import StageIO
 
 # TensorRT DataType member name -> numpy type (by name, not trt.nptype: 8.x's maps bool to np.bool,
 # which numpy 1.24-1.26 does not have; 8.x also has no INT64, its ONNX parser casts int64 to int32).

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from edgeexit.runtime.backend import Backend
-from edgeexit.staging import StageIO
+from edgeexit.stage_io import StageIO
 
 
 class TorchBackend(Backend):

@@ -25,7 +25,7 @@ from torch import nn
 
 from edgeexit.errors import EdgeExitError
 from edgeexit.runtime.static import StaticBackend
-from edgeexit.staging import StageIO
+from edgeexit.stage_io import StageIO
 
 
 _CAPTURE = threading.Lock()  # torch allows one graph capture at a time per process
