@@ -44,3 +44,10 @@ def shared_threshold_sweep(conf: np.ndarray, correct: np.ndarray, cum_cost, grid
     points = [operating_point(conf, correct, cum_cost, [t] * (conf.shape[1] - 1) + [None]) for t in grid]
     return {"threshold": [float(t) for t in grid], "accuracy": [p.accuracy for p in points],
             "cost": [p.cost for p in points]}
+
+
+def describe_thresholds(thresholds) -> list[str]:
+    """Each threshold as people read it: `0.7722`, `never` (above 1: the exit is off), and
+    `all` for the last exit (it takes every sample left)."""
+    last = len(thresholds) - 1
+    return ["all" if t is None or k == last else "never" if t > 1 else f"{t:.4g}" for k, t in enumerate(thresholds)]

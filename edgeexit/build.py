@@ -24,7 +24,7 @@ import onnxruntime
 import torch
 
 import edgeexit
-from calibration.gating import shared_threshold_sweep
+from calibration.gating import describe_thresholds, shared_threshold_sweep
 from edgeexit.atomic import staging
 from edgeexit.bundle import Bundle, check_output, load_bundle, write_bundle
 from edgeexit.data import Dataset, data_record, load_dataset, normalize
@@ -33,11 +33,12 @@ from edgeexit.errors import SpecError
 from edgeexit.export.onnx import ExportedGraph, activation_bytes, count_flops, export_checked, export_stages
 from edgeexit.export.precision import apply_precision, convert
 from edgeexit.flops import exit_flops
+from edgeexit.inputs import value_range
 from edgeexit.jsonio import dumps
 from edgeexit.models import build_model, load_weights
 from edgeexit.plots import plot_tradeoff
-from edgeexit.profile import per_sample_latency
-from edgeexit.runtime.cascade import NEVER, Cascade, gate_thresholds, trace
+from edgeexit.profile import latency_rounds
+from edgeexit.runtime.cascade import NEVER, Cascade, full_depth, gate_thresholds, trace
 from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from edgeexit.spec import Spec
 from edgeexit.stage_io import StageIO
@@ -48,6 +49,7 @@ PARITY_SAMPLES = 64  # real samples used for the ONNX-vs-torch parity check
 # Batch-1 latency is timed with one intra-op thread for both cascade and monolithic: on
 # graphs this small, handing work to a thread pool costs more than it saves.
 LATENCY_THREADS = 1
+LATENCY_ROUNDS = 7  # interleaved rounds of the build's latency comparison (median and spread)
 
 
 def log(message: str) -> None:
@@ -71,6 +73,14 @@ def new_model(spec: Spec) -> torch.nn.Module:
     """The spec's model with its seeded initial weights (the seed fixes them too)."""
     seed_everything(spec.train.seed)
     return build_model(spec.model, spec.input, spec.base_dir).eval()
+
+
+def check_contract(model: torch.nn.Module, spec: Spec) -> None:
+    """Refuse, before any training, a model that breaks the blocks/exits contract: its stages
+    chained on a dummy batch must reproduce its own forward, with the yaml's confidence kind.
+    A private generator keeps the seeded training draws untouched."""
+    dummy = torch.randn(2, *spec.input.shape, generator=torch.Generator().manual_seed(0))
+    check_staging(model, make_stages(model, spec.gating.confidence), dummy)
 
 
 def fit_or_load(model: torch.nn.Module, spec: Spec, data: Dataset, costs: list[StageCost],
@@ -132,7 +142,8 @@ def _monolithic_precision(spec: Spec, path: Path, x_cal: np.ndarray) -> str:
 
 
 def _manifest(spec: Spec, exported: list[ExportedGraph], precisions: list[str], mono: ExportedGraph,
-              mono_precision: str, thresholds, costs: list[StageCost], root: Path) -> dict[str, Any]:
+              mono_precision: str, thresholds, costs: list[StageCost], root: Path,
+              train_x: np.ndarray) -> dict[str, Any]:
     def fp32_copy(path: Path) -> str | None:  # the fp32 graph of one deployed in fp16/int8
         copy = path.with_name(path.stem + ".fp32.onnx")
         return copy.relative_to(root).as_posix() if copy.exists() else None
@@ -141,7 +152,9 @@ def _manifest(spec: Spec, exported: list[ExportedGraph], precisions: list[str], 
         "name": spec.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "input": {"name": spec.input.name, "shape": [None, *spec.input.shape], "dtype": spec.input.dtype,
-                  "mean": list(spec.input.mean), "std": list(spec.input.std)},
+                  "mean": list(spec.input.mean), "std": list(spec.input.std), "layout": "NCHW",
+                  "range": value_range(train_x),  # raw units of the training data: `run` warns far from them
+                  "resize": (("bicubic" if spec.data.kind == "folder" else "bilinear") if spec.data.resize else None)},
         "classes": list(spec.input.classes),
         "stages": [
             {"index": g.io.index, "onnx": g.path.relative_to(root).as_posix(), "inputs": list(g.io.inputs),
@@ -185,8 +198,9 @@ def evaluate(bundle_root: Path, ios: list[StageIO], mono_path: Path, mono_io: St
     mono_names = list(mono_io.outputs)
     mono_pred = np.concatenate([mono.run(0, {mono_io.inputs[0]: x[i:i + batch]})["pred"]
                                 for i in range(0, len(x), batch)])
-    timing = per_sample_latency(
-        {"cascade": cascade, "monolithic": lambda s: mono.sessions[0].run(mono_names, {mono_io.inputs[0]: s})}, x)
+    rounds = latency_rounds({"cascade": cascade, "full_depth": full_depth(backend, ios),
+                             "monolithic": lambda s: mono.sessions[0].run(mono_names, {mono_io.inputs[0]: s})},
+                            x, 1, LATENCY_ROUNDS)
     grid = np.concatenate([np.linspace(0.0, 1.0, 51), [NEVER]])
     tradeoff = shared_threshold_sweep(every.exit_conf, correct, cum_flops / 1e6, grid)
     tradeoff["threshold"][-1] = None  # no early exit: the full-depth end of the curve
@@ -200,9 +214,19 @@ def evaluate(bundle_root: Path, ios: list[StageIO], mono_path: Path, mono_io: St
         "cascade_flops": float((shares * cum_flops).sum()),
         "monolithic_flops": int(mono_flops),
         "monolithic_accuracy": float(np.mean(mono_pred == y)),
-        "latency_ms": {"cascade": timing["cascade"] * 1e3, "monolithic": timing["monolithic"] * 1e3,
-                       "backend": "onnxruntime-cpu", "batch": 1, "threads": LATENCY_THREADS},
+        "latency_ms": _latency_record(rounds),
     }
+
+
+def _latency_record(rounds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The build's latency figures: medians over interleaved rounds, and the spread of the
+    cascade-to-monolithic ratio within rounds (one round's figure alone can mislead)."""
+    ratio = rounds["cascade"] / rounds["monolithic"]
+    full = rounds["full_depth"] / rounds["monolithic"]
+    return {**{name: float(np.median(r)) * 1e3 for name, r in rounds.items()},
+            "ratio": float(np.median(ratio)), "ratio_range": [float(ratio.min()), float(ratio.max())],
+            "full_depth_ratio": float(np.median(full)), "rounds": len(ratio),
+            "backend": "onnxruntime-cpu", "batch": 1, "threads": LATENCY_THREADS}
 
 
 def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tuple[Bundle, dict[str, Any]]:
@@ -212,12 +236,15 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
     # everything that can be refused without data comes first: the output, the model, the weights
     check_output(dest)
     model = new_model(spec)
+    check_contract(model, spec)
     costs = check_device(spec, model)
     if spec.weights is not None:
         load_weights(model, spec.weights)
     data = load_dataset(spec)
     step(f"[1/7] data: {spec.data.kind}, train/val/calibration/test = "
          f"{len(data.train.y)}/{len(data.val.y)}/{len(data.calibration.y)}/{len(data.test.y)}")
+    for note in data.notes:  # nothing decoded differently without a word
+        log(f"      data: {note}")
     trained = None if spec.weights is not None else fit_or_load(model, spec, data, costs, progress)
     thresholds = list(spec.gating.thresholds or default_thresholds(spec.gating.confidence, len(model.blocks)))
     gate_thresholds(thresholds, len(model.blocks))
@@ -260,13 +287,18 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
         if not plot_tradeoff(report, root / "tradeoff.png"):
             log("      no tradeoff.png: matplotlib is not installed (pip install 'edgeexit[plot]')")
         write_bundle(root, _manifest(spec, exported, precision.precisions, mono, mono_precision, thresholds, costs,
-                                     root), dest)
+                                     root, data.train.x), dest)
     bundle = load_bundle(dest)
     step(f"[7/7] bundle: {dest} ({len(bundle.manifest['files'])} files, checksums verified)")
     if load_device(spec.target.device).kind == "jetson" or spec.target.backend == "tensorrt":
         bundle = _engines(bundle, spec, progress)
     elif spec.budget.latency_ms is not None:
         bundle, report["calibration"] = _calibrate(bundle, spec, progress)
+        # the summary shows what the bundle now ships: the calibrated thresholds, evaluated again
+        report.update(evaluate(bundle.path, ios, bundle.monolithic_path, mono_io, bundle.thresholds, x_test,
+                               data.test.y, spec.export.batch.max, [g.flops for g in exported], mono.flops),
+                      thresholds=bundle.thresholds, yaml_thresholds=thresholds)
+    report["verdicts"] = early_exit_verdicts(report, len(spec.input.classes))
     return bundle, report
 
 
@@ -280,8 +312,8 @@ def _calibrate(bundle: Bundle, spec: Spec, progress: bool) -> tuple[Bundle, dict
     budget = Budget(b.latency_ms / 1e3, b.batch, TAILS[b.tail])
     backend = open_backend(bundle, "onnxruntime", threads=LATENCY_THREADS)
     bundle, record = calibrate(bundle, backend, budget, threads=LATENCY_THREADS, progress=progress)
-    log(f"calibrated: thresholds {record['thresholds']} for {record['budget']['metric']} <= {b.latency_ms:g} ms "
-        f"(calibration.json, pareto.png, profile.json)")
+    log(f"calibrated: thresholds {', '.join(describe_thresholds(record['thresholds']))} for "
+        f"{record['budget']['metric']} <= {b.latency_ms:g} ms (calibration.json, pareto.png, profile.json)")
     return bundle, record
 
 
@@ -296,25 +328,55 @@ def _engines(bundle: Bundle, spec: Spec, progress: bool) -> Bundle:
     return load_bundle(bundle.path)
 
 
+def early_exit_verdicts(report: dict[str, Any], n_classes: int) -> list[str]:
+    """One line for each way early exit fails to pay in this build, with what to do: the
+    cascade no faster than the monolithic graph here, an early exit never taken, or one
+    barely better than chance (less than half the final exit's gain over guessing)."""
+    out, lat = [], report["latency_ms"]
+    chance, final = 1.0 / n_classes, report["exit_accuracy"][-1]
+    last = len(report["exit_accuracy"]) - 1
+    for k, (acc, share, th) in enumerate(zip(report["exit_accuracy"], report["exit_share"], report["thresholds"])):
+        if k == last:
+            break
+        if acc - chance < 0.5 * (final - chance):
+            out.append(f"exit {k} is barely better than chance ({acc:.1%} with {n_classes} classes; the final exit "
+                       f"{final:.1%}): raise its threshold so only its surest samples leave, or remove the exit")
+        elif share == 0:
+            shown = describe_thresholds(report["thresholds"])[k]
+            out.append(f"exit {k} is never taken at threshold {shown} on the test split: its head runs for every "
+                       f"sample for nothing; lower its threshold or remove the exit")
+    if lat["ratio"] >= 1.0:
+        out.append(f"early exit does not pay on this machine: the cascade takes {lat['ratio']:.2f}x the monolithic "
+                   f"graph's time (full depth {lat['full_depth_ratio']:.2f}x: every stage is a call of its own); "
+                   "deploy the monolithic graph (monolithic.onnx), lower the thresholds so more samples leave early, "
+                   "or remove exits that are rarely taken")
+    return out
+
+
 def format_summary(bundle: Bundle, report: dict[str, Any]) -> str:
     """The table `edgeexit build` ends with: what each exit does and what early exit bought."""
     prec = report["precision"]
     mixed = set(prec["stages"]) != {"fp32"}
+    calibrated = report.get("calibration") is not None
     lines = [f"{report['name']}: {len(report['exit_accuracy'])} exits, {report['samples']} test samples, "
-             f"confidence {report['confidence']}", ""]
+             f"confidence {report['confidence']}, thresholds "
+             + ("calibrated for the latency budget (the yaml's were "
+                + ", ".join(describe_thresholds(report["yaml_thresholds"])) + ")" if calibrated else "from the yaml"),
+             ""]
     head = (f"{'exit':>4}  {'precision':>9}  {'threshold':>9}  {'cum. MFLOPs':>11}  {'paper MFLOPs':>12}  "
             f"{'accuracy':>8}  {'exit share':>10}")
     lines.append(head + (f"  {'fp32 acc.':>9}  {'agreement':>9}" if mixed else ""))
-    for k, (th, fl, ops, acc, share) in enumerate(zip(report["thresholds"], report["cumulative_flops"],
+    shown = describe_thresholds(report["thresholds"])
+    for k, (th, fl, ops, acc, share) in enumerate(zip(shown, report["cumulative_flops"],
                                                        report["paper_cumulative_ops"], report["exit_accuracy"],
                                                        report["exit_share"])):
-        th_txt = "all" if th is None or k == len(report["thresholds"]) - 1 else f"{th:g}"
-        row = (f"{k:>4}  {prec['stages'][k]:>9}  {th_txt:>9}  {fl / 1e6:>11.3f}  {ops / 1e6:>12.3f}  "
+        row = (f"{k:>4}  {prec['stages'][k]:>9}  {th:>9}  {fl / 1e6:>11.3f}  {ops / 1e6:>12.3f}  "
                f"{acc:>8.1%}  {share:>10.1%}")
         if mixed:
             row += f"  {prec['exits'][k]['fp32_accuracy']:>9.1%}  {prec['exits'][k]['agreement']:>9.1%}"
         lines.append(row)
     lat = report["latency_ms"]
+    lo, hi = lat["ratio_range"]
     lines += [
         "cum. MFLOPs: torch's counter, 2 per multiply-add; paper MFLOPs: multiply-adds as MSDNet's op_counter counts "
         "them (with ReLU/pooling); both include every earlier exit head",
@@ -323,14 +385,18 @@ def format_summary(bundle: Bundle, report: dict[str, Any]) -> str:
         f"({report['cascade_flops'] / report['monolithic_flops']:.0%} of monolithic)",
         f"monolithic: accuracy {report['monolithic_accuracy']:.1%}  {report['monolithic_flops'] / 1e6:.3f} MFLOPs/sample"
         f" ({report['monolithic_precision']})",
-        f"latency per sample ({lat['backend']}, batch {lat['batch']}, {lat['threads']} thread, same run): "
-        f"cascade {lat['cascade']:.4f} ms, monolithic {lat['monolithic']:.4f} ms -> {lat['cascade'] / lat['monolithic']:.2f}x",
+        f"latency per sample ({lat['backend']}, batch {lat['batch']}, {lat['threads']} thread, median of {lat['rounds']} "
+        f"interleaved rounds): cascade {lat['cascade']:.4f} ms, monolithic {lat['monolithic']:.4f} ms -> "
+        f"{lat['ratio']:.2f}x (rounds {lo:.2f}-{hi:.2f}x); full depth {lat['full_depth_ratio']:.2f}x",
     ]
     if mixed:
-        lines.append(f"precision: final exit {prec['final_drop_pt']:.2f} pt below fp32 (tolerance {prec['tolerance_pt']:g} pt), "
-                     f"int8 calibrated with {prec['calibration']['method']} on {prec['calibration']['samples']} samples"
+        int8 = "int8" in prec["stages"] or report["monolithic_precision"] == "int8"
+        lines.append(f"precision: final exit {prec['final_drop_pt']:.2f} pt below fp32 (tolerance {prec['tolerance_pt']:g} pt)"
+                     + (f", int8 calibrated with {prec['calibration']['method']} on {prec['calibration']['samples']} "
+                        "samples" if int8 else "")
                      + "".join(f"; stage {k} fell back {f['from']} -> {f['to']}" for k, f in prec["fallbacks"].items()))
-    if report.get("calibration"):
+    lines += [f"note: {v}" for v in report.get("verdicts", [])]
+    if calibrated:
         from edgeexit.calibrate import format_calibration
 
         lines += ["", "calibrated against the latency budget (written into the bundle):",

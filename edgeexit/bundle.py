@@ -130,6 +130,22 @@ class Bundle:
     def thresholds(self) -> list[float | None]:
         return self.manifest["gating"]["thresholds"]
 
+    def read(self, file: str | Path) -> bytes:
+        """The bytes of a listed file (its manifest path as a string, or a Path under the bundle), checked
+        against its sealed digest as they are read: what a backend loads is what was
+        verified, even if the file was swapped after `load_bundle`."""
+        rel = file.relative_to(self.path).as_posix() if isinstance(file, Path) else file
+        digest = self.manifest["files"].get(rel)
+        if digest is None:
+            raise BundleError(f"bundle: {rel} is not listed in the manifest")
+        try:
+            data = (self.path / rel).read_bytes()
+        except OSError as exc:
+            raise BundleError(f"bundle: cannot read {rel}: {exc.strerror or exc}") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise BundleError(f"bundle: {rel} fails its checksum: changed since the bundle was verified; refused")
+        return data
+
     @property
     def has_weights(self) -> bool:
         """Whether the torch weights are here (a deployed bundle may leave them out)."""
@@ -193,7 +209,10 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     bundle = Bundle(path, manifest)
     if verify:
         for rel, digest in bundle.present.items():
-            actual = sha256(path / rel)
+            try:
+                actual = sha256(path / rel)
+            except OSError as exc:
+                raise BundleError(f"bundle: cannot read {rel}: {exc.strerror or exc}") from None
             if actual != digest:
                 raise BundleError(f"bundle: {rel} fails its checksum (manifest {digest[:12]}..., file {actual[:12]}...): "
                                   "modified after the build")

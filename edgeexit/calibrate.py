@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from calibration.gating import describe_thresholds
 from calibration.latency import SOURCES, LatencyModel, estimate, from_profile
 from calibration.policy import ExitPolicy, PolicyFit, fit_policy, policy_point
 from calibration.solvers import SOLVERS, Budget, Scorer, best_feasible, geometric, optimise, tail_seconds
@@ -185,6 +186,11 @@ def full_depth_call(latency: LatencyModel, batch: int) -> float:
     return float(latency.batch_seconds(np.full((1, batch), latency.stages - 1))[0])
 
 
+def _cannot_hold(budget: Budget, floor: float, source: str) -> str:
+    return (f"--budget-ms: {budget.seconds * 1e3:g} ms cannot hold: a call where every sample leaves at exit 0 "
+            f"already costs {floor * 1e3:.4g} ms ({source})")
+
+
 def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "optimise", latency: str = "auto",
               val_traces: str | Path | None = None, test_traces: str | Path | None = None,
               data: dict[str, str | None] | None = None, threads: int | None = 1, iters: int = 200,
@@ -197,6 +203,11 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
         raise EdgeExitError(f"--latency: {latency!r} is not one of {', '.join(SOURCES)}")
     data = data or {}
     x_test, y_test = split_inputs(bundle, "test", data.get("test"))
+    source = latency_source(bundle, backend, latency, budget.batch, x_test, threads, iters)
+    lat = source.model
+    floor = cheapest_call(lat, budget.batch)
+    if budget.seconds < floor:  # no thresholds can help: refuse before tracing anything
+        raise EdgeExitError(_cannot_hold(budget, floor, lat.source))
     traces = {}
     for split, path in (("val", val_traces), ("test", test_traces)):
         if path is not None:
@@ -205,9 +216,6 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
             x, y = (x_test, y_test) if split == "test" else split_inputs(bundle, split, data.get(split))
             log(f"traces: running every exit on the {split} split ({len(y)} samples, {backend.name})")
             traces[split] = record_traces(bundle, backend, x, y, split)
-    source = latency_source(bundle, backend, latency, budget.batch, x_test, threads, iters)
-    lat = source.model
-    floor = cheapest_call(lat, budget.batch)
     sv, st = Scorer(traces["val"], lat, budget), Scorer(traces["test"], lat, budget)
     log(f"calibrate: {budget.metric} latency <= {budget.seconds * 1e3:g} ms at batch {budget.batch} "
         f"({lat.source}); fitting on {len(traces['val'])} validation samples")
@@ -226,8 +234,7 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
     bar.close()
     policy = fitted.policy if fitted is not None and fitted.significant else None
     if chosen is None:
-        raise EdgeExitError(f"--budget-ms: {budget.seconds * 1e3:g} ms cannot hold: a call where every sample leaves "
-                            f"at exit 0 already costs {floor * 1e3:.4g} ms ({lat.source})"
+        raise EdgeExitError(_cannot_hold(budget, floor, lat.source)
                             + ("" if solver == "optimise" else "; the optimise solver may still find a point"))
     record: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -287,7 +294,7 @@ def _pareto_png(record: dict[str, Any], name: str) -> bytes | None:
 def format_calibration(record: dict[str, Any], curve: bool = True) -> str:
     """What `edgeexit calibrate` (and a build with a budget) prints: the outcome and the curve."""
     b, test = record["budget"], record["test"]
-    shown = ", ".join("all" if t is None else "never" if t > 1 else f"{t:.4g}" for t in record["thresholds"])
+    shown = ", ".join(describe_thresholds(record["thresholds"]))
     lines = [f"budget: {b['metric']} call latency <= {b['ms']:.4g} ms at batch {b['batch']} "
              f"({record['latency']['source']})",
              f"thresholds ({record['solver']}): {shown}",

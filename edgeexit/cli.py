@@ -33,7 +33,7 @@ def _cmd_build(args) -> int:
 def _cmd_train(args) -> int:
     import torch
 
-    from edgeexit.build import check_device, fit_or_load, log, new_model
+    from edgeexit.build import check_contract, check_device, fit_or_load, log, new_model
     from edgeexit.data import load_dataset
     from edgeexit.spec import load_spec
 
@@ -42,6 +42,7 @@ def _cmd_train(args) -> int:
     _check_file_out(out, "--out" if args.out else "weights")  # before training, not after
     data = load_dataset(spec)
     model = new_model(spec)
+    check_contract(model, spec)
     trained = fit_or_load(model, dataclasses.replace(spec, weights=None), data, check_device(spec, model),
                           progress=not args.quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -71,33 +72,61 @@ BUILD_MODULES = ("torch", "onnxsim")  # the `build` extra: training and export, 
 CHUNK_BYTES = 16 << 20  # raw images normalised and run per chunk: peak memory stays near a few of these
 
 
+class _Loaded:
+    """Images already in memory (decoded image files): nothing to hand back."""
+
+    def release(self, start: int, stop: int) -> None:
+        pass
+
+
 def _open_images(path: str, bundle):
-    """The raw images of an .npy file as [N, C, H, W], memory-mapped (never read whole), and
-    the mapping (to release pages already run)."""
+    """The raw images `--input` names as [N, C, H, W], the file each came from (None for an
+    .npy) and the mapping to release pages already run. An .npy is memory-mapped (never read
+    whole); image files and folders are decoded as the build decoded its data."""
+    from edgeexit.inputs import decode_images, describe_input, image_files
     from edgeexit.npy import MappedNpy
 
-    if not Path(path).is_file():
-        raise EdgeExitError(f"--input: file not found: {path}")
-    with open(path, "rb") as f:
-        if f.read(4) == b"PK\x03\x04":
-            raise EdgeExitError(f"--input: {path} is an .npz archive; give one .npy array [N, C, H, W]")
+    src = Path(path)
+    kind = describe_input(src)["kind"]
+    shape = tuple(bundle.input["shape"][1:])
+    if kind != "npy":
+        files = image_files(src) if kind == "folder" else [src]
+        if not files:
+            raise EdgeExitError(f"--input: no image files under {path}")
+        from edgeexit.data import max_input_bytes
+
+        if len(files) * int(np.prod(shape)) * 4 > max_input_bytes():
+            raise EdgeExitError(f"--input: {len(files)} images are above the {max_input_bytes()}-byte input limit "
+                                "(EDGEEXIT_MAX_INPUT_BYTES); run them in parts or as one .npy")
+        decoded = decode_images(files, shape[0], shape[1:], _resize_of(bundle), "--input")
+        for note in decoded.notes():
+            print(f"--input: {note}", file=sys.stderr)
+        return decoded.x, [f.relative_to(src).as_posix() if kind == "folder" else f.name for f in files], _Loaded()
     try:
-        mapped = MappedNpy(Path(path))
+        mapped = MappedNpy(src)
     except (OSError, ValueError, EOFError) as exc:  # EOFError / ValueError: empty, truncated or not an .npy
         raise EdgeExitError(f"--input: cannot read {path}: {str(exc) or 'the file is empty'}") from None
     x = mapped.array
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise EdgeExitError(f"--input: {path} holds {x.dtype}, not real numbers")
-    shape = tuple(bundle.input["shape"][1:])
     if x.ndim == len(shape) and x.shape[0] == shape[0]:  # one image
         x = x[None]
-    resize = bool((bundle.manifest.get("data") or {}).get("resize", False))
+    resize = _resize_of(bundle) is not None
     fits = x.ndim == len(shape) + 1 and x.shape[1] == shape[0] and (resize or tuple(x.shape[2:]) == shape[1:])
     if not fits:
         raise EdgeExitError(f"--input: {path} has shape {list(x.shape)}; the bundle takes [N, {', '.join(map(str, shape))}]")
     if len(x) == 0:
         raise EdgeExitError(f"--input: {path} holds no images (shape {list(x.shape)})")
-    return x, mapped
+    return x, None, mapped
+
+
+def _resize_of(bundle) -> str | None:
+    """How the bundle's build resized images of another size: its `input.resize`, or (bundles
+    that predate it) bilinear where `data.resize` was on."""
+    inp = bundle.input
+    if "resize" in inp:
+        return inp["resize"]
+    return "bilinear" if (bundle.manifest.get("data") or {}).get("resize") else None
 
 
 def _chunks(x: np.ndarray, batch: int):
@@ -109,17 +138,32 @@ def _chunks(x: np.ndarray, batch: int):
         yield start, x[start:start + rows]
 
 
-def _refuse_nonfinite(x: np.ndarray, mapped, path: str, batch: int) -> None:
+def _check_inputs(x: np.ndarray, mapped, args, bundle, batch: int) -> None:
+    """One pass over the inputs before any result: NaN/Inf refused (unless --allow-nonfinite),
+    and a warning (refusal with --strict) when they look like other units than the training
+    data's, which the manifest records."""
     from edgeexit.data import describe_samples, nonfinite_samples
+    from edgeexit.inputs import UnitCheck
 
+    record = bundle.input.get("range")
+    units = UnitCheck(record) if record else None
     bad = []
     for start, chunk in _chunks(x, batch):
-        bad.append(nonfinite_samples(np.asarray(chunk)) + start)
+        chunk = np.asarray(chunk)
+        if not args.allow_nonfinite:
+            bad.append(nonfinite_samples(chunk) + start)
+        if units is not None:
+            units.add(chunk)
         mapped.release(start, start + len(chunk))
-    bad = np.concatenate(bad)
+    bad = np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
     if len(bad):
-        raise EdgeExitError(f"--input: {path}: {describe_samples(bad, len(x))} contain NaN or Inf; refused "
+        raise EdgeExitError(f"--input: {args.input}: {describe_samples(bad, len(x))} contain NaN or Inf; refused "
                             "(--allow-nonfinite runs them anyway)")
+    verdict = units.verdict() if units is not None else None
+    if verdict and args.strict:
+        raise EdgeExitError(f"--input: {verdict}; refused (--strict)")
+    if verdict:
+        print(f"--input: warning: {verdict}", file=sys.stderr)
 
 
 def _gating(args, bundle):
@@ -164,23 +208,22 @@ def _cmd_run(args) -> int:
     from edgeexit.runtime.loader import max_batch, open_backend
 
     bundle = _open_bundle(args)
-    x, mapped = _open_images(args.input, bundle)
+    x, names, mapped = _open_images(args.input, bundle)
     batch = max_batch(bundle)
-    if not args.allow_nonfinite:
-        _refuse_nonfinite(x, mapped, args.input, batch)
     thresholds, policy = _gating(args, bundle)
-    shape, resize = tuple(bundle.input["shape"][1:]), bool((bundle.manifest.get("data") or {}).get("resize", False))
+    shape, resize = tuple(bundle.input["shape"][1:]), _resize_of(bundle) is not None
     classes = bundle.classes
     counts = np.zeros(len(bundle.stage_ios), dtype=np.int64)
     with open_backend(bundle, args.backend, args.device, trust_code=args.trust_code) as backend:
         cascade = Cascade(backend, bundle.stage_ios, thresholds, policy)
+        _check_inputs(x, mapped, args, bundle, batch)  # after every refusal of the bundle, before any result
         if args.json:
             head = dumps({"bundle": str(bundle.path), "backend": cascade.backend.name, "thresholds": thresholds,
                           "policy": None if policy is None else policy.to_dict()})
             print(head[:-2] + ',\n  "samples": [')
         else:
             print(f"backend: {cascade.backend.name}", file=sys.stderr)
-            print(f"{'index':>5}  {'class':>8}  {'exit':>4}  {'confidence':>10}")
+            print(f"{'index':>5}  {'class':>8}  {'exit':>4}  {'confidence':>10}" + ("  file" if names else ""))
         for start, raw in _chunks(x, batch):
             chunk = normalize(resize_like(np.asarray(raw, dtype=np.float32), shape, resize),
                               bundle.input["mean"], bundle.input["std"])
@@ -190,12 +233,13 @@ def _cmd_run(args) -> int:
             for i in range(len(chunk)):
                 k, pred = start + i, int(result.pred[i])
                 if args.json:
-                    row = {"index": k, "class": pred, "label": classes[pred], "exit": int(result.exit[i]),
-                           "confidence": finite_or_none(result.conf[i]),
+                    row = {"index": k, **({"file": names[k]} if names else {}), "class": pred, "label": classes[pred],
+                           "exit": int(result.exit[i]), "confidence": finite_or_none(result.conf[i]),
                            "probabilities": [finite_or_none(p) for p in result.probs[i]]}
                     print(("    " if k == 0 else ",\n    ") + dumps(row, indent=None), end="")
                 else:
-                    print(f"{k:>5}  {classes[pred]:>8}  {int(result.exit[i]):>4}  {float(result.conf[i]):>10.4f}")
+                    print(f"{k:>5}  {classes[pred]:>8}  {int(result.exit[i]):>4}  {float(result.conf[i]):>10.4f}"
+                          + (f"  {names[k]}" if names else ""))
     if args.json:
         print("\n  ]\n}")
         return 0
@@ -440,7 +484,8 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="classify images with a bundle's cascade")
     r.add_argument("bundle")
-    r.add_argument("--input", required=True, help=".npy of raw images, [N, C, H, W] or one [C, H, W]")
+    r.add_argument("--input", required=True,
+                   help=".npy of raw images ([N, C, H, W] or one [C, H, W]), an image file, or a folder of them")
     r.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="auto: TensorRT engines where TensorRT is installed and built, else onnxruntime")
     r.add_argument("--device", help=TORCH_DEVICE_HELP)
@@ -450,6 +495,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
     r.add_argument("--allow-nonfinite", action="store_true",
                    help="run images holding NaN/Inf (refused by default) and report their raw outputs")
+    r.add_argument("--strict", action="store_true",
+                   help="refuse inputs that look like other units than the training data (default: warn)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=_cmd_run)
 

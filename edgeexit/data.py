@@ -9,13 +9,14 @@ laid out as `root/<class name>/<image>`. Images stay in raw units here; normalis
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from edgeexit.errors import EdgeExitError, SpecError
-from edgeexit.spec import IMAGE_SUFFIXES, SPLITS, DataSpec, InputSpec, Spec
+from edgeexit.inputs import IMAGE_SUFFIXES, decode_images, resize
+from edgeexit.spec import SPLITS, DataSpec, InputSpec, Spec
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Dataset:
     val: Split
     calibration: Split
     test: Split
+    notes: tuple[str, ...] = field(default=())  # what decoding changed (converted, resized images)
 
 
 def normalize(x: np.ndarray, mean, std) -> np.ndarray:
@@ -37,20 +39,6 @@ def normalize(x: np.ndarray, mean, std) -> np.ndarray:
     mean = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
     return ((np.asarray(x, dtype=np.float32) - mean) / std).astype(np.float32, copy=False)
-
-
-def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Images (N, C, H, W) resized bilinearly to `size` (H, W): lets architectures built for
-    32x32 inputs (MSDNet, RANet) train on smaller data such as the 8x8 digits."""
-    if tuple(x.shape[2:]) == tuple(size):
-        return x
-    import torch
-    import torch.nn.functional as F
-
-    with torch.inference_mode():
-        out = F.interpolate(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), size=tuple(size),
-                            mode="bilinear", align_corners=False)
-    return out.numpy()
 
 
 def resize_like(x: np.ndarray, shape: tuple[int, ...], enabled: bool) -> np.ndarray:
@@ -122,30 +110,20 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y.astype(np.int64)
 
 
-def _folder(root: Path, classes: tuple[str, ...], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        from PIL import Image
-    except ImportError:
-        raise SpecError("data.source: image folders need Pillow: pip install 'edgeexit[images]'") from None
+def _folder(root: Path, classes: tuple[str, ...], shape: tuple[int, ...],
+            resize: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
     found = sorted(p.name for p in root.iterdir() if p.is_dir())
     if sorted(classes) != found:
         raise SpecError(f"data.source: {root} has class folders {found}, but input.classes is {list(classes)}")
-    channels, height, width = shape
-    if channels not in (1, 3):
-        raise SpecError(f"input.shape: image folders give 1 (grey) or 3 (RGB) channels, not {channels}")
-    xs, ys = [], []
+    files, labels = [], []
     for label, name in enumerate(classes):
-        for f in sorted((root / name).iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            with Image.open(f) as img:
-                img = img.convert("L" if channels == 1 else "RGB").resize((width, height))
-                arr = np.asarray(img, dtype=np.float32)
-            xs.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
-            ys.append(label)
-    if not xs:
+        here = sorted(f for f in (root / name).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        files += here
+        labels += [label] * len(here)
+    if not files:
         raise SpecError(f"data.source: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+    decoded = decode_images(files, shape[0], shape[1:], "bicubic" if resize else None, "data.source")
+    return decoded.x, np.asarray(labels, dtype=np.int64), decoded.notes()
 
 
 def load_dataset(spec: Spec) -> Dataset:
@@ -158,12 +136,15 @@ def load_dataset(spec: Spec) -> Dataset:
 
 def load_splits(data: DataSpec, inp: InputSpec) -> Dataset:
     """`load_dataset` from its two parts (a bundle records both, so a split can be rebuilt later)."""
+    notes: list[str] = []
     if data.kind == "digits":
         x, y = _digits()
     elif data.kind == "npz":
         x, y = _npz(data.path)
     else:
-        x, y = _folder(data.path, inp.classes, inp.shape)
+        x, y, notes = _folder(data.path, inp.classes, inp.shape, data.resize)
+    if data.resize and data.kind != "folder" and tuple(x.shape[2:]) != inp.shape[1:] and x.shape[1] == inp.shape[0]:
+        notes.append(f"{len(x)} images resized {x.shape[3]}x{x.shape[2]} -> {inp.shape[2]}x{inp.shape[1]} (bilinear)")
     x = resize_like(x, inp.shape, data.resize)
     if tuple(x.shape[1:]) != inp.shape:
         raise SpecError(
@@ -182,7 +163,7 @@ def load_splits(data: DataSpec, inp: InputSpec) -> Dataset:
             raise SpecError(f"data.splits.{name}: the split is empty with {len(x)} samples; give it a larger fraction")
         splits[name] = Split(x[idx], y[idx])
         start += count
-    return Dataset(**splits)
+    return Dataset(**splits, notes=tuple(notes))
 
 
 def data_record(data: DataSpec) -> dict:

@@ -46,15 +46,20 @@ def per_sample_latency(runners: dict[str, Runner], x: np.ndarray, rounds: int = 
 
 def call_latency(runners: dict[str, Runner], x: np.ndarray, batch: int, rounds: int = 3,
                  warmup: int = 20) -> dict[str, float]:
-    """Mean seconds per call of `batch` samples for each runner over `x` in consecutive chunks.
+    """Mean seconds per call of `batch` samples for each runner: its fastest round of
+    `latency_rounds`, the usual way to read a noisy machine."""
+    return {name: float(r.min()) for name, r in latency_rounds(runners, x, batch, rounds, warmup).items()}
 
-    Each round visits every chunk once and calls every runner on it, interleaved
-    (`interleaved_calls`); the reported figure is each runner's fastest round, the usual
-    way to read a noisy machine.
-    """
+
+def latency_rounds(runners: dict[str, Runner], x: np.ndarray, batch: int, rounds: int,
+                   warmup: int = 20) -> dict[str, np.ndarray]:
+    """(rounds,) mean seconds per call of `batch` samples for each runner over `x` in
+    consecutive chunks. Each round visits every chunk once and calls every runner on it,
+    interleaved (`interleaved_calls`), so runner-to-runner ratios within a round share the
+    machine's state; their spread over rounds says how far one figure can be trusted."""
     chunks = [x[i:i + batch] for i in range(0, len(x) - batch + 1, batch)]
     calls = interleaved_calls(runners, chunks, rounds * len(chunks), warmup)
-    return {name: float(seconds.reshape(rounds, len(chunks)).mean(axis=1).min()) for name, seconds in calls.items()}
+    return {name: seconds.reshape(rounds, len(chunks)).mean(axis=1) for name, seconds in calls.items()}
 
 
 def read_profiles(bundle_path: Path) -> dict[str, Any]:

@@ -153,6 +153,14 @@ def check_shape(m: Any) -> None:
             raise BundleError(f"bundle: manifest field input.{key}: {len(values)} values for {shape[1]} channel(s)")
         for k, v in enumerate(values):
             _number(v, f"input.{key}[{k}]", positive=key == "std")
+    value_range = _get(inp, "range", "input", dict, "an object", optional=True)
+    if value_range is not None:
+        for key in ("min", "max", "mean", "std", "span_p01"):
+            _number(_get(value_range, key, "input.range", (int, float), "a number"), f"input.range.{key}")
+        if value_range["min"] > value_range["max"]:
+            raise BundleError("bundle: manifest field input.range: min is above max")
+    if inp.get("resize") not in (None, "bicubic", "bilinear"):
+        _fail("input.resize", "null, 'bicubic' or 'bilinear'", inp["resize"])
     classes = _strings(_get(m, "classes", "", list, "a list"), "classes", 2)
     if len(set(classes)) != len(classes):
         raise BundleError("bundle: manifest field classes: class names repeat")

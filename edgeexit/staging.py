@@ -8,7 +8,6 @@ data. Several carried tensors are allowed (MSDNet carries one feature map per sc
 
 from __future__ import annotations
 
-import math
 from typing import Callable, TypeVar
 
 import torch

@@ -33,7 +33,10 @@ def test_manifest_has_the_contracted_fields(example_build):
     bundle, _ = example_build
     m = bundle.manifest
     assert m["format"] == FORMAT and m["name"] == "digits-eenet"
-    assert m["input"] == {"name": "image", "shape": [None, 1, 8, 8], "dtype": "float32", "mean": [4.88], "std": [6.02]}
+    assert {k: m["input"][k] for k in ("name", "shape", "dtype", "mean", "std", "layout", "resize")} == {
+        "name": "image", "shape": [None, 1, 8, 8], "dtype": "float32", "mean": [4.88], "std": [6.02], "layout": "NCHW",
+        "resize": None}
+    assert set(m["input"]["range"]) == {"min", "max", "mean", "std", "span_p01"}
     assert m["classes"] == [str(i) for i in range(10)]
     assert [s["index"] for s in m["stages"]] == [0, 1, 2]
     for k, s in enumerate(m["stages"]):

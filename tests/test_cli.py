@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import example_raw, write_spec
+from conftest import EXAMPLE, ROOT, example_raw, write_spec
 from edgeexit.cli import main
 from edgeexit.runtime.onnxruntime_backend import make_session
 
@@ -68,7 +68,7 @@ def test_run_rejects_wrong_input_shape(example_build, tmp_path, capsys):
     assert "has shape [2, 3, 8, 8]; the bundle takes [N, 1, 8, 8]" in capsys.readouterr().err
     (tmp_path / "empty.npy").write_bytes(b"")
     np.savez(tmp_path / "archive.npz", x=np.zeros((2, 1, 8, 8), np.float32))
-    for name, says in (("empty.npy", "cannot read"), ("archive.npz", "is an .npz archive")):
+    for name, says in (("empty.npy", "is an empty file"), ("archive.npz", "is a zip archive (an .npz?)")):
         assert main(["run", str(bundle.path), "--input", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("edgeexit: error: --input:") and says in err and "\n" not in err
@@ -161,3 +161,34 @@ def test_the_readme_command_table_lists_every_command_and_option():
             for flag in action.option_strings:
                 if flag.startswith("--") and flag != "--help":
                     assert flag in rows[name], f"README's `edgeexit {name}` row lacks {flag}"
+
+
+def test_readme_yaml_reference_lists_every_key_and_choice(monkeypatch):
+    """Every key the yaml parser accepts has a row in the README's reference, and every
+    train.loss and gating.confidence choice is named there."""
+    import re
+
+    from edgeexit import spec as spec_module
+
+    seen: set[str] = set()
+    real = spec_module._mapping
+
+    def recording(value, path, required, optional):
+        seen.update(f"{path}.{k}" if path else k for k in {*required, *optional})
+        return real(value, path, required, optional)
+
+    monkeypatch.setattr(spec_module, "_mapping", recording)
+    spec_module.load_spec(EXAMPLE)
+    readme = (ROOT / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `")]
+    names = set()
+    for row in rows:
+        for cell in re.findall(r"`([a-z_.]+(?:/[a-z_]+)*)`", row.split("|")[1]):
+            head, _, tail = cell.rpartition(".")
+            names.update(f"{head}.{t}" if head else t for t in tail.split("/"))
+    sections = {k for k in seen if "." not in k}
+    parents = {k for k in seen if any(other.startswith(k + ".") for other in seen)}  # export.batch: its own rows
+    missing = sorted(k for k in seen - names - parents if k not in sections and not k.startswith("data.splits."))
+    assert not missing, f"README's yaml reference lacks {missing}"
+    loss_row = next(r for r in rows if r.startswith("| `train.loss`"))
+    assert all(f"`{name}`" in loss_row for name in spec_module.LOSSES)

@@ -59,3 +59,37 @@ def test_splits_are_disjoint_and_seeded(tmp_path):
     splits = [a.train, a.val, a.calibration, a.test]
     images = [x.tobytes() for s in splits for x in s.x]
     assert len(images) == len(set(images)) == 1797  # digits has no duplicate images: no sample in two splits
+
+
+def test_image_folder_of_another_size_is_refused_unless_resize_and_then_said(tmp_path, digits_raw):
+    pytest.importorskip("PIL")
+    raw = _folder_spec(tmp_path, digits_raw)
+    raw["input"]["shape"] = [1, 12, 12]  # the files are 8x8
+    with pytest.raises(SpecError, match=r"is 8x8 \(WxH\); the model takes 12x12: .*data.resize: true"):
+        load_dataset(load_spec(write_spec(tmp_path, raw)))
+    raw["data"]["resize"] = True
+    data = load_dataset(load_spec(write_spec(tmp_path, raw)))
+    assert data.train.x.shape[1:] == (1, 12, 12)
+    assert data.notes == ("36 of 36 images resized 8x8 -> 12x12 (bicubic)",)
+
+
+def test_image_folder_colour_conversion_is_said(tmp_path, digits_raw):
+    from PIL import Image
+
+    raw = _folder_spec(tmp_path, digits_raw)
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(tmp_path / "images" / "0" / "rgb.png")
+    data = load_dataset(load_spec(write_spec(tmp_path, raw)))
+    assert "1 of 37 images converted RGB -> L" in data.notes
+
+
+def test_numpy_bilinear_resize_equals_torch_interpolate():
+    import torch
+    import torch.nn.functional as F
+
+    from edgeexit.inputs import resize
+
+    rng = np.random.default_rng(0)
+    for shape, size in [((3, 1, 8, 8), (32, 32)), ((2, 3, 24, 24), (8, 8)), ((2, 3, 7, 5), (11, 13))]:
+        x = rng.normal(size=shape).astype(np.float32)
+        ref = F.interpolate(torch.from_numpy(x), size=size, mode="bilinear", align_corners=False).numpy()
+        np.testing.assert_allclose(resize(x, size), ref, atol=2e-6)

@@ -120,6 +120,7 @@ def test_calibrate_refuses_an_impossible_budget_and_leaves_the_bundle(bundle_cop
     assert main(["calibrate", str(bundle_copy), "--budget-ms", "0.000001", "--quiet", "--no-measure"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("edgeexit: error: --budget-ms: 1e-06 ms cannot hold")
+    assert not any(line.startswith("traces:") for line in err)  # refused before tracing any split
     assert (bundle_copy / "manifest.json").read_text() == before and not (bundle_copy / "calibration.json").exists()
 
 
@@ -157,8 +158,18 @@ def test_build_with_a_budget_on_the_host_calibrates_itself(tmp_path, capsys):
     raw = example_raw()
     raw.update(train={**raw["train"], "epochs": 4}, budget={"latency_ms": 1.0}, output="out")
     assert main(["build", str(write_spec(tmp_path, raw)), "--quiet"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "calibrated against the latency budget" in out and "measured on the test split" in out
     bundle = load_bundle(tmp_path / "out")
     record = json.loads((tmp_path / "out" / "calibration.json").read_text())
     assert bundle.thresholds == record["thresholds"] and "profile.json" in bundle.manifest["files"]
+    # the table shows the thresholds the bundle ships, as people read them, and says where they came from
+    from calibration.gating import describe_thresholds
+
+    shown = describe_thresholds(bundle.thresholds)
+    assert "thresholds calibrated for the latency budget (the yaml's were 0.95, 0.9, all)" in out
+    table = [line.split() for line in out.splitlines() if line[:4].strip().isdigit()][:3]
+    assert [row[2] for row in table] == shown
+    assert "None" not in captured.err and "calibrated: thresholds " + ", ".join(shown) in captured.err
+    assert not any(len(t) > 6 for t in shown)  # 0.7722, never, all: no raw 17-digit floats

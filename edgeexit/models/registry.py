@@ -115,10 +115,13 @@ def build_model(model_spec, input_spec, base_dir: Path | None, refuse_under: Pat
     return model.eval()
 
 
-def load_weights(model: nn.Module, path) -> None:
-    """Load a plain state_dict (weights_only: never unpickle arbitrary objects)."""
+def load_weights(model: nn.Module, path, data: bytes | None = None) -> None:
+    """Load a plain state_dict (weights_only: never unpickle arbitrary objects) from `path`,
+    or from `data` (its bytes, already checked against a bundle's seal)."""
+    import io
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here is the user's file
         first = (str(exc).splitlines() or [type(exc).__name__])[0].split(". ")[0]
         raise SpecError(f"weights: cannot read {path}: {first or type(exc).__name__}") from None

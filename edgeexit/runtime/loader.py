@@ -49,7 +49,7 @@ def torch_model(bundle: Bundle, trust_code: bool = False):
                   tuple(bundle.classes)),
         None, refuse_under=bundle.path,
     )
-    load_weights(model, bundle.path / bundle.manifest["weights"])
+    load_weights(model, bundle.path / bundle.manifest["weights"], bundle.read(bundle.manifest["weights"]))
     return model.eval()
 
 
@@ -131,7 +131,7 @@ def open_backend(bundle: Bundle, kind: str = "auto", device: str | None = None, 
     if kind == "onnxruntime":
         from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(bundle.stage_paths, bundle.stage_ios, threads)
+        return OnnxRuntimeBackend([bundle.read(p) for p in bundle.stage_paths], bundle.stage_ios, threads)
     if kind == "torch":
         from edgeexit.runtime.torch_backend import TorchBackend
 
@@ -155,7 +155,7 @@ def open_monolithic(bundle: Bundle, kind: str = "auto", device: str | None = Non
     if kind == "onnxruntime":
         from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend([bundle.monolithic_path], [bundle.monolithic_io], threads)
+        return OnnxRuntimeBackend([bundle.read(bundle.monolithic_path)], [bundle.monolithic_io], threads)
     if kind in ("torch", "torch-cuda"):
         from edgeexit.staging import Monolithic
 

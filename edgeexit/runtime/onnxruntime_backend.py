@@ -21,7 +21,7 @@ from edgeexit.stage_io import StageIO
 DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
 
 
-def make_session(path: Path, threads: int | None = None,
+def make_session(path: Path | bytes, threads: int | None = None,
                  providers: Sequence[str] = ("CPUExecutionProvider",),
                  disabled_optimizers: Sequence[str] = DISABLED_OPTIMIZERS) -> ort.InferenceSession:
     """An InferenceSession with full graph optimisation (less `disabled_optimizers`, see above);
@@ -31,32 +31,33 @@ def make_session(path: Path, threads: int | None = None,
     options.log_severity_level = 3  # errors only: the per-node "not assigned" chatter is noise here
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers),
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=options, providers=list(providers),
                                 disabled_optimizers=list(disabled_optimizers))
 
 
-def _checked_session(path: Path, io: StageIO, threads: int | None) -> ort.InferenceSession:
+def _checked_session(path: Path | bytes, io: StageIO, threads: int | None) -> ort.InferenceSession:
     """A session of one stage graph, refused in one line where onnxruntime cannot load it or its
     tensor names are not the ones the manifest gives."""
+    name = f"stage {io.index}" if isinstance(path, bytes) else path.name
     try:
         session = make_session(path, threads)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's Fail / InvalidProtobuf / InvalidGraph
-        raise EdgeExitError(f"bundle: onnxruntime cannot load {path.name}: {str(exc).splitlines()[0][:300]}") from None
+        raise EdgeExitError(f"bundle: onnxruntime cannot load {name}: {str(exc).splitlines()[0][:300]}") from None
     inputs = {i.name for i in session.get_inputs()}
     outputs = {o.name for o in session.get_outputs()}
     missing = [n for n in io.inputs if n not in inputs] + [n for n in io.outputs if n not in outputs]
     if missing or len(inputs) != len(io.inputs):
-        raise EdgeExitError(f"bundle: {path.name} does not have the tensors its manifest entry names "
+        raise EdgeExitError(f"bundle: {name} does not have the tensors its manifest entry names "
                             f"({', '.join(missing) or 'extra inputs'})")
     return session
 
 
 class OnnxRuntimeBackend(Backend):
-    """One InferenceSession per stage file."""
+    """One InferenceSession per stage graph (a file, or its bytes already checked against the bundle's seal)."""
 
     name = "onnxruntime"
 
-    def __init__(self, paths: Sequence[Path], ios: Sequence[StageIO], threads: int | None = None):
+    def __init__(self, paths: Sequence[Path | bytes], ios: Sequence[StageIO], threads: int | None = None):
         self.sessions = [_checked_session(p, io, threads) for p, io in zip(paths, ios)]
         self.names = [list(io.outputs) for io in ios]
 

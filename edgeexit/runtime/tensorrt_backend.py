@@ -251,8 +251,10 @@ class TensorRTBackend(StaticBackend):
 
     def __init__(self, plan_paths: Sequence[str | Path], ios: Sequence[StageIO], *, device: int = 0,
                  dla_core: int | None = None, gather: str = "auto", api: str = "auto", graphs: bool = True,
-                 warmup: int = 2, logger=None, check: Callable[[dict | None, str], None] | None = None):
+                 warmup: int = 2, logger=None, check: Callable[[dict | None, str], None] | None = None,
+                 read: Callable[[Path], bytes] = Path.read_bytes):
         trt, cuda = _imports()
+        self._read_plan = read  # from a bundle: its checked read, so the plan loaded is the plan verified
         from edgeexit.export.tensorrt import MIN_VERSION, gpu_info, make_logger, parse_version
 
         version = parse_version(trt.__version__)
@@ -308,6 +310,7 @@ class TensorRTBackend(StaticBackend):
         kwargs.setdefault("dla_core", entry.get("dla_core"))
         kwargs.setdefault("check", lambda gpu, version: check_engines(key, entry, built_gpu, version, gpu, bundle.path))
         trt_version()  # TensorRT present (one line otherwise) before anything else
+        kwargs.setdefault("read", bundle.read)  # the plan bytes deserialised are the ones checked against the seal
         return cls([bundle.path / p for p in entry["stages"]], bundle.stage_ios, **kwargs)
 
     # --- setup ----------------------------------------------------------------------------
@@ -315,7 +318,7 @@ class TensorRTBackend(StaticBackend):
     def _load(self, path: Path, io: StageIO, api_class) -> _Stage:
         if not path.is_file():
             raise EdgeExitError(f"backend tensorrt: plan {path} is missing")
-        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        engine = self._runtime.deserialize_cuda_engine(self._read_plan(path))
         if engine is None:
             why = (getattr(self._logger, "errors", None) or ["built by another TensorRT version or GPU?"])[-1]
             raise EdgeExitError(f"backend tensorrt: cannot load {path.name} ({why}); rebuild with `edgeexit engines`")
