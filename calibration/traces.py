@@ -57,6 +57,9 @@ def save_traces(path: str | Path, traces: Traces) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial.npz", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the traces from other users
     try:
         np.savez_compressed(tmp, conf=traces.conf.astype(np.float32), pred=traces.pred.astype(np.int64),
                             labels=traces.labels.astype(np.int64), meta=np.array(json.dumps(traces.meta, allow_nan=False)))

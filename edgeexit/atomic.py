@@ -5,8 +5,8 @@ same filesystem) and put in place by one atomic operation: `rename` where the de
 absent or an empty folder, else Linux `renameat2(RENAME_EXCHANGE)` (macOS: `renamex_np`
 with `RENAME_SWAP`), which swaps the two folders in one step — at every instant the path
 holds the old bundle or the new one. The old one, now in the staging folder's place, is
-deleted afterwards; a kill -9 before that leaves a staging folder whose PID is dead, and the
-next write to the same destination removes it.
+deleted afterwards; a kill -9 before that leaves a staging folder whose PID is dead and whose
+flock is free, and the next write to the same destination removes it.
 
 Why an exchange rather than a versioned folder plus a symlink swapped with `rename`: the
 bundle stays a real directory at the path the user chose, so `cp -r`, `rsync -a`, `tar`
@@ -77,6 +77,14 @@ def install(partial: Path, dest: Path) -> None:
         exchange(partial, dest)
 
 
+def check_writable_beside(dest: Path) -> None:
+    """Refuse, before any work, an update whose result could not be written: the lock and the
+    staging folder go beside `dest`, so its parent folder must be writable."""
+    if not os.access(dest.parent, os.W_OK | os.X_OK):
+        raise BundleError(f"bundle: cannot write beside {dest} (its folder {dest.parent} is not writable); "
+                          "nothing was done")
+
+
 def refuse_under_file(path: Path, what: str) -> None:
     """One line when a parent of `path` is a file (nothing can be written there)."""
     for parent in reversed(Path(os.path.abspath(path)).parents):
@@ -89,14 +97,32 @@ def staging_name(dest: Path, kind: str = "partial") -> str:
     return f".{dest.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+_HELD: dict[str, int] = {}  # staging folder -> open fd holding its flock while this process uses it
+
+
 def make_staging(dest: Path, kind: str = "partial") -> Path:
     """A new, empty staging folder beside `dest` with the usual permissions (umask applies,
-    unlike mkdtemp's 0700, so a service user can read the bundle it becomes)."""
+    unlike mkdtemp's 0700, so a service user can read the bundle it becomes). The folder is
+    flock-ed while this process uses it, so no cleaner, in this PID namespace or another
+    sharing the filesystem, takes it for a leftover."""
+    import fcntl
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(dest)
     path = dest.parent / staging_name(dest, kind)
     path.mkdir(mode=0o777)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _HELD[str(path)] = fd
     return path
+
+
+def discard_staging(path: Path) -> None:
+    """Remove a staging folder (what is left in it after the install) and drop its lock."""
+    shutil.rmtree(path, ignore_errors=True)
+    fd = _HELD.pop(str(path), None)
+    if fd is not None:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -106,10 +132,11 @@ def staging(dest: Path, kind: str = "partial") -> Iterator[Path]:
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        discard_staging(path)
 
 
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:partial|old|engines|sign)-(?P<pid>\d+)(?:-[0-9a-f]+)?$")
+# exactly what staging_name writes, for the kinds edgeexit makes: nothing else is ever removed
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:partial|engines)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
 def _alive(pid: int) -> bool:
@@ -124,9 +151,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _in_use(path: str) -> bool:
+    """Whether some process holds the staging folder's flock (make_staging takes it)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return True  # cannot tell: leave it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def clean_leftovers(dest: Path) -> list[Path]:
-    """Remove staging folders of interrupted writes to `dest` (their PID is dead); only
-    folders this user owns and edgeexit names are touched. Returns what was removed."""
+    """Remove staging folders of interrupted writes to `dest`: named exactly as edgeexit names
+    them, owned by this user, their PID dead here and their lock free (a write from another
+    PID namespace still holds it). Returns what was removed."""
     removed = []
     try:
         entries = list(os.scandir(dest.parent))
@@ -136,7 +181,7 @@ def clean_leftovers(dest: Path) -> list[Path]:
         m = _LEFTOVER.match(entry.name)
         if not m or m["name"] != dest.name or not entry.is_dir(follow_symlinks=False):
             continue
-        if entry.stat(follow_symlinks=False).st_uid != os.getuid() or _alive(int(m["pid"])):
+        if entry.stat(follow_symlinks=False).st_uid != os.getuid() or _alive(int(m["pid"])) or _in_use(entry.path):
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
         removed.append(Path(entry.path))
@@ -148,8 +193,13 @@ def locked(dest: Path) -> Iterator[None]:
     """Hold the advisory lock of `dest` (`.NAME.lock` beside it) for the duration."""
     import fcntl
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(dest.parent / f".{dest.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    lock = dest.parent / f".{dest.name}.lock"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)  # never through a planted link
+    except OSError as exc:
+        why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+        raise BundleError(f"bundle: cannot take the lock {lock}: {why}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping
 
-from edgeexit.atomic import install, locked, make_staging, refuse_under_file, staging
+from edgeexit.atomic import discard_staging, install, locked, make_staging, refuse_under_file, staging
 from edgeexit.errors import BundleError
 from edgeexit.jsonio import dumps, read_json
 from edgeexit.seal import SEAL, check_seal, check_shape, path_fields, sealed
@@ -273,7 +273,7 @@ def write_bundle(staged: Path, manifest: dict[str, Any], dest: Path) -> Path:
             check_output(dest)  # again: the location may have changed while the build ran
             _seal_into_place(staged, manifest, checksums(staged), dest)
     finally:
-        shutil.rmtree(staged, ignore_errors=True)
+        discard_staging(staged)
     return dest
 
 
@@ -347,7 +347,7 @@ def update_bundle(base: Bundle, change: Change | Callable[[Bundle], Change]) -> 
                 files[rel] = sha256(target)
             _seal_into_place(partial, {**current.manifest, **ch.manifest}, files, dest)
         finally:
-            shutil.rmtree(partial, ignore_errors=True)
+            discard_staging(partial)
     if was_signed:
         print(f"bundle: note: {dest.name}'s manifest changed, so its signature was dropped; sign it again "
               "(edgeexit sign)", file=sys.stderr)

@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -87,7 +87,7 @@ class LatencySource:
 
 
 def latency_source(bundle: Bundle, backend: Backend, kind: str, batch: int, x: np.ndarray,
-                   threads: int | None, iters: int) -> LatencySource:
+                   threads: int | None, iters: int, say: Callable[[str], None] = log) -> LatencySource:
     """The latency model `kind` asks for: `profile` (the bundle's profile.json entry for this
     backend and device), `estimate` (the target's peak figures), or `auto`: the stored profile,
     else a profile taken now when the bundle targets this kind of machine, else the estimate."""
@@ -106,9 +106,9 @@ def latency_source(bundle: Bundle, backend: Backend, kind: str, batch: int, x: n
 
     target = load_device(bundle.manifest["target"]["device"])
     if target.kind != "host" and backend.name == "onnxruntime":
-        log(f"latency: the bundle targets {target.name} and this is not it: estimating from its peak figures")
+        say(f"latency: the bundle targets {target.name} and this is not it: estimating from its peak figures")
         return LatencySource(estimated_latency(bundle, wanted), False)
-    log(f"latency: no profile for {key}; profiling batch sizes {wanted} now")
+    say(f"latency: no profile for {key}; profiling batch sizes {wanted} now")
     from edgeexit.runtime.loader import bundle_policy, open_monolithic, opened
 
     with opened(open_monolithic(bundle, backend.name, threads=threads)) as mono:
@@ -203,7 +203,8 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
         raise EdgeExitError(f"--latency: {latency!r} is not one of {', '.join(SOURCES)}")
     data = data or {}
     x_test, y_test = split_inputs(bundle, "test", data.get("test"))
-    source = latency_source(bundle, backend, latency, budget.batch, x_test, threads, iters)
+    say = log if progress else (lambda _message: None)  # --quiet: errors only
+    source = latency_source(bundle, backend, latency, budget.batch, x_test, threads, iters, say)
     lat = source.model
     floor = cheapest_call(lat, budget.batch)
     if budget.seconds < floor:  # no thresholds can help: refuse before tracing anything
@@ -214,10 +215,10 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
             traces[split] = load_traces(path)
         else:
             x, y = (x_test, y_test) if split == "test" else split_inputs(bundle, split, data.get(split))
-            log(f"traces: running every exit on the {split} split ({len(y)} samples, {backend.name})")
+            say(f"traces: running every exit on the {split} split ({len(y)} samples, {backend.name})")
             traces[split] = record_traces(bundle, backend, x, y, split)
     sv, st = Scorer(traces["val"], lat, budget), Scorer(traces["test"], lat, budget)
-    log(f"calibrate: {budget.metric} latency <= {budget.seconds * 1e3:g} ms at batch {budget.batch} "
+    say(f"calibrate: {budget.metric} latency <= {budget.seconds * 1e3:g} ms at batch {budget.batch} "
         f"({lat.source}); fitting on {len(traces['val'])} validation samples")
     base = best_feasible(geometric(sv), budget)
     bar = tqdm(total=1, desc="optimise", disable=not progress or solver == "geometric", leave=False)
@@ -253,7 +254,7 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
     if measure and source.measured_here:
         gatings = ({"chosen": chosen.thresholds} | ({"baseline": base.thresholds} if base is not None else {})
                    | ({"policy": fitted.policy} if fitted is not None else {}))
-        log(f"measure: running the cascade on the test split at batch {budget.batch} to check the budget")
+        say(f"measure: running the cascade on the test split at batch {budget.batch} to check the budget")
         calls = measure_calls(backend, bundle, x_test, budget.batch, gatings)
         record["measured"] = {name: measured_figures(c, budget) for name, c in calls.items()}
         record["held"] = record["measured"]["chosen" if policy is None else "policy"]["ratio"] <= 1.05

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,9 @@ def _cmd_build(args) -> int:
     from edgeexit.build import build, format_summary
     from edgeexit.spec import load_spec
 
-    bundle, report = build(load_spec(args.spec), Path(args.out) if args.out else None, progress=not args.quiet)
+    spec = load_spec(args.spec)
+    _torch_threads(args.threads)
+    bundle, report = build(spec, Path(args.out) if args.out else None, progress=not args.quiet)
     print(dumps(report) if args.json else format_summary(bundle, report))
     return 0
 
@@ -38,6 +41,7 @@ def _cmd_train(args) -> int:
     from edgeexit.spec import load_spec
 
     spec = load_spec(args.spec, require_weights=False)
+    _torch_threads(args.threads)
     out = Path(args.out) if args.out else (spec.weights or spec.output.parent / f"{spec.name}.pt")
     _check_file_out(out, "--out" if args.out else "weights")  # before training, not after
     data = load_dataset(spec)
@@ -57,6 +61,15 @@ def _cmd_train(args) -> int:
     if spec.weights is None or out.resolve() != spec.weights.resolve():
         print(f"build trains again unless the yaml names these weights: weights: {os.path.relpath(out, spec.base_dir)}")
     return 0
+
+
+def _torch_threads(threads: int | None) -> None:
+    """Cap torch's intra-op threads for training and export (--threads): on a shared or loaded
+    CPU, torch's default of one thread per core spins and can be many times slower."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _check_file_out(out: Path, what: str) -> None:
@@ -104,10 +117,10 @@ def _open_images(path: str, bundle):
         return decoded.x, [f.relative_to(src).as_posix() if kind == "folder" else f.name for f in files], _Loaded()
     try:
         mapped = MappedNpy(src)
-    except (OSError, ValueError, EOFError) as exc:  # EOFError / ValueError: empty, truncated or not an .npy
+    except (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError) as exc:  # empty, truncated, bad header
         raise EdgeExitError(f"--input: cannot read {path}: {str(exc) or 'the file is empty'}") from None
     x = mapped.array
-    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+    if x.dtype.kind not in "iuf":  # not bool, complex, timedelta, datetime, strings or records
         raise EdgeExitError(f"--input: {path} holds {x.dtype}, not real numbers")
     if x.ndim == len(shape) and x.shape[0] == shape[0]:  # one image
         x = x[None]
@@ -149,7 +162,8 @@ def _check_inputs(x: np.ndarray, mapped, args, bundle, batch: int) -> None:
     units = UnitCheck(record) if record else None
     bad = []
     for start, chunk in _chunks(x, batch):
-        chunk = np.asarray(chunk)
+        with np.errstate(over="ignore"):  # what the runtime sees: float32 (1e300 in float64 becomes inf)
+            chunk = np.asarray(chunk, dtype=np.float32)
         if not args.allow_nonfinite:
             bad.append(nonfinite_samples(chunk) + start)
         if units is not None:
@@ -182,18 +196,35 @@ def _parse_thresholds(text: str | None):
         values = [None if t.strip().lower() in ("null", "none", "") else float(t) for t in text.split(",")]
     except ValueError:
         values = [float("nan")]
-    if any(v is not None and not np.isfinite(v) for v in values):
-        raise EdgeExitError(f"--thresholds: {text!r} is not a comma-separated list of finite numbers (last may be null)")
+    if any(v is not None and not (np.isfinite(v) and v >= 0) for v in values):
+        raise EdgeExitError(f"--thresholds: {text!r} is not a comma-separated list of finite numbers >= 0 "
+                            "(last may be null)")
     return values
 
 
-def _open_bundle(args):
+UPDATES = ("profile", "calibrate", "engines", "sign")  # commands that write into the bundle
+
+
+def _open_bundle(args, trusted: bool = True):
     """The verified bundle a command names; with --trust (or EDGEEXIT_TRUST, a device's trust
-    store) only one signed by a trusted key."""
+    store) only one signed by a trusted key (`trusted=False`: `sign`, which is how a bundle
+    gets signed). A command that updates the bundle is refused before any work where it
+    could not write the result."""
+    from edgeexit.atomic import check_writable_beside
     from edgeexit.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
-    trust = getattr(args, "trust", None) or os.environ.get("EDGEEXIT_TRUST")
+    if args.command in UPDATES:
+        check_writable_beside(bundle.path.resolve())
+    if not trusted:
+        return bundle
+    trust = getattr(args, "trust", None)
+    if trust is None:
+        trust = os.environ.get("EDGEEXIT_TRUST")
+        if trust is not None and not trust.strip():
+            raise EdgeExitError("EDGEEXIT_TRUST is set but empty: set it to a public key or a trust folder, or unset it")
+    elif not trust.strip():
+        raise EdgeExitError("--trust: empty; give a public key file or a trust folder")
     if trust:
         from edgeexit.signing import verify_signature
 
@@ -217,17 +248,21 @@ def _cmd_run(args) -> int:
     with open_backend(bundle, args.backend, args.device, trust_code=args.trust_code) as backend:
         cascade = Cascade(backend, bundle.stage_ios, thresholds, policy)
         _check_inputs(x, mapped, args, bundle, batch)  # after every refusal of the bundle, before any result
-        if args.json:
-            head = dumps({"bundle": str(bundle.path), "backend": cascade.backend.name, "thresholds": thresholds,
-                          "policy": None if policy is None else policy.to_dict()})
-            print(head[:-2] + ',\n  "samples": [')
-        else:
-            print(f"backend: {cascade.backend.name}", file=sys.stderr)
-            print(f"{'index':>5}  {'class':>8}  {'exit':>4}  {'confidence':>10}" + ("  file" if names else ""))
         for start, raw in _chunks(x, batch):
-            chunk = normalize(resize_like(np.asarray(raw, dtype=np.float32), shape, resize),
-                              bundle.input["mean"], bundle.input["std"])
+            with np.errstate(over="ignore"):  # refused before, unless --allow-nonfinite
+                chunk = normalize(resize_like(np.asarray(raw, dtype=np.float32), shape, resize),
+                                  bundle.input["mean"], bundle.input["std"])
             result = cascade.run_batched(chunk, batch)
+            if result.probs.shape[1] != len(classes):  # before any row is printed
+                raise EdgeExitError(f"bundle: the model gives {result.probs.shape[1]} classes but the manifest names "
+                                    f"{len(classes)}")
+            if start == 0 and args.json:
+                head = dumps({"bundle": str(bundle.path), "backend": cascade.backend.name, "thresholds": thresholds,
+                              "policy": None if policy is None else policy.to_dict()})
+                print(head[:-2] + ',\n  "samples": [')
+            elif start == 0:
+                print(f"backend: {cascade.backend.name}", file=sys.stderr)
+                print(f"{'index':>5}  {'class':>8}  {'exit':>4}  {'confidence':>10}" + ("  file" if names else ""))
             mapped.release(start, start + len(chunk))
             counts += np.bincount(result.exit, minlength=len(counts))
             for i in range(len(chunk)):
@@ -378,10 +413,9 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_sign(args) -> int:
-    from edgeexit.bundle import load_bundle
     from edgeexit.signing import sign_bundle
 
-    bundle, key = sign_bundle(load_bundle(args.bundle), Path(args.key))
+    bundle, key = sign_bundle(_open_bundle(args, trusted=False), Path(args.key))
     print(f"signed: {bundle.path} with ed25519 key {key} ({bundle.path / 'manifest.sig'})")
     return 0
 
@@ -467,6 +501,9 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     """The argument parser (kept separate so the README's command reference can be checked)."""
     p = _Parser(prog="edgeexit", description="Deploy early-exit CNNs: staged export and a gated runtime.")
+    from edgeexit import __version__
+
+    p.add_argument("--version", action="version", version=f"edgeexit {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     b = sub.add_parser("build", help="train/load, split, export, evaluate and bundle a model.yaml")
@@ -474,12 +511,14 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="bundle directory (default: the yaml's `output`)")
     b.add_argument("--json", action="store_true", help="print the build report as JSON instead of the table")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--threads", type=_count(1), help="torch threads for training and export (default: torch's, one per core)")
     b.set_defaults(fn=_cmd_build)
 
     t = sub.add_parser("train", help="train the model.yaml's model and save its weights (a plain state_dict)")
     t.add_argument("spec", help="model.yaml")
     t.add_argument("--out", help="weights file (default: the yaml's `weights`, else next to the output)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--threads", type=_count(1), help="torch threads for training (default: torch's, one per core)")
     t.set_defaults(fn=_cmd_train)
 
     r = sub.add_parser("run", help="classify images with a bundle's cascade")
@@ -583,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except EdgeExitError as exc:
-        print(f"edgeexit: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always
+        message = str(exc).split("Exception raised from")[0]  # torch's C++ frames are not for users
+        print(f"edgeexit: error: {' '.join(message.split())}", file=sys.stderr)  # one line, always
         return 2
     except ModuleNotFoundError as exc:
         if exc.name not in BUILD_MODULES:

@@ -28,6 +28,8 @@ class MappedNpy:
             if read_header is None:
                 raise ValueError(f".npy format version {version} is not supported")
             shape, fortran, dtype = read_header(f)
+            if any(not isinstance(d, int) or d < 0 for d in shape):
+                raise ValueError(f"the header's shape {shape} has a negative dimension")
             if dtype.hasobject:
                 raise ValueError("the array holds Python objects (pickled data is never loaded)")
             self.offset = f.tell()

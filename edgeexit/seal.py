@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from typing import Any
 
 from edgeexit.errors import BundleError
@@ -133,13 +134,17 @@ def _strings(value: Any, path: str, min_len: int = 0) -> list[str]:
     return value
 
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # as the yaml's `name`
+
+
 def check_shape(m: Any) -> None:
     """Refuse a manifest whose required fields are missing, mistyped or meaningless, in one
     line naming the field; the runtime may then index it without further checks."""
     if not isinstance(m, dict):
         _fail("(top level)", "an object", m)
     _get(m, "format", "", int, "an integer")
-    _get(m, "name", "", str, "a string")
+    if not _NAME.match(_get(m, "name", "", str, "a string")):  # it names files: `trace` writes NAME.SPLIT.traces.npz
+        _fail("name", "a plain name (letters, digits, _ . -)", m["name"])
     inp = _get(m, "input", "", dict, "an object")
     _get(inp, "name", "input", str, "a string")
     shape = _get(inp, "shape", "input", list, "a list")
@@ -196,14 +201,25 @@ def check_shape(m: Any) -> None:
         if not _is_hex(h, 64):
             _fail(f"files.{rel}", "a sha256 hex digest", h)
     _get(m, "weights", "", str, "a string", optional=True)
-    batch = (_get(m, "export", "", dict, "an object", optional=True) or {}).get("batch")
-    if batch is not None:
-        if not isinstance(batch, dict):
-            _fail("export.batch", "an object", batch)
-        for key in ("min", "opt", "max"):
-            v = _get(batch, key, "export.batch", int, "an integer")
-            if v < 1:
-                raise BundleError(f"bundle: manifest field export.batch.{key}: {v} must be >= 1")
+    batch = _get(_get(m, "export", "", dict, "an object"), "batch", "export", dict, "an object")
+    for key in ("min", "opt", "max"):
+        v = _get(batch, key, "export.batch", int, "an integer")
+        if v < 1:
+            raise BundleError(f"bundle: manifest field export.batch.{key}: {v} must be >= 1")
+    target = _get(m, "target", "", dict, "an object")
+    _get(target, "device", "target", str, "a string")
+    dla = _get(target, "dla_core", "target", int, "an integer", optional=True)
+    if dla is not None and dla not in (0, 1):
+        _fail("target.dla_core", "0, 1 or null", dla)
+    data = _get(m, "data", "", dict, "an object", optional=True)
+    if data is not None:
+        _get(data, "source", "data", str, "a string")
+        for key, share in _get(data, "splits", "data", dict, "an object").items():
+            if not 0 < _number(share, f"data.splits.{key}") <= 1:
+                _fail(f"data.splits.{key}", "a fraction in (0, 1]", share)
+        if _get(data, "seed", "data", int, "an integer") < 0:
+            _fail("data.seed", "an integer >= 0", data["seed"])
+        _get(data, "resize", "data", bool, "true or false", optional=True)
     engines = _get(m, "engines", "", dict, "an object", optional=True) or {}
     for key, entry in engines.items():
         p = f"engines.{key}"

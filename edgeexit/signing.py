@@ -38,9 +38,12 @@ def _crypto():
 def _read_key_file(path: Path, what: str) -> bytes:
     if not path.is_file():
         raise EdgeExitError(f"{what}: key file not found: {path}")
-    if path.stat().st_size > MAX_KEY_BYTES:
-        raise EdgeExitError(f"{what}: {path} is too large to be a key")
-    return path.read_bytes()
+    try:
+        if path.stat().st_size > MAX_KEY_BYTES:
+            raise EdgeExitError(f"{what}: {path} is too large to be a key")
+        return path.read_bytes()
+    except OSError as exc:
+        raise EdgeExitError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
 
 
 def load_private_key(path: Path):
@@ -81,7 +84,10 @@ def key_id(public_key) -> str:
 def trusted_keys(trust: Path) -> dict[str, Any]:
     """key id -> public key for `trust`: one key file, or every *.pub / *.pem in a folder."""
     if trust.is_dir():
-        paths = sorted(p for p in trust.iterdir() if p.suffix in (".pub", ".pem") and p.is_file())
+        try:
+            paths = sorted(p for p in trust.iterdir() if p.suffix in (".pub", ".pem") and p.is_file())
+        except OSError as exc:
+            raise EdgeExitError(f"--trust: cannot read the folder {trust}: {exc.strerror or exc}") from None
         if not paths:
             raise EdgeExitError(f"--trust: {trust} holds no *.pub or *.pem public keys")
     else:

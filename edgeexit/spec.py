@@ -26,6 +26,7 @@ LOSSES = ("ce", "eenets", "eenets_sum")
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 SPLITS = ("train", "val", "calibration", "test")
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -258,7 +259,7 @@ def _input(raw: Any) -> InputSpec:
             raise SpecError(f"input.{key}: {len(vals)} values for {channels} channel(s); give 1 or {channels}")
         return vals * channels if len(vals) == 1 else vals
 
-    classes = tuple(_str(c, f"input.classes[{k}]") if not isinstance(c, int) else str(c)
+    classes = tuple(_str(c, f"input.classes[{k}]") if isinstance(c, bool) or not isinstance(c, int) else str(c)
                     for k, c in enumerate(_list(i["classes"], "input.classes", 2)))
     if len(set(classes)) != len(classes):
         raise SpecError("input.classes: class names must be unique")
@@ -298,7 +299,7 @@ def _data(raw: Any, base: Path) -> DataSpec:
     resize = d.get("resize", False)
     if not isinstance(resize, bool):
         raise SpecError(f"data.resize: expected true or false, got {_type_name(resize)}")
-    return DataSpec(kind=kind, path=path, splits=splits, seed=_int(d.get("seed", 0), "data.seed", 0), resize=resize)
+    return DataSpec(kind=kind, path=path, splits=splits, seed=_int(d.get("seed", 0), "data.seed", 0, MAX_SEED), resize=resize)
 
 
 def _gating(raw: Any) -> GatingSpec:
@@ -376,12 +377,12 @@ def _train(raw: Any) -> TrainSpec:
     return TrainSpec(
         epochs=_int(t.get("epochs", 30), "train.epochs", 1),
         batch_size=_int(t.get("batch_size", 64), "train.batch_size", 1),
-        lr=_float(t.get("lr", 0.05), "train.lr", 0.0, lo_open=True),
+        lr=_float(t.get("lr", 0.05), "train.lr", 0.0, 10.0, lo_open=True),
         momentum=_float(t.get("momentum", 0.9), "train.momentum", 0.0, 1.0),
-        weight_decay=_float(t.get("weight_decay", 5e-4), "train.weight_decay", 0.0),
+        weight_decay=_float(t.get("weight_decay", 5e-4), "train.weight_decay", 0.0, 1.0),
         loss=_choice(t.get("loss", "ce"), "train.loss", LOSSES),
         cost_lambda=_float(t.get("cost_lambda", 0.1), "train.cost_lambda", 0.0),
-        seed=_int(t.get("seed", 0), "train.seed", 0),
+        seed=_int(t.get("seed", 0), "train.seed", 0, MAX_SEED),
         feature_surgery=None if surgery is None else _float(surgery, "train.feature_surgery", 0.0, 1.0, lo_open=True),
     )
 
@@ -478,4 +479,6 @@ def load_spec(path: str | Path, require_weights: bool = True) -> Spec:
         raise SpecError(f"model.yaml: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     except RecursionError:
         raise SpecError("model.yaml: nested too deeply") from None
+    except ValueError as exc:  # an integer of thousands of digits (int's conversion limit)
+        raise SpecError(f"model.yaml: {' '.join(str(exc).split())[:200]}") from None
     return parse_spec(raw, path.resolve().parent, source=path.resolve(), require_weights=require_weights)

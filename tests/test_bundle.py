@@ -199,7 +199,8 @@ MINI = {"name": "t", "input": {"name": "x", "shape": [None, 1, 2, 2], "dtype": "
         "classes": ["a", "b"], "gating": {"confidence": "max_softmax", "thresholds": [None]},
         "stages": [{"index": 0, "onnx": "stages/a.onnx", "inputs": ["x"],
                     "outputs": {"carry": [], "logits": "l", "conf": "c", "pred": "p"}}],
-        "monolithic": "stages/a.onnx"}
+        "monolithic": "stages/a.onnx", "export": {"batch": {"min": 1, "opt": 1, "max": 4}},
+        "target": {"device": "host-cpu", "dla_core": None}}
 
 
 def test_write_bundle_replaces_a_bundle_atomically_and_nothing_else(tmp_path):
@@ -241,17 +242,50 @@ def test_the_next_write_cleans_leftovers_of_interrupted_writes(tmp_path):
     dest = tmp_path / "bundle"
     write_bundle(_staged(dest), MINI, dest)
     dead = 2 ** 22 + 12345  # above pid_max's default: no such process
-    for name in (f".bundle.partial-{dead}-0a1b2c3d", f".bundle.old-{dead}", f".bundle.engines-{dead}-ffff0000"):
+    for name in (f".bundle.partial-{dead}-0a1b2c3d", f".bundle.engines-{dead}-ffff0000"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "weights.pt").write_bytes(b"x" * 10)
     live = tmp_path / f".bundle.partial-{os.getppid()}-00000000"  # a running process's: left alone
     live.mkdir()
-    mine = tmp_path / ".bundle.partial-notes"  # not a name edgeexit writes: left alone
-    mine.mkdir()
+    # names edgeexit never writes are the user's, whatever they look like
+    mine = [tmp_path / n for n in (".bundle.partial-notes", f".bundle.old-{dead}", ".bundle.old-20240101",
+                                   f".bundle.sign-{dead}", f".bundle.partial-{dead}")]
+    for folder in mine:
+        folder.mkdir()
+        (folder / "notes.txt").write_text("backup")
     other = tmp_path / f".other.partial-{dead}-00000000"  # another bundle's: left to its own writes
     other.mkdir()
     write_bundle(_staged(dest), MINI, dest)
-    assert leftovers(tmp_path) == sorted([live.name, mine.name, other.name])
+    assert leftovers(tmp_path) == sorted([live.name, other.name, *(m.name for m in mine)])
+
+
+def test_a_staging_folder_in_use_elsewhere_is_not_a_leftover(tmp_path):
+    """A write from another PID namespace (its PID means nothing here) holds the folder's flock."""
+    import fcntl
+
+    dest = tmp_path / "bundle"
+    foreign = tmp_path / f".bundle.partial-{2 ** 22 + 7}-0a0b0c0d"  # a PID dead *here*
+    foreign.mkdir()
+    fd = os.open(foreign, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        write_bundle(_staged(dest), MINI, dest)
+        assert foreign.is_dir()
+    finally:
+        os.close(fd)
+    write_bundle(_staged(dest), MINI, dest)  # released: now it is a leftover
+    assert not foreign.exists()
+
+
+def test_the_lock_file_is_never_followed_through_a_link(tmp_path):
+    dest = tmp_path / "bundle"
+    write_bundle(_staged(dest), MINI, dest)
+    target = tmp_path / "elsewhere"
+    (tmp_path / ".bundle.lock").unlink()
+    (tmp_path / ".bundle.lock").symlink_to(target)
+    with pytest.raises(BundleError, match="cannot take the lock .*symbolic link"):
+        write_bundle(_staged(dest), MINI, dest)
+    assert not target.exists()
 
 
 def test_updates_merge_instead_of_losing_one(bundle_copy):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -11,7 +13,14 @@ import pytest
 from calibration.errors import CalibrationError
 from calibration.gating import exits_taken
 from calibration.latency import LatencyModel, estimate, from_profile
-from calibration.solvers import Budget, Scorer, best_feasible, geometric, geometric_thresholds, optimise
+from calibration.solvers import (
+    Budget,
+    Scorer,
+    best_feasible,
+    geometric,
+    geometric_thresholds,
+    optimise,
+)
 from calibration.traces import Traces, load_traces, save_traces
 
 
@@ -150,6 +159,9 @@ def test_traces_round_trip_and_refuse_other_files(tmp_path):
     np.testing.assert_array_equal(back.conf, traces.conf)
     np.testing.assert_array_equal(back.correct, traces.correct)
     assert back.meta == {"split": "val"} and list(tmp_path.iterdir()) == [path]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(CalibrationError, match="lacks conf"):
         load_traces(tmp_path / "other.npz")

@@ -192,3 +192,23 @@ def test_readme_yaml_reference_lists_every_key_and_choice(monkeypatch):
     assert not missing, f"README's yaml reference lacks {missing}"
     loss_row = next(r for r in rows if r.startswith("| `train.loss`"))
     assert all(f"`{name}`" in loss_row for name in spec_module.LOSSES)
+
+
+def test_version_and_threads(tmp_path, capsys):
+    import edgeexit
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"edgeexit {edgeexit.__version__}"
+    before = torch.get_num_threads()
+    raw = example_raw()
+    raw["train"]["epochs"] = 1
+    try:
+        assert main(["train", str(write_spec(tmp_path, raw)), "--quiet", "--threads", "1",
+                     "--out", str(tmp_path / "w.pt")]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit) as exc:
+        main(["build", str(write_spec(tmp_path, raw)), "--threads", "0"])
+    assert exc.value.code == 2

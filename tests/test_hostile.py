@@ -67,7 +67,7 @@ def _bomb(levels=9):
 
 
 B = "b"
-X = lambda f: _npy(f, np.zeros((4, 1, 8, 8), np.float32))  # noqa: E731
+X = lambda f: _npy(f, np.random.default_rng(0).integers(0, 17, (4, 1, 8, 8)).astype(np.float32))  # noqa: E731
 CASES = {
     # model.yaml
     "yaml-not-utf8": lambda f: ["build", _text_yaml(f, b"name: caf\xe9\nmodel: {arch: eenet_resnet}\n")],
@@ -147,6 +147,33 @@ CASES = {
         ["run", _forged(f, lambda m: m.update(model={"factory": "evil:build", "args": {}}), files=True),
          "--input", X(f), "--backend", "torch", "--trust-code"])[1],
     "bundle-unsigned-with-trust": lambda f: ["inspect", B, "--trust", str(f / "model.yaml")],
+    # found by the second hostile review
+    "trust-empty-string": lambda f: ["run", B, "--input", X(f), "--trust", ""],
+    "bundle-factory-os-system-with-trust-code": lambda f: ["run", _forged(f, lambda m: m.update(model={
+        "factory": "os:system", "args": {"command": f"touch {f / 'pwned'}"}})), "--input", X(f), "--backend", "torch",
+        "--trust-code"],
+    "bundle-factory-reexported-os-system": lambda f: ((f / "reexport.py").write_text("from os import system\n"),
+        ["run", _forged(f, lambda m: m.update(model={"factory": "reexport:system", "args": {
+            "command": f"touch {f / 'pwned'}"}})), "--input", X(f), "--backend", "torch", "--trust-code"])[1],
+    "bundle-name-is-a-path": lambda f: ["trace", _forged(f, lambda m: m.update(name=str(f / "elsewhere" / "x")))],
+    "bundle-no-export": lambda f: ["trace", _forged(f, lambda m: m.pop("export"))],
+    "bundle-no-target": lambda f: ["engines", _forged(f, lambda m: m.pop("target"))],
+    "bundle-splits-a-string": lambda f: ["trace", _forged(f, lambda m: m["data"]["splits"].update(val="x"))],
+    "bundle-fewer-classes": lambda f: ["run", _forged(f, lambda m: m.update(classes=["a", "b"])), "--input", X(f)],
+    "input-garbage-npy-header": lambda f: ((f / "g.npy").write_bytes(
+        b"\x93NUMPY\x01\x00\x10\x00{'descr':__impor\n"), ["run", B, "--input", str(f / "g.npy")])[1],
+    "input-negative-dimension": lambda f: ((f / "n.npy").write_bytes(
+        b"\x93NUMPY\x01\x00v\x00" + b"{'descr': '<f4', 'fortran_order': False, 'shape': (-1, 1, 8, 8), }".ljust(117)
+        + b"\n" + b"\0" * 1024), ["run", B, "--input", str(f / "n.npy")])[1],
+    "input-timedelta": lambda f: ["run", B, "--input", _npy(f, np.zeros((2, 1, 8, 8), "m8[s]"))],
+    "input-float64-beyond-float32": lambda f: ["run", B, "--input", _npy(f, np.full((2, 1, 8, 8), 1e300))],
+    "thresholds-negative": lambda f: ["run", B, "--input", X(f), "--thresholds=-5,-5,null"],
+    "yaml-int-of-5001-digits": lambda f: ["build", _text_yaml(f, (f / "model.yaml").read_text().replace(
+        "epochs: 1", "epochs: 1" + "0" * 5000))],
+    "yaml-seed-2-to-the-70": lambda f: ["build", _yaml(f, train={"seed": 2**70})],
+    "yaml-lr-1e308": lambda f: ["build", _yaml(f, train={"lr": 1e308})],
+    "yaml-class-name-a-boolean": lambda f: ["build", _yaml(f, input={"shape": [1, 8, 8], "classes": [
+        True, *[str(i) for i in range(1, 10)]]})],
 }
 
 

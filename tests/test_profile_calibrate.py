@@ -119,6 +119,9 @@ def test_calibrate_refuses_an_impossible_budget_and_leaves_the_bundle(bundle_cop
     before = (bundle_copy / "manifest.json").read_text()
     assert main(["calibrate", str(bundle_copy), "--budget-ms", "0.000001", "--quiet", "--no-measure"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("edgeexit: error: --budget-ms: 1e-06 ms cannot hold")  # --quiet
+    assert main(["calibrate", str(bundle_copy), "--budget-ms", "0.000001", "--no-measure"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("edgeexit: error: --budget-ms: 1e-06 ms cannot hold")
     assert not any(line.startswith("traces:") for line in err)  # refused before tracing any split
     assert (bundle_copy / "manifest.json").read_text() == before and not (bundle_copy / "calibration.json").exists()

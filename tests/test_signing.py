@@ -108,3 +108,15 @@ def test_openssh_keys_work_too(small_spec, tmp_path, capsys):
     capsys.readouterr()
     assert main(["sign", str(bundle), "--key", str(tmp_path / "id_ed25519.pub")]) == 2
     assert "not an unencrypted PEM or OpenSSH private key" in capsys.readouterr().err
+
+
+def test_an_empty_trust_is_refused_not_skipped(signed, small_spec, tmp_path, capsys, monkeypatch):
+    """`--trust "$UNSET"` or an empty EDGEEXIT_TRUST must not run an unsigned bundle."""
+    _, _, x = signed
+    unsigned = tmp_path / "unsigned"
+    shutil.copytree(small_spec.parent / "out", unsigned)
+    assert run(unsigned, x, "--trust", "") == 2
+    assert "--trust: empty" in capsys.readouterr().err
+    monkeypatch.setenv("EDGEEXIT_TRUST", "")
+    assert run(unsigned, x) == 2
+    assert "EDGEEXIT_TRUST is set but empty" in capsys.readouterr().err

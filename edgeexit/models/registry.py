@@ -27,6 +27,10 @@ def register(name: str) -> Callable:
     return wrap
 
 
+# top-level modules a factory may not come from: the standard library and torch itself
+NOT_FACTORIES = frozenset(getattr(sys, "stdlib_module_names", ())) | {"builtins", "torch", "__main__"}
+
+
 def _module_origin(module_name: str) -> list[Path]:
     """Where the top package of `module_name` would be imported from (nothing is executed)."""
     spec = importlib.util.find_spec(module_name.split(".")[0])
@@ -40,6 +44,10 @@ def _resolve_factory(factory: str, base_dir: Path | None, refuse_under: Path | N
     """The factory function; `base_dir` (a yaml's folder) is importable while it is looked up,
     and a module that would come from inside `refuse_under` (a bundle) is refused unrun."""
     module_name, fn_name = factory.split(":")
+    top = module_name.split(".")[0]
+    if top in NOT_FACTORIES:  # os:system, subprocess:run, torch.hub:load ... are not model factories
+        raise SpecError(f"model.factory: {factory!r} names {top!r} ({'the standard library' if top != 'torch' else 'torch itself'}); "
+                        "a factory is a function or class of the user's own (or a model library's) module")
     added = base_dir is not None and str(base_dir) not in sys.path
     if added:  # a user's model file next to their model.yaml is importable
         sys.path.insert(0, str(base_dir))
@@ -62,8 +70,12 @@ def _resolve_factory(factory: str, base_dir: Path | None, refuse_under: Path | N
         if added:
             sys.path.remove(str(base_dir))
     fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise SpecError(f"model.factory: {module_name!r} has no function {fn_name!r}")
+    if not (inspect.isfunction(fn) or inspect.isclass(fn)):
+        raise SpecError(f"model.factory: {module_name!r} has no function or class {fn_name!r}")
+    origin = getattr(fn, "__module__", None) or ""
+    if origin.split(".")[0] != top:  # `from os import system` in a user module is not its factory
+        raise SpecError(f"model.factory: {factory!r} is {origin}.{fn_name}, defined outside the {top!r} package; "
+                        "name the module that defines it")
     return fn
 
 
