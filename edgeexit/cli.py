@@ -613,7 +613,18 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("devices", help="list the target device profiles")
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=_cmd_devices)
+
+    sc = sub.add_parser("completion", help="print a shell completion script: eval \"$(edgeexit completion bash)\"")
+    sc.add_argument("shell", choices=("bash", "zsh"))
+    sc.set_defaults(fn=_cmd_completion)
     return p
+
+
+def _cmd_completion(args) -> int:
+    from edgeexit.completion import script
+
+    print(script(args.shell, parser()), end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

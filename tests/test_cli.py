@@ -212,3 +212,24 @@ def test_version_and_threads(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["build", str(write_spec(tmp_path, raw)), "--threads", "0"])
     assert exc.value.code == 2
+
+
+def test_bash_completion_knows_commands_options_and_choices(tmp_path, capsys):
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash here")
+    assert main(["completion", "bash"]) == 0
+    (tmp_path / "c.sh").write_text(capsys.readouterr().out)
+
+    def complete(*words):
+        probe = (f"source {tmp_path / 'c.sh'}; COMP_WORDS=({' '.join(repr(w) for w in words)}); "
+                 f"COMP_CWORD={len(words) - 1}; _edgeexit; echo \"${{COMPREPLY[@]}}\"")
+        return subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+
+    assert complete("edgeexit", "ca") == ["calibrate"]
+    assert "--solver" in complete("edgeexit", "calibrate", "b", "--so")
+    assert complete("edgeexit", "calibrate", "b", "--solver", "") == ["optimise", "geometric", "policy"]
+    assert "--strict" in complete("edgeexit", "run", "b", "--st")
+    assert main(["completion", "zsh"]) == 0 and "bashcompinit" in capsys.readouterr().out
