@@ -91,3 +91,17 @@ def small_spec(tmp_path_factory):
     spec = write_spec(folder, raw)
     assert main(["build", str(spec), "--quiet"]) == 0
     return spec
+
+
+# Tests that build, train or install are `slow`: `pytest -m "not slow"` runs the rest in about a
+# minute. A test is slow when it uses one of these fixtures or lives in one of these modules;
+# others that build by themselves carry @pytest.mark.slow.
+SLOW_FIXTURES = {"example_build", "small_spec", "bundle_copy", "engines_bundle", "twoscale_spec", "runtime_venv",
+                 "int8_build", "int8_stages"}
+SLOW_MODULES = {"test_zoo", "test_crash_safety", "test_hostile", "test_runtime_install"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

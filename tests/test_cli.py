@@ -84,6 +84,7 @@ def test_inspect_text_and_json(example_build, capsys):
     assert "checksums verified" in text and "stages/stage2.onnx" in text
 
 
+@pytest.mark.slow
 def test_train_then_build_from_weights(tmp_path, capsys):
     raw = example_raw()
     raw["train"]["epochs"] = 2
@@ -101,6 +102,7 @@ def test_train_then_build_from_weights(tmp_path, capsys):
     assert all(torch.equal(state[k], bundle_weights[k]) for k in state)
 
 
+@pytest.mark.slow
 def test_training_is_deterministic(tmp_path, capsys):
     raw = example_raw()
     raw["train"]["epochs"] = 1
@@ -113,6 +115,7 @@ def test_training_is_deterministic(tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_eenets_cost_aware_loss_trains(tmp_path, capsys):
     raw = example_raw()
     raw["train"].update(epochs=2, loss="eenets", cost_lambda=0.2)
@@ -125,6 +128,7 @@ def test_eenets_cost_aware_loss_trains(tmp_path, capsys):
     assert report["exit_accuracy"][-1] > 0.5
 
 
+@pytest.mark.slow
 def test_jetson_build_without_tensorrt_says_so_and_stays_valid(tmp_path, capsys):
     pytest.importorskip("sklearn")
     from edgeexit.export.tensorrt import trt_available
@@ -194,6 +198,7 @@ def test_readme_yaml_reference_lists_every_key_and_choice(monkeypatch):
     assert all(f"`{name}`" in loss_row for name in spec_module.LOSSES)
 
 
+@pytest.mark.slow
 def test_version_and_threads(tmp_path, capsys):
     import edgeexit
 

@@ -55,6 +55,7 @@ def test_int8_bundle_runs_like_its_report(int8_build, digits_raw):
     assert np.mean(result.pred == digits_raw[1][:200]) >= 0.95
 
 
+@pytest.mark.slow
 def test_mixed_precision_per_stage(tmp_path):
     raw = example_raw()
     raw["train"]["epochs"] = 3
@@ -75,6 +76,7 @@ def _ruin_calibration(monkeypatch):
                         lambda paths, ios, x: original(paths, ios, x * 1000.0))
 
 
+@pytest.mark.slow
 def test_tolerance_names_the_stage_or_falls_back(tmp_path, monkeypatch):
     _ruin_calibration(monkeypatch)
     raw = example_raw()

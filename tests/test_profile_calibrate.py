@@ -157,6 +157,7 @@ def test_update_bundle_is_atomic_and_never_writes_through(bundle_copy):
     assert leftovers(bundle_copy.parent) == []  # no partial or old dirs left
 
 
+@pytest.mark.slow
 def test_build_with_a_budget_on_the_host_calibrates_itself(tmp_path, capsys):
     raw = example_raw()
     raw.update(train={**raw["train"], "epochs": 4}, budget={"latency_ms": 1.0}, output="out")

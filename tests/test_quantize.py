@@ -121,6 +121,7 @@ def test_int8_stages_agree_with_fp32_on_real_carried_inputs(digits_bundle, stage
         assert report["conf_max_abs_diff"] < 0.5, (k, report)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(CALIBRATORS))
 def test_every_calibration_method_gives_a_valid_close_graph(method, digits_bundle, stage_feeds, int8_stages, tmp_path):
     fp32 = digits_bundle.stage_paths[1]

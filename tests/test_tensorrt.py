@@ -882,6 +882,7 @@ def build(onnx_path, tmp_path, **kwargs):
 # --- without TensorRT ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_no_tensorrt_fails_in_one_line_and_leaves_the_bundle_untouched(bundle, monkeypatch):
     from edgeexit.bundle import load_bundle
     from edgeexit.export.tensorrt import NOT_INSTALLED, build_engines, trt_available
