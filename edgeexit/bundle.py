@@ -31,13 +31,13 @@ FORMAT = 2  # 2: the manifest is sealed and every file in the bundle is listed
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 UNLISTED = (MANIFEST, SIGNATURE)  # the only files `files` does not (cannot) list
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 def optional_files(manifest: Mapping[str, Any]) -> set[str]:
     """Listed files a bundle may lack: the torch weights, which only the torch reference backend
     reads (a deployed bundle may leave them out; if they come back they must match)."""
     return {manifest["weights"]} if manifest.get("weights") else set()
-MAX_MANIFEST_BYTES = 16 << 20
 
 
 def sha256(path: Path) -> str:
@@ -103,8 +103,10 @@ def _check_tree(root: Path, manifest: dict[str, Any]) -> None:
     for rel in on_disk:
         if rel not in files and rel not in UNLISTED:
             raise BundleError(f"bundle: {rel} is not listed in the manifest (added after the build; refused)")
-    for rel in set(files) - present - optional_files(manifest):
-        raise BundleError(f"bundle: {rel} is missing")
+    optional = optional_files(manifest)
+    missing = [rel for rel in files if rel not in present and rel not in optional]  # in manifest order
+    if missing:
+        raise BundleError(f"bundle: {missing[0]} is missing")
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ class Bundle:
     @property
     def has_weights(self) -> bool:
         """Whether the torch weights are here (a deployed bundle may leave them out)."""
-        return bool(self.manifest.get("weights")) and (self.path / self.manifest["weights"]).is_file()
+        return bool(self.manifest.get("weights")) and self.manifest["weights"] in self.present
 
     @property
     def present(self) -> dict[str, str]:

@@ -100,7 +100,7 @@ def _open_images(path: str, bundle):
     from edgeexit.npy import MappedNpy
 
     src = Path(path)
-    kind = describe_input(src)["kind"]
+    kind = describe_input(src)
     shape = tuple(bundle.input["shape"][1:])
     if kind != "npy":
         files = image_files(src) if kind == "folder" else [src]

@@ -143,9 +143,10 @@ def load_splits(data: DataSpec, inp: InputSpec) -> Dataset:
         x, y = _npz(data.path)
     else:
         x, y, notes = _folder(data.path, inp.classes, inp.shape, data.resize)
-    if data.resize and data.kind != "folder" and tuple(x.shape[2:]) != inp.shape[1:] and x.shape[1] == inp.shape[0]:
-        notes.append(f"{len(x)} images resized {x.shape[3]}x{x.shape[2]} -> {inp.shape[2]}x{inp.shape[1]} (bilinear)")
+    before = x.shape
     x = resize_like(x, inp.shape, data.resize)
+    if x.shape != before:  # arrays (a folder's files were resized as they were decoded)
+        notes.append(f"{len(x)} images resized {before[3]}x{before[2]} -> {x.shape[3]}x{x.shape[2]} (bilinear)")
     if tuple(x.shape[1:]) != inp.shape:
         raise SpecError(
             f"input.shape: {list(inp.shape)} does not match the data (images are {list(x.shape[1:])})"

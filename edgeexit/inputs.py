@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 
@@ -48,11 +48,6 @@ def file_kind(path: Path) -> str:
     return "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "binary data of unknown kind"
 
 
-def is_image(path: Path) -> bool:
-    """Whether a file's first bytes say it is an image Pillow decodes."""
-    return file_kind(path).endswith("image") or file_kind(path).startswith("a RIFF")
-
-
 # --- the training data's units -------------------------------------------------------------
 
 FAR = 0.5  # values beyond the training range by more than this share of its width are far outside
@@ -87,7 +82,7 @@ class UnitCheck:
         flat = np.asarray(x).reshape(len(x), -1)  # no copy: the chunk may be large
         mins, maxs = flat.min(axis=1).astype(np.float64), flat.max(axis=1).astype(np.float64)
         rows = np.flatnonzero(np.isfinite(mins) & np.isfinite(maxs))  # NaN/Inf rows are refused or reported apart
-        self.seen += len(x)
+        first, self.seen = self.seen, self.seen + len(x)
         if not len(rows):
             return
         mins, maxs = mins[rows], maxs[rows]
@@ -96,7 +91,7 @@ class UnitCheck:
         far = (mins < r["min"] - FAR * width) | (maxs > r["max"] + FAR * width)
         small = (maxs - mins) < NARROW * r["span_p01"]
         flagged = rows[far | small]
-        self.examples += [int(self.seen - len(x) + i) for i in flagged[:max(0, 8 - len(self.examples))]]
+        self.examples += [first + int(i) for i in flagged[:max(0, 8 - len(self.examples))]]
         self.outside += int(far.sum())
         self.narrow += int((small & ~far).sum())
         self.lo, self.hi = min(self.lo, float(mins.min())), max(self.hi, float(maxs.max()))
@@ -210,17 +205,17 @@ def image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def describe_input(path: Path) -> dict[str, Any]:
-    """What `edgeexit run --input` was given: kind 'npy', 'image' or 'folder', refusing in one
-    line (naming what the file is) anything else."""
+def describe_input(path: Path) -> str:
+    """What `edgeexit run --input` was given: 'npy', 'image' or 'folder', refusing in one line
+    (naming what the file is) anything else."""
     if path.is_dir():
-        return {"kind": "folder"}
+        return "folder"
     if not path.is_file():
         raise EdgeExitError(f"--input: file not found: {path}")
-    kind = file_kind(path)
+    kind = file_kind(path)  # its first bytes, read once
     if kind == "a NumPy .npy array":
-        return {"kind": "npy"}
-    if is_image(path):
-        return {"kind": "image"}
+        return "npy"
+    if kind.endswith("image") or kind.startswith("a RIFF"):
+        return "image"
     raise EdgeExitError(f"--input: {path} is {kind}; give an .npy array [N, C, H, W], an image file "
                         f"({', '.join(IMAGE_SUFFIXES)}) or a folder of them")
