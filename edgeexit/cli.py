@@ -1,4 +1,4 @@
-"""The `edgeexit` command: build | train | run | trace | profile | calibrate | inspect | sign | keygen | engines | devices.
+"""The `edgeexit` command: build | train | run | trace | profile | calibrate | inspect | sign | keygen | engines | doctor | devices.
 
 User errors (bad yaml, missing files, tampered bundles) print one line on stderr and exit 2;
 anything else is a bug and keeps its traceback.
@@ -441,6 +441,15 @@ def _cmd_engines(args) -> int:
     return 0
 
 
+def _cmd_doctor(args) -> int:
+    from edgeexit.doctor import advice, format_report, gather
+
+    facts = gather()
+    lines = advice(facts)
+    print(dumps({"facts": facts, "advice": lines}) if args.json else format_report(facts, lines))
+    return 1 if lines and args.strict else 0
+
+
 def _cmd_devices(args) -> int:
     from edgeexit.devices import format_table, list_devices, profile_to_dict
 
@@ -609,6 +618,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(fn=_cmd_calibrate)
+
+    dr = sub.add_parser("doctor", help="what this machine has for running bundles (L4T, JetPack, TensorRT, CUDA, "
+                                       "pycuda, cuda-python, nvcc) and what to install or fix")
+    dr.add_argument("--json", action="store_true")
+    dr.add_argument("--strict", action="store_true", help="exit 1 when there is anything to fix")
+    dr.set_defaults(fn=_cmd_doctor)
 
     d = sub.add_parser("devices", help="list the target device profiles")
     d.add_argument("--json", action="store_true")

@@ -206,6 +206,9 @@ def check_shape(m: Any) -> None:
         v = _get(batch, key, "export.batch", int, "an integer")
         if v < 1:
             raise BundleError(f"bundle: manifest field export.batch.{key}: {v} must be >= 1")
+    profiles = _get(batch, "profiles", "export.batch", str, "a string", optional=True)
+    if profiles is not None and profiles not in ("buckets", "range"):
+        _fail("export.batch.profiles", "buckets or range", profiles)
     target = _get(m, "target", "", dict, "an object")
     _get(target, "device", "target", str, "a string")
     dla = _get(target, "dla_core", "target", int, "an integer", optional=True)

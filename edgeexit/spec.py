@@ -24,6 +24,7 @@ BACKENDS = ("auto", "onnxruntime", "torch", "torch-cuda", "tensorrt")
 DTYPES = ("float32",)
 LOSSES = ("ce", "eenets", "eenets_sum")
 PRECISIONS = ("fp32", "fp16", "int8")
+PROFILE_MODES = ("buckets", "range")  # export.batch.profiles
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 SPLITS = ("train", "val", "calibration", "test")
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds
@@ -68,6 +69,7 @@ class BatchRange:
     min: int
     opt: int
     max: int
+    profiles: str = "buckets"  # TensorRT optimization profiles: one static per batch bucket, or one range
 
 
 @dataclass(frozen=True)
@@ -321,7 +323,7 @@ def _gating(raw: Any) -> GatingSpec:
 def _export(raw: Any) -> ExportSpec:
     e = _mapping(raw, "export", set(), {"opset", "batch", "parity_atol", "precision", "stage_precision",
                                         "calibration", "tolerance_pt", "fallback"})
-    b = _mapping(e.get("batch", {}), "export.batch", set(), {"min", "opt", "max"})
+    b = _mapping(e.get("batch", {}), "export.batch", set(), {"min", "opt", "max", "profiles"})
     lo = _int(b.get("min", 1), "export.batch.min", 1)
     hi = _int(b.get("max", 64), "export.batch.max", 1)
     opt = _int(b.get("opt", min(max(lo, 8), hi)), "export.batch.opt", 1)
@@ -339,7 +341,7 @@ def _export(raw: Any) -> ExportSpec:
     return ExportSpec(
         # 13 is the oldest opset TensorRT's parser takes well; 17 is what TensorRT 8.5 (JetPack 5) reads.
         opset=_int(e.get("opset", 17), "export.opset", 13, 21),
-        batch=BatchRange(lo, opt, hi),
+        batch=BatchRange(lo, opt, hi, _choice(b.get("profiles", "buckets"), "export.batch.profiles", PROFILE_MODES)),
         parity_atol=_float(e.get("parity_atol", 1e-4), "export.parity_atol", 0.0, lo_open=True),
         precision=_choice(e.get("precision", "fp32"), "export.precision", PRECISIONS),
         stage_precision=stage_precision,

@@ -42,7 +42,8 @@ BUILDER_SRC = ROOT / "edgeexit" / "export" / "tensorrt.py"
 BACKEND_SRC = ROOT / "edgeexit" / "runtime" / "tensorrt_backend.py"
 DEVICE = "jetson-agx-orin-64gb"
 
-VERSIONS = {"8.5": "8.5.2.2", "10.3": "10.3.0.26", "11.0": "11.0.0.114"}
+VERSIONS = {"8.5": "8.5.2.2", "8.6": "8.6.2.3", "10.3": "10.3.0.26", "11.0": "11.0.0.114"}
+TRT8 = frozenset({"8.5", "8.6"})
 
 # --- which `trt.X` / `trt.X.Y` names each TensorRT version has --------------------------------
 # Read from:
@@ -63,6 +64,13 @@ VERSIONS = {"8.5": "8.5.2.2", "10.3": "10.3.0.26", "11.0": "11.0.0.114"}
 #        getMemoryPoolLimit) and the 11.3 "Strongly Typed Networks for DLA" page (lists the flags
 #        not valid for DLA: FP16, INT8, OBEY/PREFER_PRECISION_CONSTRAINTS; GPU_FALLBACK stays) -
 #        not read from 11.x binding source.
+#   8.6  as 8.5 for every name used here, plus IBuilderConfig.builder_optimization_level (new in
+#        8.6); JetPack 6.0 ships 8.6.2 with Python 3.10.
+#   all  optimization profiles: ICudaEngine.num_optimization_profiles, IExecutionContext.
+#        set_optimization_profile_async(profile_index, stream_handle) -> bool (8.x and 10.x
+#        pyCore.cpp); the engine inspector (8.2+): ICudaEngine.create_engine_inspector(),
+#        IEngineInspector.get_engine_information(LayerInformationFormat.JSON), IBuilderConfig.
+#        profiling_verbosity = ProfilingVerbosity.DETAILED.
 ALL = frozenset(VERSIONS)
 TRT_NAMES: dict[str, frozenset] = {
     "__version__": ALL,
@@ -73,11 +81,11 @@ TRT_NAMES: dict[str, frozenset] = {
     "OnnxParser": ALL,
     "Runtime": ALL,
     "NetworkDefinitionCreationFlag": ALL,
-    "NetworkDefinitionCreationFlag.EXPLICIT_BATCH": frozenset({"8.5", "10.3"}),
+    "NetworkDefinitionCreationFlag.EXPLICIT_BATCH": frozenset({"8.5", "8.6", "10.3"}),
     "NetworkDefinitionCreationFlag.STRONGLY_TYPED": frozenset({"10.3", "11.0"}),
     "BuilderFlag": ALL,
-    "BuilderFlag.FP16": frozenset({"8.5", "10.3"}),
-    "BuilderFlag.INT8": frozenset({"8.5", "10.3"}),
+    "BuilderFlag.FP16": frozenset({"8.5", "8.6", "10.3"}),
+    "BuilderFlag.INT8": frozenset({"8.5", "8.6", "10.3"}),
     "BuilderFlag.GPU_FALLBACK": ALL,
     "MemoryPoolType": ALL,
     "MemoryPoolType.WORKSPACE": ALL,
@@ -87,6 +95,10 @@ TRT_NAMES: dict[str, frozenset] = {
     "TensorIOMode": ALL,
     "TensorIOMode.INPUT": ALL,
     "TensorIOMode.OUTPUT": ALL,
+    "ProfilingVerbosity": ALL,
+    "ProfilingVerbosity.DETAILED": ALL,
+    "LayerInformationFormat": ALL,
+    "LayerInformationFormat.JSON": ALL,
     # 10.1x pyCore.cpp: py::enum_<ExecutionContextAllocationStrategy> STATIC / ON_PROFILE_CHANGE /
     # USER_MANAGED (new in 10.0; not in 8.5's pyCore.cpp). 11.x: not read from binding source.
     "ExecutionContextAllocationStrategy": frozenset({"10.3", "11.0"}),
@@ -100,20 +112,25 @@ OBJECT_NAMES = {
     "Network": {v: {"num_inputs", "get_input"} for v in VERSIONS},
     "Parser": {v: {"parse_from_file", "num_errors", "get_error"} for v in VERSIONS},
     "ParserError": {"8.5": {"code", "desc", "file", "line", "func", "node"},
+                    "8.6": {"code", "desc", "file", "line", "func", "node"},
                     "10.3": {"code", "desc", "file", "line", "func", "node", "node_name", "node_operator"},
                     "11.0": {"code", "desc", "file", "line", "func", "node", "node_name", "node_operator"}},
     "Config": {"8.5": {"set_memory_pool_limit", "set_flag", "default_device_type", "DLA_core",
                        "create_timing_cache", "set_timing_cache", "get_timing_cache",
-                       "add_optimization_profile"},
+                       "add_optimization_profile", "profiling_verbosity"},
+               "8.6": {"set_memory_pool_limit", "set_flag", "default_device_type", "DLA_core",
+                       "create_timing_cache", "set_timing_cache", "get_timing_cache",
+                       "add_optimization_profile", "profiling_verbosity", "builder_optimization_level"},
                "10.3": {"set_memory_pool_limit", "set_flag", "default_device_type", "DLA_core",
                         "create_timing_cache", "set_timing_cache", "get_timing_cache",
-                        "add_optimization_profile", "builder_optimization_level"},
+                        "add_optimization_profile", "builder_optimization_level", "profiling_verbosity"},
                "11.0": {"set_memory_pool_limit", "set_flag", "default_device_type", "DLA_core",
                         "create_timing_cache", "set_timing_cache", "get_timing_cache",
-                        "add_optimization_profile", "builder_optimization_level"}},
+                        "add_optimization_profile", "builder_optimization_level", "profiling_verbosity"}},
     "Profile": {v: {"set_shape"} for v in VERSIONS},
     "Cache": {v: {"serialize"} for v in VERSIONS},
     "Runtime": {v: {"deserialize_cuda_engine", "DLA_core"} for v in VERSIONS},
+    "Inspector": {v: {"get_engine_information"} for v in VERSIONS},
     # The bindings API (8.x; removed in 10.0, per a 10.1x pyCore.cpp that has none of it) beside
     # the tensor-name API (8.5+): 8.5 pyCore.cpp, ICudaEngine num_bindings / get_binding_name /
     # binding_is_input / get_binding_dtype / get_profile_shape(profile_index, binding);
@@ -124,15 +141,18 @@ OBJECT_NAMES = {
     # 10.1x the same, deprecated, plus device_memory_size_v2, create_execution_context(strategy)
     # and context.set_device_memory(memory, size); 11.x assumed to keep only the 10.x successors.
     "Engine": {v: {"num_io_tensors", "get_tensor_name", "get_tensor_mode", "get_tensor_dtype",
-                   "get_tensor_profile_shape", "create_execution_context"}
+                   "get_tensor_profile_shape", "create_execution_context", "num_optimization_profiles",
+                   "create_engine_inspector"}
                | ({"num_bindings", "get_binding_name", "binding_is_input", "get_binding_dtype",
-                   "get_profile_shape"} if v == "8.5" else set())
+                   "get_profile_shape"} if v in TRT8 else set())
                | {"8.5": {"device_memory_size", "create_execution_context_without_device_memory"},
+                  "8.6": {"device_memory_size", "create_execution_context_without_device_memory"},
                   "10.3": {"device_memory_size", "device_memory_size_v2", "create_execution_context_without_device_memory"},
                   "11.0": {"device_memory_size_v2"}}[v] for v in VERSIONS},
-    "Context": {v: {"set_input_shape", "get_tensor_shape", "set_tensor_address", "execute_async_v3"}
-               | ({"set_binding_shape", "get_binding_shape", "execute_async_v2"} if v == "8.5" else set())
-               | {"8.5": {"device_memory"}, "10.3": {"device_memory", "set_device_memory"},
+    "Context": {v: {"set_input_shape", "get_tensor_shape", "set_tensor_address", "execute_async_v3",
+                    "set_optimization_profile_async"}
+               | ({"set_binding_shape", "get_binding_shape", "execute_async_v2"} if v in TRT8 else set())
+               | {"8.5": {"device_memory"}, "8.6": {"device_memory"}, "10.3": {"device_memory", "set_device_memory"},
                   "11.0": {"set_device_memory"}}[v] for v in VERSIONS},
 }
 
@@ -234,10 +254,11 @@ class _Parser(_Strict):
 
 class _Profile(_Strict):
     def __init__(self, state):
-        self._state = state
+        self._state, self._shapes = state, {}
 
     def set_shape(self, name, lo, opt, hi):
-        self._state.profile[name] = (tuple(lo), tuple(opt), tuple(hi))
+        assert all(a <= o <= b for a, o, b in zip(lo, opt, hi)), (name, lo, opt, hi)
+        self._shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
 
 
 class _Cache(_Strict):
@@ -253,7 +274,8 @@ class _Config(_Strict):
         self._state = state
         self._cache = None
         # Properties exist (with TensorRT's defaults) wherever the version has them.
-        for name, default in (("default_device_type", 0), ("DLA_core", -1), ("builder_optimization_level", 3)):
+        for name, default in (("default_device_type", 0), ("DLA_core", -1), ("builder_optimization_level", 3),
+                              ("profiling_verbosity", "LAYER_NAMES_ONLY")):
             if name in type(self)._allowed:
                 object.__setattr__(self, name, default)
 
@@ -265,6 +287,8 @@ class _Config(_Strict):
 
     def create_timing_cache(self, blob):
         self._state.cache_loaded = bytes(blob)
+        if bytes(blob).startswith(b"foreign"):
+            return None  # a cache TensorRT cannot read
         return self._state.Cache(blob)
 
     def set_timing_cache(self, cache, ignore_mismatch):
@@ -275,8 +299,8 @@ class _Config(_Strict):
         return self._cache
 
     def add_optimization_profile(self, profile):
-        self._state.profiles_added += 1
-        return 0
+        self._state.profiles.append(dict(profile._shapes))
+        return len(self._state.profiles) - 1
 
 
 class _Builder(_Strict):
@@ -293,6 +317,7 @@ class _Builder(_Strict):
         return self._state.Network(flags)
 
     def create_builder_config(self):
+        self._state.profiles = []  # this build's profiles (the state outlives one build)
         self._state.config = self._state.Config(self._state)
         return self._state.config
 
@@ -303,9 +328,23 @@ class _Builder(_Strict):
         if self._state.fail_build:
             self._logger.log(self._state.module.ILogger.ERROR, "Error Code 2: out of memory\n(allocation failed)")
             return None
-        # A fake plan the fake runtime below can execute: the ONNX itself plus the profile.
-        plan = {"onnx": base64.b64encode(self._state.onnx_bytes).decode(), "profile": self._state.profile,
-                "int64_as_int32": self._state.version_key == "8.5"}
+        # A fake plan the fake runtime below can execute: the ONNX itself, the profiles, and where
+        # the layers landed. DLA has no dynamic shapes: with GPU_FALLBACK a DLA build over a
+        # dynamic profile silently runs every layer on the GPU, as TensorRT does.
+        import onnx
+
+        state = self._state
+        nodes = [(n.name, n.op_type) for n in onnx.load_from_string(state.onnx_bytes).graph.node]
+        dla = config.default_device_type == state.module.DeviceType.DLA
+        static = all(lo == hi for shapes in state.profiles for lo, _, hi in shapes.values())
+        layers = [{"Name": name, "LayerType": "CaskConvolution" if op == "Conv" else op} for name, op in nodes]
+        if dla and static and state.dla_takes:
+            layers = ([{"Name": "{ForeignNode[%s...%s]}" % (nodes[0][0], nodes[-3][0]), "LayerType": "DLA"}]
+                      + [{"Name": name, "LayerType": op} for name, op in nodes[-2:]])
+        if config.profiling_verbosity != state.module.ProfilingVerbosity.DETAILED:
+            layers = [layer["Name"] for layer in layers]
+        plan = {"onnx": base64.b64encode(state.onnx_bytes).decode(), "profiles": state.profiles,
+                "int64_as_int32": state.version_key in TRT8, "layers": layers}
         return json.dumps(plan).encode()
 
 
@@ -315,7 +354,7 @@ def fake_trt(version_key: str, *, dla_cores: int = 0):
     mod = types.ModuleType("tensorrt")
     state = types.SimpleNamespace(
         version_key=version_key, module=mod, dla_cores=dla_cores, parser_errors=[], fail_build=False,
-        flags=[], pool_limits={}, profile={}, profiles_added=0, network_flags=None, config=None,
+        flags=[], pool_limits={}, profiles=[], dla_takes=True, network_flags=None, config=None,
         cache_loaded=None, parsed=None, onnx_bytes=b"", logger=None,
         Network=_strict(_Network, "Network", version_key),
         ParserError=_strict(_ParserError, "ParserError", version_key),
@@ -338,7 +377,7 @@ def fake_trt(version_key: str, *, dla_cores: int = 0):
         return type(name, (), members)
 
     for name in ("NetworkDefinitionCreationFlag", "BuilderFlag", "MemoryPoolType", "DeviceType", "TensorIOMode",
-                 "ExecutionContextAllocationStrategy"):
+                 "ExecutionContextAllocationStrategy", "ProfilingVerbosity", "LayerInformationFormat"):
         if name in names:
             setattr(mod, name, enum(name))
     builder_cls = _strict(_Builder, "Builder", version_key)
@@ -373,12 +412,23 @@ _ORT_TO_TRT = {"tensor(float)": "FLOAT", "tensor(float16)": "HALF", "tensor(int6
 
 
 class _Engine(_Strict):
+    """A deserialized fake plan: the stage's ONNX on onnxruntime, with the plan's profiles.
+
+    It enforces the rules code can break: a context's shapes must lie inside the profile it
+    selected; before 10.0 only the first context gets profile 0 implicitly and a profile serves
+    one live context at a time (``set_optimization_profile_async`` to another one that is in
+    use fails, "Profile p has been chosen by another IExecutionContext"), and a context without
+    a profile cannot enqueue; from 10.0 every context starts on profile 0 and may share it. On
+    the 8.x bindings API, profile p's bindings are ``p * per_profile + i``.
+    """
+
     def __init__(self, mod, plan):
         import onnxruntime as ort
 
         self._mod = mod
         self._session = ort.InferenceSession(base64.b64decode(plan["onnx"]), providers=["CPUExecutionProvider"])
-        self._profile = {k: [tuple(s) for s in v] for k, v in plan["profile"].items()}
+        self._profiles = [{k: [tuple(s) for s in v] for k, v in p.items()} for p in plan["profiles"]]
+        self._layers = plan["layers"]
         self._in = [i.name for i in self._session.get_inputs()]
         self._out = [o.name for o in self._session.get_outputs()]
         self._types, self._static = {}, {}
@@ -386,6 +436,20 @@ class _Engine(_Strict):
             t = _ORT_TO_TRT[v.type]
             self._types[v.name] = "INT32" if (t == "INT64" and plan["int64_as_int32"]) else t
             self._static[v.name] = tuple(d if isinstance(d, int) else -1 for d in v.shape)
+        self._live = weakref.WeakSet()  # contexts alive now (a context dies when the backend drops it)
+
+    @property
+    def _trt8(self):
+        return self._mod._state.version_key in TRT8
+
+    def _log_error(self, msg):
+        logger = self._mod._state.logger
+        if logger is not None:
+            logger.log(self._mod.ILogger.ERROR, msg)
+
+    @property
+    def num_optimization_profiles(self):
+        return len(self._profiles)
 
     @property
     def num_io_tensors(self):
@@ -401,16 +465,25 @@ class _Engine(_Strict):
         return _DataType(self._types[name])
 
     def get_tensor_profile_shape(self, name, profile_index):
-        assert profile_index == 0
-        return self._profile[name]
+        return self._profiles[profile_index][name]
+
+    def _context(self, own_memory):
+        context = _strict(_Context, "Context", self._mod._state.version_key)(self, own_memory=own_memory)
+        taken = {c._profile for c in self._live}
+        context._profile = 0 if (not self._trt8 or 0 not in taken) else -1
+        self._live.add(context)
+        return context
 
     def create_execution_context(self, strategy=None):
         if strategy is not None:
             assert strategy == self._mod.ExecutionContextAllocationStrategy.USER_MANAGED
-        return _strict(_Context, "Context", self._mod._state.version_key)(self, own_memory=strategy is None)
+        return self._context(own_memory=strategy is None)
 
     def create_execution_context_without_device_memory(self):
-        return _strict(_Context, "Context", self._mod._state.version_key)(self, own_memory=False)
+        return self._context(own_memory=False)
+
+    def create_engine_inspector(self):
+        return _strict(_Inspector, "Inspector", self._mod._state.version_key)(self)
 
     def _need(self):
         return 4096 + 1024 * len(self._in)  # what the engine's activations need (any size will do here)
@@ -423,27 +496,47 @@ class _Engine(_Strict):
     def device_memory_size_v2(self):
         return self._need()
 
-    # the 8.x bindings API: index i names (inputs + outputs)[i], as get_binding_name says
+    # the 8.x bindings API: (inputs + outputs) once per profile; profile p's copy of binding i is
+    # p * per_profile + i, named "<name> [profile p]" for p > 0
+    def _binding(self, i):
+        per = self.num_io_tensors
+        assert 0 <= i < per * len(self._profiles), f"binding {i} out of range"
+        p, j = divmod(i, per)
+        return p, self.get_tensor_name(j)
+
     @property
     def num_bindings(self):
-        return self.num_io_tensors
+        return self.num_io_tensors * len(self._profiles)
 
     def get_binding_name(self, i):
-        return self.get_tensor_name(i)
+        p, name = self._binding(i)
+        return name if p == 0 else f"{name} [profile {p}]"
 
     def binding_is_input(self, i):
-        return self.get_tensor_name(i) in self._in
+        return self._binding(i)[1] in self._in
 
     def get_binding_dtype(self, i):
-        return self.get_tensor_dtype(self.get_tensor_name(i))
+        return self.get_tensor_dtype(self._binding(i)[1])
 
     def get_profile_shape(self, profile_index, binding):
-        return self.get_tensor_profile_shape(self.get_tensor_name(binding), profile_index)
+        p, name = self._binding(binding)
+        assert p in (0, profile_index), "the binding belongs to another profile"  # both are documented
+        return self.get_tensor_profile_shape(name, profile_index)
+
+
+class _Inspector(_Strict):
+    def __init__(self, engine):
+        self._engine = engine
+
+    def get_engine_information(self, fmt):
+        assert fmt == self._engine._mod.LayerInformationFormat.JSON
+        return json.dumps({"Layers": self._engine._layers, "Bindings": self._engine._in + self._engine._out})
 
 
 class _Context(_Strict):
     def __init__(self, engine, own_memory=True):
         self._engine, self._shapes, self._addr = engine, {}, {}
+        self._profile = 0
         self._memory = None if not own_memory else "own"
         SIM.contexts += 1
         SIM.own_memory_contexts += own_memory
@@ -462,8 +555,24 @@ class _Context(_Strict):
         SIM.view(int(ptr), size)
         self._memory = int(ptr)
 
+    def set_optimization_profile_async(self, profile_index, stream_handle):
+        engine = self._engine
+        if not 0 <= profile_index < len(engine._profiles):
+            engine._log_error(f"Profile index {profile_index} is out of range")
+            return False
+        if engine._trt8 and any(c is not self and c._profile == profile_index for c in engine._live):
+            engine._log_error(f"Profile {profile_index} has been chosen by another IExecutionContext. Use another "
+                              "profileIndex or destroy the IExecutionContext that uses this profile.")
+            return False
+        SIM.pending += 1
+        self._profile, self._shapes = profile_index, {}  # switching profiles drops the shapes set
+        return True
+
     def set_input_shape(self, name, shape):
-        lo, _, hi = self._engine._profile[name]
+        if self._profile < 0:
+            self._engine._log_error("setInputShape: no optimization profile selected (mOptimizationProfile >= 0)")
+            return False
+        lo, _, hi = self._engine._profiles[self._profile][name]
         shape = tuple(shape)
         ok = len(shape) == len(lo) and all(a <= s <= b for a, s, b in zip(lo, shape, hi))
         if ok:
@@ -477,25 +586,51 @@ class _Context(_Strict):
         return tuple(batch if d < 0 else d for d in self._engine._static[name])
 
     def set_tensor_address(self, name, ptr):
+        if name not in self._engine._in and name not in self._engine._out:
+            return False
         self._addr[name] = int(ptr)
         return True
 
     def execute_async_v3(self, stream_handle):
         return self._enqueue(stream_handle, dict(self._addr))
 
+    def _own_binding(self, binding):
+        p, name = self._engine._binding(binding)
+        return name if p == self._profile else None
+
     def set_binding_shape(self, binding, shape):
-        return self.set_input_shape(self._engine.get_tensor_name(binding), shape)
+        name = self._own_binding(binding)
+        if name is None:
+            self._engine._log_error(f"binding {binding} does not belong to the context's profile {self._profile}")
+            return False
+        return self.set_input_shape(name, shape)
 
     def get_binding_shape(self, binding):
-        return self.get_tensor_shape(self._engine.get_tensor_name(binding))
+        name = self._own_binding(binding)
+        assert name is not None, f"binding {binding} does not belong to the context's profile {self._profile}"
+        return self.get_tensor_shape(name)
 
     def execute_async_v2(self, bindings, stream_handle):
-        return self._enqueue(stream_handle, {self._engine.get_tensor_name(i): int(p) for i, p in enumerate(bindings)})
+        engine = self._engine
+        assert len(bindings) == engine.num_bindings, "execute_async_v2 takes a pointer per binding of every profile"
+        per = engine.num_io_tensors
+        block = bindings[self._profile * per:(self._profile + 1) * per] if self._profile >= 0 else []
+        return self._enqueue(stream_handle, {engine.get_tensor_name(i): int(p) for i, p in enumerate(block)})
 
     def _enqueue(self, stream_handle, addresses):
         """Run now, or, while the stream is being captured, record the run with the addresses
         and shapes of this moment (what a CUDA graph freezes)."""
         assert self._memory is not None, "enqueue on a context without activation memory"
+        if self._profile < 0:
+            self._engine._log_error("Parameter check failed, condition: mOptimizationProfile >= 0")
+            return False
+        if SIM.last_error:  # a CUDA error left set (e.g. by a failed capture) fails the next enqueue
+            self._engine._log_error(f"CUDA error {SIM.last_error} before enqueue")
+            return False
+        if set(self._shapes) != set(self._engine._in) or any(not addresses.get(n) for n in
+                                                                 (*self._engine._in, *self._engine._out)):
+            self._engine._log_error("enqueue: not every input shape and tensor address is set")
+            return False
         if SIM.fail_enqueue and SIM.fail_enqueue.pop(0):
             return False
         shapes = dict(self._shapes)
@@ -504,6 +639,7 @@ class _Context(_Strict):
             SIM.capturing.append(work)
         else:
             work()
+            SIM.pending += 1
         SIM.executions += 1
         return True
 
@@ -551,6 +687,10 @@ class _Memory:
         self.graph_launches = 0
         self.gpu = ("Simulated GPU", (8, 7))
         self.capture_breaks = False  # the next capture is invalidated (an op a graph cannot hold)
+        self.pending = 0  # work queued on the stream since it was last waited for
+        self.last_error = 0  # the CUDA runtime's last error (cudaGetLastError clears it)
+        self.sticky = None  # a sticky device error: every later wait raises it
+        self.context_syncs = 0  # device-wide waits (pycuda.driver.Context.synchronize)
 
     def alloc(self, size):
         size = max(int(size), 1)
@@ -633,6 +773,9 @@ def fake_pycuda(compile_ok: bool):
 
         def synchronize(self):
             SIM.syncs += 1
+            if SIM.sticky:
+                raise RuntimeError(f"cuStreamSynchronize failed: {SIM.sticky}")
+            SIM.pending = 0
 
     class Event:
         def record(self, stream=None):
@@ -650,6 +793,8 @@ def fake_pycuda(compile_ok: bool):
         @staticmethod
         def synchronize():
             assert driver.pushed > 0, "no current context"
+            SIM.context_syncs += 1
+            SIM.pending = 0
 
     def outside_capture():
         assert SIM.capturing is None, "a copy was queued while the stream was being captured"
@@ -657,20 +802,25 @@ def fake_pycuda(compile_ok: bool):
 
     def to_host(host, src, stream=None):
         outside_capture()
+        SIM.pending += 1
         SIM.to_host_bytes += host.nbytes
         host[...] = SIM.read(int(src), host.shape, host.dtype)
 
     def to_device(dst, host, stream=None):
         outside_capture()
+        SIM.pending += 1
         SIM.write(int(dst), np.ascontiguousarray(host))
 
     def dtod(dst, src, size, stream=None):
         outside_capture()
+        SIM.pending += 1
         SIM.copies += 1
         SIM.view(int(dst), size)[:] = SIM.view(int(src), size)
 
-    def memset(dst, value, count):
+    def memset_async(dst, value, count, stream=None):
         outside_capture()
+        assert stream is not None, "a memset on the legacy stream, which ours does not wait for"
+        SIM.pending += 1
         SIM.view(int(dst), count)[:] = value
 
     driver.pushed = 0
@@ -682,7 +832,7 @@ def fake_pycuda(compile_ok: bool):
 
     driver.mem_alloc = mem_alloc
     driver.memcpy_htod_async, driver.memcpy_dtoh_async, driver.memcpy_dtod_async = to_device, to_host, dtod
-    driver.memset_d8 = memset  # pycuda.driver.memset_d8(dest, data, count)
+    driver.memset_d8_async = memset_async  # pycuda.driver.memset_d8_async(dest, data, count, stream=None)
 
     tools = types.ModuleType("pycuda.tools")
 
@@ -717,6 +867,7 @@ def fake_pycuda(compile_ok: bool):
             # memory, once the launch is checked to stay inside its buffers.
             outside_capture()
             SIM.launches += 1
+            SIM.pending += 1
             assert isinstance(grid, tuple) and isinstance(block, tuple) and stream is not None
             idx = SIM.read(rows, (n_rows,), np.int64)
             row_bytes = row_units * self.unit
@@ -749,15 +900,18 @@ def fake_cuda_driver():
     class CUresult(int):
         @property
         def name(self):
-            return {0: "CUDA_SUCCESS", 901: "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"}[int(self)]
+            return {0: "CUDA_SUCCESS", 901: "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED",
+                    401: "CUDA_ERROR_ILLEGAL_STATE"}[int(self)]
 
-    ok, invalidated = CUresult(0), CUresult(901)
+    ok, invalidated, illegal = CUresult(0), CUresult(901), CUresult(401)
     drv.CUstream = int
     drv.CUstreamCaptureMode = types.SimpleNamespace(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL=1)
     drv.graphs_alive = 0
 
     def begin(stream, mode):
         assert SIM.capturing is None and mode == 1
+        if SIM.pending:  # stricter than CUDA, as trtexec: warm-up work must be finished before capture begins
+            return (illegal,)
         SIM.capturing = []
         return (ok,)
 
@@ -765,6 +919,7 @@ def fake_cuda_driver():
         work, SIM.capturing = SIM.capturing, None
         if SIM.capture_breaks:
             SIM.capture_breaks = False
+            SIM.last_error = 901  # left set: the next enqueue fails unless someone clears it
             return (invalidated, None)
         drv.graphs_alive += 1
         return (ok, _Graph(work))
@@ -786,11 +941,18 @@ def fake_cuda_driver():
     drv.cuStreamBeginCapture, drv.cuStreamEndCapture = begin, end
     drv.cuGraphInstantiate, drv.cuGraphLaunch = instantiate, launch
     drv.cuGraphExecDestroy, drv.cuGraphDestroy = (lambda instance: (ok,)), destroy
+    runtime = types.ModuleType("cuda.bindings.runtime")
+
+    def get_last_error():  # cudaGetLastError(): returns the last error and resets it
+        err, SIM.last_error = SIM.last_error, 0
+        return (CUresult(err),)
+
+    runtime.cudaGetLastError = get_last_error
     bindings = types.ModuleType("cuda.bindings")
-    bindings.driver = drv
+    bindings.driver, bindings.runtime = drv, runtime
     cuda = types.ModuleType("cuda")
     cuda.bindings = bindings
-    return {"cuda": cuda, "cuda.bindings": bindings, "cuda.bindings.driver": drv}
+    return {"cuda": cuda, "cuda.bindings": bindings, "cuda.bindings.driver": drv, "cuda.bindings.runtime": runtime}
 
 
 class _Graph:
@@ -892,9 +1054,11 @@ def test_no_tensorrt_fails_in_one_line_and_leaves_the_bundle_untouched(bundle, m
     before = snapshot(bundle)
     parent_before = sorted(p.name for p in bundle.parent.iterdir())
     with pytest.raises(EdgeExitError) as err:
-        build_engines(bundle, DEVICE)
-    assert str(err.value) == NOT_INSTALLED
-    assert "\n" not in str(err.value) and "edgeexit engines BUNDLE" in str(err.value)
+        build_engines(bundle, DEVICE, precision="fp16", dla_core=1)
+    assert str(err.value).startswith(NOT_INSTALLED.split("\u2014")[0]) and "\n" not in str(err.value)
+    # the exact command to run on the device
+    assert str(err.value).endswith(
+        f"on the Jetson run `edgeexit engines {bundle} --device {DEVICE} --precision fp16 --dla 1`")
     assert snapshot(bundle) == before
     assert sorted(p.name for p in bundle.parent.iterdir()) == parent_before  # no staging left over
     load_bundle(bundle)  # still verifies
@@ -939,10 +1103,21 @@ def test_trt85_explicit_batch_no_optimization_level_no_strong_typing(bundle, tmp
     assert meta["optimization_level"] is None and meta["strongly_typed"] is False
     assert st.flags == [] and meta["builder_flags"] == []
     assert st.pool_limits == {trt.MemoryPoolType.WORKSPACE: 512 << 20}
-    assert st.profile == {"image": ((1, 1, 8, 8), (16, 1, 8, 8), (256, 1, 8, 8))} and st.profiles_added == 1
+    # one static profile per bucket: batch 1 gets kernels tuned for batch 1
+    assert st.profiles == [{"image": ((b, 1, 8, 8),) * 3} for b in (1, 2, 4, 8, 16, 32, 64, 128, 256)]
     assert (tmp_path / "stage.plan").read_bytes().startswith(b"{")
     assert (tmp_path / "timing.cache").read_bytes() == b"+timed"
-    assert meta["profile"]["inputs"]["image"][2] == [256, 1, 8, 8] and meta["tensorrt"] == "8.5.2.2"
+    assert meta["profiles"] == {"mode": "buckets", "batches": [[b, b, b] for b in (1, 2, 4, 8, 16, 32, 64, 128, 256)],
+                                "inputs": {"image": [1, 8, 8]}}
+    assert meta["tensorrt"] == "8.5.2.2" and meta["placement"] is None
+
+    trt = use_trt("8.5")  # one range profile, tuned for opt, where a user prefers one engine that fits all
+    meta = build(stage0(bundle), tmp_path, batch=(2, 16, 100), profiles="range")
+    assert trt._state.profiles == [{"image": ((2, 1, 8, 8), (16, 1, 8, 8), (100, 1, 8, 8))}]
+    assert meta["profiles"]["batches"] == [[2, 16, 100]]
+    use_trt("8.5")
+    meta = build(stage0(bundle), tmp_path, batch=(3, 16, 100))
+    assert meta["profiles"]["batches"] == [[b, b, b] for b in (4, 8, 16, 32, 64, 100)]
 
 
 def test_trt85_weak_typing_flags_for_fp16_and_qdq_int8(bundle, tmp_path, use_trt):
@@ -953,7 +1128,8 @@ def test_trt85_weak_typing_flags_for_fp16_and_qdq_int8(bundle, tmp_path, use_trt
 
     trt = use_trt("8.5")
     meta = build(qdq_model(tmp_path / "q.onnx"), tmp_path, precision="int8", batch=(1, 8, 64))
-    assert flag_names(trt, "BuilderFlag", trt._state.flags) == {"INT8"}  # 8.x: Q/DQ needs INT8
+    # 8.x: Q/DQ needs INT8, and FP16 lets the layers left unquantized run fp16 rather than fp32
+    assert flag_names(trt, "BuilderFlag", trt._state.flags) == {"INT8", "FP16"}
     assert meta["graph_precision"] == "int8" and meta["strongly_typed"] is False
 
 
@@ -1042,6 +1218,61 @@ def test_dla_settings(bundle, tmp_path, use_trt):
         build(stage0(bundle), tmp_path, precision="fp16", dla_core=0)
 
 
+def test_dla_builds_are_static_and_report_where_layers_landed(bundle, tmp_path, use_trt):
+    trt = use_trt("8.6", dla_cores=2)
+    meta = build(stage0(bundle), tmp_path, precision="fp16", dla_core=0, batch=(1, 8, 32))
+    assert all(lo == hi for shapes in trt._state.profiles for lo, _, hi in shapes.values())  # DLA: static only
+    assert trt._state.config.profiling_verbosity == trt.ProfilingVerbosity.DETAILED
+    assert meta["placement"]["dla"] == 1 and meta["placement"]["gpu"] == 2
+    assert meta["placement"]["dla_layers"][0].startswith("{ForeignNode[")
+    use_trt("8.6", dla_cores=2)
+    with pytest.raises(EdgeExitError, match="DLA has no dynamic shapes.*profiles: buckets"):
+        build(stage0(bundle), tmp_path, precision="fp16", dla_core=0, profiles="range")
+
+
+def test_a_dla_set_where_nothing_lands_on_the_dla_is_refused(bundle, use_trt):
+    from edgeexit.bundle import load_bundle
+    from edgeexit.export.tensorrt import build_engines
+
+    before = snapshot(bundle)
+    trt = use_trt("10.3", dla_cores=2)
+    trt._state.dla_takes = False  # every layer falls back to the GPU
+    with pytest.raises(EdgeExitError) as err:
+        build_engines(bundle, DEVICE, precision="fp16", dla_core=0, progress=False)
+    text = str(err.value)
+    assert "nothing landed on DLA core 0" in text and "stage 0 (" in text and "stage 2 (" in text and "\n" not in text
+    assert snapshot(bundle) == before and leftovers(bundle.parent) == []
+
+    trt = use_trt("10.3", dla_cores=2)
+    build_engines(bundle, DEVICE, precision="fp16", dla_core=0, progress=False)
+    entry = load_bundle(bundle).manifest["engines"][f"{DEVICE}-trt10.3"]
+    meta = json.loads((bundle / entry["metadata"]).read_text())
+    assert [m["placement"]["dla"] for m in meta["stages"]] == [1, 1, 1] and entry["dla_stages"] == [0, 1, 2]
+
+
+def test_engines_checks_its_choices_before_it_needs_tensorrt(bundle, monkeypatch):
+    from edgeexit.export.tensorrt import build_engines
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    cases = [(dict(device_name="jetson-orn-nano-8gb"), "unknown device"),
+             (dict(device_name="jetson-nano"), "TensorRT 8.2, older than 8.5; run this bundle on onnxruntime"),
+             (dict(device_name="jetson-orin-nano-8gb", dla_core=0), "0 DLA core"),
+             (dict(device_name=DEVICE, precision="int4"), "unknown precision"),
+             (dict(device_name=DEVICE, precision="fp32", dla_core=0), "DLA of jetson-agx-orin-64gb runs fp16, int8")]
+    for kwargs, message in cases:
+        with pytest.raises(EdgeExitError, match=message):
+            build_engines(bundle, progress=False, **kwargs)
+    with pytest.raises(EdgeExitError, match="not installed here"):  # valid choices: only then TensorRT is missed
+        build_engines(bundle, "jetson-orin-nano-8gb", precision="fp16", progress=False)
+
+
+def test_a_foreign_timing_cache_is_replaced_not_a_crash(bundle, tmp_path, use_trt):
+    trt = use_trt("10.3")
+    (tmp_path / "timing.cache").write_bytes(b"foreign bytes")  # create_timing_cache returns None for it
+    build(stage0(bundle), tmp_path)
+    assert trt._state.cache_loaded == b"" and (tmp_path / "timing.cache").read_bytes() == b"+timed"
+
+
 def test_tensorrt_older_than_85_is_refused(bundle, tmp_path, use_trt):
     trt = use_trt("8.5")
     trt.__version__ = "8.2.1.8"
@@ -1069,7 +1300,8 @@ def test_build_engines_adds_engines_and_reseals_the_bundle(bundle, use_trt, caps
         assert rel in loaded.manifest["files"] and (bundle / rel).is_file()
     meta = json.loads((bundle / entry["metadata"]).read_text())
     assert [m["stage"] for m in meta["stages"]] == [0, 1, 2] and meta["workspace_mb"] == 4096
-    assert meta["stages"][1]["profile"]["inputs"]["s0_carry0"] == [[1, 32, 8, 8], [16, 32, 8, 8], [256, 32, 8, 8]]
+    assert meta["stages"][1]["profiles"]["inputs"]["s0_carry0"] == [32, 8, 8]
+    assert meta["stages"][1]["profiles"]["batches"][0] == [1, 1, 1] and meta["batch"]["profiles"] == "buckets"
     assert trt._state.pool_limits == {trt.MemoryPoolType.WORKSPACE: 4096 << 20}  # from the device profile
     after = snapshot(bundle)
     assert {k: v for k, v in after.items() if k in before and k != "manifest.json"} == \
@@ -1190,6 +1422,8 @@ def gpu_sim(monkeypatch, compile_ok=True, cuda_python=True):
     SIM.syncs = SIM.to_host_bytes = SIM.allocations = 0
     SIM.fail_enqueue = []
     SIM.capturing, SIM.capture_breaks, SIM.gpu = None, False, ("Simulated GPU", (8, 7))
+    SIM.pending = SIM.last_error = SIM.context_syncs = 0
+    SIM.sticky = None
     return modules
 
 
@@ -1240,18 +1474,22 @@ def test_backend_cascade_matches_onnxruntime_on_the_simulator(bundle, use_trt, m
     pycuda = gpu_sim(monkeypatch, compile_ok=gather != "memcpy")
     backend = TensorRTBackend.from_bundle(b, gather=gather, api=api, graphs=graphs)
     with backend:
-        assert backend.api == ("bindings" if version_key == "8.5" and api == "auto" else "tensors")
+        assert backend.api == ("bindings" if version_key in TRT8 and api == "auto" else "tensors")
         assert backend.gather_mode == ("memcpy" if gather == "memcpy" else "kernel")
         cascade = Cascade(backend, b.stage_ios, thresholds)
         # What may cross to the host: conf + pred of every active sample at every stage, and the
         # logits of each sample once, where it leaves. Never an activation.
-        pred_bytes = 4 if version_key == "8.5" else 8  # 8.x's ONNX parser makes int64 int32
+        pred_bytes = 4 if version_key in TRT8 else 8  # 8.x's ONNX parser makes int64 int32
         allowed = int(want.stage_samples.sum()) * (4 + pred_bytes) + want.logits.size * 4
         for i in range(3):  # plain runs, then (with graphs) captures, then replays: the same answers
             SIM.syncs = SIM.to_host_bytes = SIM.allocations = 0
+            made = SIM.contexts + len(backend.graphs.graphs) + len(backend.graphs.failed)
             assert_same(cascade.run_batched(x, 64, collect=True), want)
-            chunks = -(-len(x) // 64)  # the host waits once per stage (conf+pred), once for all logits
-            assert SIM.syncs <= (len(b.stage_ios) + 1) * chunks
+            chunks = -(-len(x) // 64)  # the host waits once per stage (conf+pred), once for all logits,
+            # and once after binding a new context to its profile and before each capture
+            made = SIM.contexts + len(backend.graphs.graphs) + len(backend.graphs.failed) - made
+            assert SIM.syncs <= (len(b.stage_ios) + 1) * chunks + made
+            assert not made or i < 2  # the third pass only replays: no new context, no capture
             assert SIM.to_host_bytes == allowed
             if i:
                 assert SIM.allocations == 0  # every buffer was made on the first pass, once per bucket
@@ -1268,6 +1506,126 @@ def test_backend_cascade_matches_onnxruntime_on_the_simulator(bundle, use_trt, m
         assert SIM.copies > 0 and SIM.launches == 0
     else:
         assert SIM.launches > 0
+
+
+def set_profiles(bundle_path, mode):
+    """Rewrite the bundle's export.batch.profiles (and reseal), as a yaml with that key would have built it."""
+    from edgeexit.bundle import Change, load_bundle, update_bundle
+
+    b = load_bundle(bundle_path)
+    export = {**b.manifest["export"], "batch": {**b.manifest["export"]["batch"], "profiles": mode}}
+    update_bundle(b, lambda current: Change({}, {"export": export}))
+
+
+@pytest.mark.parametrize("version_key", ["8.5", "8.6", "10.3", "11.0"])
+@pytest.mark.parametrize("profiles", ["buckets", "range"])
+def test_cascades_of_every_size_match_onnxruntime_plain_captured_and_replayed(bundle, use_trt, monkeypatch,
+                                                                              version_key, profiles):
+    """The acceptance test of the profile rules: on each version's simulator, a cascade over
+    batch sizes 1, 3, 5, 17, 33, 64 and a 300-sample run_batched give onnxruntime's answers on
+    the first (plain), second (captured) and third (replayed) pass. Before 10.0 every context
+    needs its own profile: per-bucket profiles give each (stage, bucket) one, and a range
+    profile shares one context per stage, reshaped per bucket, without graphs."""
+    from edgeexit.export.tensorrt import build_engines
+    from edgeexit.runtime.cascade import Cascade
+    from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from edgeexit.runtime.tensorrt_backend import TensorRTBackend
+
+    set_profiles(bundle, profiles)
+    use_trt(version_key)
+    build_engines(bundle, DEVICE, progress=False)
+    b, x = digits_batch(bundle)
+    thresholds, _ = reference_cascade(b, x)
+    reference = Cascade(OnnxRuntimeBackend(b.stage_paths, b.stage_ios), b.stage_ios, thresholds)
+    sizes = (1, 3, 5, 17, 33, 64)
+    want = [reference(x[:n], collect=True) for n in sizes]
+    want_all = reference.run_batched(x, 64, collect=True)
+    gpu_sim(monkeypatch)
+    with TensorRTBackend.from_bundle(b, warmup=1) as backend:
+        cascade = Cascade(backend, b.stage_ios, thresholds)
+        for _ in range(3):  # plain, then captured, then replayed
+            for n, w in zip(sizes, want):
+                assert_same(cascade(x[:n], collect=True), w)
+            assert_same(cascade.run_batched(x, 64, collect=True), want_all)
+        assert SIM.context_syncs == 0  # buffers are zeroed on the stream, never with a device-wide wait
+        shared = profiles == "range" and version_key in TRT8
+        if shared:  # one context per stage and profile; no graphs, and the reason is given
+            assert not backend.graphs.graphs and SIM.graph_launches == 0
+            assert all("TensorRT < 10" in why for why in backend.graphs.failed.values())
+            assert SIM.contexts == len(b.stage_ios)
+        else:
+            assert backend.graphs.graphs and not backend.graphs.failed and SIM.graph_launches > 0
+            assert SIM.contexts == len({key for key in backend.graphs.runs})
+    assert sys.modules["pycuda.driver"].pushed == 0
+
+
+def test_the_8x_simulator_enforces_one_context_per_profile(bundle, use_trt):
+    """What the code before per-bucket profiles did on 8.5: a second context without
+    set_optimization_profile_async has no profile and cannot run; asking for a profile a live
+    context holds fails with TensorRT's message."""
+    from edgeexit.export.tensorrt import build_engines
+
+    trt = use_trt("8.5")
+    build_engines(bundle, DEVICE, progress=False)
+    engine = trt.Runtime(None).deserialize_cuda_engine((bundle / "engines" / f"{DEVICE}-trt8.5" / "stage0.plan").read_bytes())
+    first, second = engine.create_execution_context(), engine.create_execution_context()
+    assert first._profile == 0 and second._profile == -1
+    assert not second.set_input_shape("image", (1, 1, 8, 8))
+    assert not second.set_optimization_profile_async(0, 0)  # profile 0 is chosen by `first`
+    assert second.set_optimization_profile_async(3, 0) and second.set_input_shape("image", (8, 1, 8, 8))
+    assert not second.set_input_shape("image", (4, 1, 8, 8))  # outside profile 3 (batch 8)
+    assert not first.set_tensor_address("no-such-tensor", 0x100)
+    del first
+    third = engine.create_execution_context()
+    assert third._profile == 0  # profile 0 is free again once its context is gone
+    trt10 = use_trt("10.3")
+    build_engines(bundle, DEVICE, progress=False)
+    engine = trt10.Runtime(None).deserialize_cuda_engine(
+        (bundle / "engines" / f"{DEVICE}-trt10.3" / "stage0.plan").read_bytes())
+    assert [engine.create_execution_context()._profile for _ in range(2)] == [0, 0]  # 10.0+: shared
+
+
+def test_a_failed_capture_clears_the_cuda_error_and_the_next_plain_call_runs(engines_bundle, monkeypatch):
+    from edgeexit.runtime.cascade import Cascade
+    from edgeexit.runtime.tensorrt_backend import TensorRTBackend
+
+    b, x = digits_batch(engines_bundle)
+    thresholds, want = reference_cascade(b, x[:64])
+    gpu_sim(monkeypatch)
+    with TensorRTBackend.from_bundle(b, warmup=1) as backend:
+        SIM.capture_breaks = True  # the first capture is invalidated and leaves the error set
+        cascade = Cascade(backend, b.stage_ios, thresholds)
+        assert_same(cascade(x[:64], collect=True), want)  # the enqueue after the failed capture ran
+        assert SIM.last_error == 0 and "INVALIDATED" in backend.graphs.failed[(0, 64)]
+
+
+def test_recovery_raises_the_original_error_and_a_sticky_one_says_to_reopen(engines_bundle, monkeypatch):
+    from edgeexit.runtime.cascade import Cascade
+    from edgeexit.runtime.tensorrt_backend import TensorRTBackend
+
+    b, x = digits_batch(engines_bundle)
+    thresholds, _ = reference_cascade(b, x[:64])
+    gpu_sim(monkeypatch)
+    with TensorRTBackend.from_bundle(b) as backend:
+        cascade = Cascade(backend, b.stage_ios, thresholds)
+        cascade(x[:64])  # contexts made and bound
+        SIM.fail_enqueue = [True]
+        SIM.sticky = "an illegal memory access was encountered"  # the wait in recovery raises too
+        with pytest.raises(EdgeExitError, match="stage 0 failed to enqueue"):
+            cascade(x[:64])
+        with pytest.raises(EdgeExitError, match="error state .*illegal memory access.*open a new one"):
+            cascade(x[:64])
+        SIM.sticky = None
+
+
+def test_an_address_the_engine_refuses_is_an_error():
+    from edgeexit.runtime.tensorrt_backend import _TensorNames
+
+    api = _TensorNames.__new__(_TensorNames)
+    context = types.SimpleNamespace(set_tensor_address=lambda name, ptr: name != "bad")
+    api.bind(context, {"good": 0x100}, 0)
+    with pytest.raises(EdgeExitError, match="refuses an address for tensor 'bad'"):
+        api.bind(context, {"good": 0x100, "bad": 0x200}, 0)
 
 
 def test_padding_rows_never_reach_the_results(engines_bundle, monkeypatch):

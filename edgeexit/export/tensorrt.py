@@ -28,6 +28,7 @@ imports neither at import time; without TensorRT `build_engines` says so in one 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 import sys
@@ -247,10 +248,12 @@ def _set_precision(trt, config, version, precision: str, graph: str, strongly_ty
                 "tensorrt: int8 engines need explicit Q/DQ in the ONNX graph (implicit calibration is "
                 "deprecated since TensorRT 10.1 and removed in 11); build the bundle with "
                 "export.precision: int8")
-        if hasattr(trt.BuilderFlag, "INT8"):
-            config.set_flag(trt.BuilderFlag.INT8)
-            return ["INT8"]
-        return []
+        flags = []
+        for name in ("INT8", "FP16"):  # FP16 too: the layers left unquantized run fp16, not fp32 (trtexec --best)
+            if hasattr(trt.BuilderFlag, name):
+                config.set_flag(getattr(trt.BuilderFlag, name))
+                flags.append(name)
+        return flags
     # fp16 from a graph that does not carry it: weak typing lets TensorRT pick fp16 kernels.
     if not hasattr(trt.BuilderFlag, "FP16"):
         raise EdgeExitError(
@@ -298,20 +301,53 @@ def _parser_error_text(parser, onnx_path: Path, facts: GraphFacts | None) -> str
     return f"tensorrt: cannot parse {onnx_path.name}: {reasons}"
 
 
-def _profile_shapes(network, input_shapes: dict[str, Sequence[int]], batch: tuple[int, int, int]):
-    """min/opt/max shapes of every network input, batch first."""
-    shapes = {}
+def _input_rows(network, input_shapes: dict[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    """The non-batch dims of every network input."""
+    rows = {}
     for i in range(int(network.num_inputs)):
         tensor = network.get_input(i)
         name = tensor.name
         if name in input_shapes:
-            rest = tuple(int(d) for d in input_shapes[name])
+            rows[name] = tuple(int(d) for d in input_shapes[name])
         else:
-            rest = tuple(int(d) for d in tuple(tensor.shape)[1:])
-            if any(d <= 0 for d in rest):
+            rows[name] = tuple(int(d) for d in tuple(tensor.shape)[1:])
+            if any(d <= 0 for d in rows[name]):
                 raise EdgeExitError(f"tensorrt: no shape for input {name!r} (give it in input_shapes)")
-        shapes[name] = tuple((b, *rest) for b in batch)
-    return shapes
+    return rows
+
+
+def profile_batches(batch: Sequence[int], mode: str) -> list[tuple[int, int, int]]:
+    """(min, opt, max) batch of each optimization profile an engine gets.
+
+    ``buckets``: one static profile (min = opt = max = B) per batch bucket the runtime runs at
+    (powers of two up to max, those >= min), so batch 1 runs kernels tuned for batch 1 and DLA,
+    which has no dynamic shapes, can run every bucket. ``range``: one profile over min..max tuned
+    for opt (a smaller plan, one set of kernels for every size).
+    """
+    from edgeexit.runtime.static import bucket_sizes
+
+    bmin, bopt, bmax = _check_batch(batch)
+    if mode == "range":
+        return [(bmin, bopt, bmax)]
+    if mode != "buckets":
+        raise EdgeExitError(f"export.batch.profiles: {mode!r} is not one of buckets, range")
+    return [(b, b, b) for b in bucket_sizes(bmax) if b >= bmin]
+
+
+def _layer_placement(trt, serialized, dla_core: int, logger) -> dict[str, Any]:
+    """Where the built engine's layers run, from TensorRT's engine inspector: a DLA loadable is
+    one layer of type "DLA" (a ForeignNode holding the subgraph the DLA runs); the rest are GPU."""
+    runtime = trt.Runtime(logger)
+    runtime.DLA_core = int(dla_core)
+    engine = runtime.deserialize_cuda_engine(serialized)
+    if engine is None:
+        raise EdgeExitError("tensorrt: the engine just built does not deserialize (see the TensorRT messages above)")
+    text = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    layers = json.loads(text).get("Layers", [])
+    on_dla = [layer for layer in layers
+              if (layer.get("LayerType") == "DLA" if isinstance(layer, dict) else "ForeignNode" in str(layer))]
+    names = [str(layer.get("Name", "") if isinstance(layer, dict) else layer) for layer in on_dla]
+    return {"dla": len(on_dla), "gpu": len(layers) - len(on_dla), "dla_layers": names}
 
 
 def _write_atomic(path: Path, data) -> int:
@@ -333,11 +369,14 @@ def _attach_timing_cache(config, path: Path | None):
     """Load the timing cache at `path` (or start an empty one) into the builder config."""
     blob = path.read_bytes() if path is not None and path.is_file() else b""
     cache = config.create_timing_cache(blob)
-    if not config.set_timing_cache(cache, ignore_mismatch=False) and blob:
-        # A cache from another device or TensorRT build: start over rather than mix them.
-        cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
-    return cache
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    # A cache TensorRT cannot read (None) or that does not match this device or TensorRT build:
+    # start over rather than mix them; without one the build still runs, only slower.
+    cache = config.create_timing_cache(b"") if blob else None
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    return None
 
 
 def gpu_info(device: int = 0) -> dict[str, str] | None:
@@ -366,24 +405,29 @@ def gpu_info(device: int = 0) -> dict[str, str] | None:
 
 def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch: Sequence[int],
                  input_shapes: dict[str, Sequence[int]], precision: str, workspace_mb: int,
-                 dla_core: int | None = None, timing_cache: str | Path | None = None,
+                 profiles: str = "buckets", dla_core: int | None = None, timing_cache: str | Path | None = None,
                  optimization_level: int | None = None, logger=None,
                  graph_precision: str | None = None) -> dict[str, Any]:
     """Build one TensorRT plan from one stage's ONNX graph; returns the build metadata.
 
-    `batch` is (min, opt, max) and one optimization profile covers every input over it;
-    `input_shapes` gives each input's non-batch dims. `precision` is the engine's precision;
-    `graph_precision` is what the graph carries (detected from the ONNX when None). The plan
-    and the updated timing cache are written atomically. Raises EdgeExitError (one line) when
-    the graph does not parse (naming the nodes), when the precision cannot be honoured on this
-    TensorRT, or when the builder returns no engine.
+    `batch` is (min, opt, max); `profiles` says how optimization profiles cover it (see
+    `profile_batches`: one static profile per bucket, or one range). `input_shapes` gives each
+    input's non-batch dims. `precision` is the engine's precision; `graph_precision` is what the
+    graph carries (detected from the ONNX when None). A DLA build needs static profiles and
+    records where its layers landed (``placement``). The plan and the updated timing cache are
+    written atomically. Raises EdgeExitError (one line) when the graph does not parse (naming
+    the nodes), when the precision cannot be honoured on this TensorRT, or when the builder
+    returns no engine.
     """
     trt = _require_trt()
     version = parse_version(trt.__version__)
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if precision not in PRECISIONS:
         raise EdgeExitError(f"tensorrt: unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
-    bmin, bopt, bmax = _check_batch(batch)
+    batches = profile_batches(batch, profiles)
+    if dla_core is not None and profiles != "buckets":
+        raise EdgeExitError("target.dla: DLA has no dynamic shapes (min = opt = max); build with "
+                            "export.batch.profiles: buckets, one static profile per batch size")
     facts = graph_facts(onnx_path)
     graph = graph_precision or facts.precision
     logger = logger if logger is not None else make_logger(trt)
@@ -401,18 +445,20 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch: Sequenc
     if dla_core is not None:
         _set_dla(trt, builder, config, int(dla_core), precision)
         flags.append("GPU_FALLBACK")
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the inspector then names each layer's device
     applied_level = None
     if optimization_level is not None and hasattr(config, "builder_optimization_level"):
         config.builder_optimization_level = int(optimization_level)  # 8.6+; 8.5 has no such knob
         applied_level = int(optimization_level)
     cache_path = Path(timing_cache) if timing_cache is not None else None
-    _attach_timing_cache(config, cache_path)
+    cache = _attach_timing_cache(config, cache_path)
 
-    profile = builder.create_optimization_profile()
-    shapes = _profile_shapes(network, input_shapes, (bmin, bopt, bmax))
-    for name, (lo, mid, hi) in shapes.items():
-        profile.set_shape(name, lo, mid, hi)
-    config.add_optimization_profile(profile)
+    rows = _input_rows(network, input_shapes)
+    for lo, mid, hi in batches:
+        profile = builder.create_optimization_profile()
+        for name, rest in rows.items():
+            profile.set_shape(name, (lo, *rest), (mid, *rest), (hi, *rest))
+        config.add_optimization_profile(profile)
 
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -422,9 +468,11 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch: Sequenc
         why = errors[-1] if errors else "see the TensorRT messages above"
         raise EdgeExitError(
             f"tensorrt: building {onnx_path.name} at {precision} failed ({why}); workspace "
-            f"{workspace_mb} MiB, batch {bmin}..{bmax}" + (f", DLA core {dla_core}" if dla_core is not None else ""))
+            f"{workspace_mb} MiB, batch {batches[0][0]}..{batches[-1][2]} in {len(batches)} profile(s)"
+            + (f", DLA core {dla_core}" if dla_core is not None else ""))
+    placement = _layer_placement(trt, serialized, dla_core, logger) if dla_core is not None else None
     size = _write_atomic(plan_path, serialized)
-    if cache_path is not None:
+    if cache_path is not None and cache is not None:
         _write_atomic(cache_path, config.get_timing_cache().serialize())
     return {
         "onnx": onnx_path.name,
@@ -436,9 +484,10 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch: Sequenc
         "graph_precision": graph,
         "strongly_typed": strongly_typed,
         "builder_flags": flags,
-        "profile": {"min": bmin, "opt": bopt, "max": bmax,
-                    "inputs": {name: [list(s) for s in dims] for name, dims in shapes.items()}},
+        "profiles": {"mode": profiles, "batches": [list(b) for b in batches],
+                     "inputs": {name: list(rest) for name, rest in rows.items()}},
         "dla_core": dla_core,
+        "placement": placement,
         "workspace_mb": int(workspace_mb),
         "optimization_level": applied_level,
         "build_seconds": round(seconds, 3),
@@ -448,6 +497,90 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch: Sequenc
 # --- every stage of a bundle ---------------------------------------------------------------
 
 
+def device_command(bundle_path: str | Path, device: str, precision: str | None = None,
+                   dla_core: int | None = None, optimization_level: int | None = None) -> str:
+    """The `edgeexit engines` command line that builds these engines on the device itself."""
+    parts = ["edgeexit", "engines", str(bundle_path), "--device", device]
+    if precision is not None:
+        parts += ["--precision", precision]
+    if dla_core is not None:
+        parts += ["--dla", str(dla_core)]
+    if optimization_level is not None:
+        parts += ["--opt-level", str(optimization_level)]
+    return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """What `build_engines` will build, checked against the device before TensorRT is needed."""
+
+    device: Any  # the DeviceProfile
+    batch: tuple[int, int, int]
+    profiles: str
+    precisions: tuple[str, ...]  # per stage
+    dla_core: int | None
+
+
+def plan_engines(bundle, device_name: str, *, precision: str | None = None,
+                 dla_core: int | None = None) -> EnginePlan:
+    """Check device, precision, DLA and batch choices for a bundle's engines, without TensorRT.
+
+    A misspelled device, a precision the device has no fast kernels for, a DLA core it lacks or
+    a DLA build over dynamic shapes is refused here, in one line, before anything is built.
+    """
+    from edgeexit.devices import load_device
+
+    device = load_device(device_name)
+    if device.builder_workspace_mb is None:
+        raise EdgeExitError(
+            f"target.device: {device.name} has no TensorRT (builder_workspace_mb is null); "
+            "give a Jetson device profile")
+    shipped = parse_version(device.jetpack.tensorrt or "")
+    if shipped and shipped[:2] < MIN_VERSION:
+        raise EdgeExitError(
+            f"target.device: {device.name}'s JetPack {device.jetpack.version} ships TensorRT {device.jetpack.tensorrt}, "
+            f"older than {MIN_VERSION[0]}.{MIN_VERSION[1]}; run this bundle on onnxruntime there")
+    if precision is not None and precision not in PRECISIONS:
+        raise EdgeExitError(f"--precision: unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
+    if dla_core is not None and not 0 <= int(dla_core) < device.dla_cores:
+        raise EdgeExitError(
+            f"target.dla: {device.name} has {device.dla_cores} DLA core(s); DLA core {dla_core} "
+            "is not one of them" + ("" if device.dla_cores else "; leave DLA off"))
+    export_batch = (bundle.manifest.get("export") or {}).get("batch") or {}
+    batch = _check_batch((export_batch.get("min", 1), export_batch.get("opt", 1), export_batch.get("max", 1)))
+    profiles = export_batch.get("profiles", "buckets")
+    profile_batches(batch, profiles)
+    if dla_core is not None and profiles != "buckets":
+        raise EdgeExitError("target.dla: DLA has no dynamic shapes (min = opt = max); rebuild the bundle with "
+                            "export.batch.profiles: buckets, one static profile per batch size")
+    precisions = []
+    for stage in bundle.manifest["stages"]:
+        p = precision or stage.get("precision") or graph_facts(bundle.path / stage["onnx"]).precision
+        where = "--precision" if precision else f"stage {stage['index']}"
+        if p != "fp32" and p not in device.precisions.fast:
+            raise EdgeExitError(f"{where}: {device.name} has no fast {p} (fast: {', '.join(device.precisions.fast)}); "
+                                "build at one of those")
+        if dla_core is not None and p not in device.precisions.dla:
+            raise EdgeExitError(f"{where}: the DLA of {device.name} runs {', '.join(device.precisions.dla) or 'nothing'}, "
+                                f"not {p}")
+        precisions.append(p)
+    return EnginePlan(device, batch, profiles, tuple(precisions), None if dla_core is None else int(dla_core))
+
+
+def _check_placement(metas: Sequence[dict[str, Any]], dla_core: int, progress: bool) -> None:
+    """Refuse a DLA set where no layer of any stage landed on the DLA; name the stages that run
+    wholly on the GPU (they keep CUDA graphs)."""
+    counts = [(m["stage"], m["placement"]["dla"], m["placement"]["gpu"]) for m in metas]
+    if not any(dla for _, dla, _ in counts):
+        where = ", ".join(f"stage {k} ({gpu} layers, all on the GPU)" for k, _, gpu in counts)
+        raise EdgeExitError(
+            f"target.dla: nothing landed on DLA core {dla_core}: {where}; TensorRT fell back to the GPU "
+            "for every layer, so leave DLA off (a plain GPU build is faster)")
+    for k, dla, gpu in counts:
+        say(f"engines: stage {k}: {dla} DLA subgraph(s), {gpu} GPU layer(s)"
+            + ("; runs wholly on the GPU (CUDA graphs kept)" if not dla else ""), progress)
+
+
 def build_engines(bundle_path: str | Path, device_name: str, *, precision: str | None = None,
                   progress: bool = True, dla_core: int | None = None,
                   optimization_level: int | None = None) -> Path:
@@ -455,28 +588,24 @@ def build_engines(bundle_path: str | Path, device_name: str, *, precision: str |
 
     `precision` overrides each stage's manifest precision (None: build each stage at the
     precision its graph was exported at). The workspace comes from the device profile; DLA
-    is used only when `dla_core` is given and the device has that core. The manifest gains
-    ``engines[<device>-trt<ver>]`` and fresh checksums; the bundle is replaced in one rename,
-    so on any failure it is left byte-for-byte as it was. Returns the engines folder.
+    is used only when `dla_core` is given and the device has that core. Device, precision,
+    DLA and batch choices are checked before TensorRT is needed; without TensorRT the error
+    gives the command to run on the device. The manifest gains ``engines[<device>-trt<ver>]``
+    and fresh checksums; the bundle is replaced in one rename, so on any failure it is left
+    byte-for-byte as it was. Returns the engines folder.
     """
-    trt = _require_trt()  # first: without TensorRT nothing else is looked at or touched
     from edgeexit.atomic import staging
     from edgeexit.bundle import Change, load_bundle, update_bundle
-    from edgeexit.devices import load_device
 
     bundle_path = Path(bundle_path)
     bundle = load_bundle(bundle_path)
-    device = load_device(device_name)
-    if device.builder_workspace_mb is None:
+    plan = plan_engines(bundle, device_name, precision=precision, dla_core=dla_core)
+    device, batch = plan.device, plan.batch
+    if _import_trt() is None:
         raise EdgeExitError(
-            f"target.device: {device.name} has no TensorRT (builder_workspace_mb is null); "
-            "give a Jetson device profile")
-    if precision is not None and precision not in PRECISIONS:
-        raise EdgeExitError(f"--precision: unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
-    if dla_core is not None and not 0 <= int(dla_core) < device.dla_cores:
-        raise EdgeExitError(
-            f"target.dla: {device.name} has {device.dla_cores} DLA core(s); DLA core {dla_core} "
-            "is not one of them" + ("" if device.dla_cores else "; leave DLA off"))
+            "tensorrt: not installed here (import tensorrt failed); the bundle stays valid \u2014 on the "
+            f"Jetson run `{device_command(bundle_path, device.name, precision, dla_core, optimization_level)}`")
+    trt = _require_trt()
     version = parse_version(trt.__version__)
     label = f"{version[0]}.{version[1] if len(version) > 1 else 0}"
     if device.jetpack.tensorrt and device.jetpack.tensorrt != label:
@@ -489,9 +618,10 @@ def build_engines(bundle_path: str | Path, device_name: str, *, precision: str |
 
     key = engine_key(device.name, version)
     rel_dir = f"{ENGINES_DIR}/{key}"
-    export_batch = (bundle.manifest.get("export") or {}).get("batch") or {}
-    batch = _check_batch((export_batch.get("min", 1), export_batch.get("opt", 1), export_batch.get("max", 1)))
     stages = bundle.manifest["stages"]
+    batches = profile_batches(batch, plan.profiles)
+    shown = (f"batch {batch[0]}..{batch[2]} in {len(batches)} static profile(s)" if plan.profiles == "buckets"
+             else f"batch {batch[0]}..{batch[2]} (opt {batch[1]}) in one profile")
 
     with staging(bundle_path.resolve(), "engines") as scratch:  # plans are built here, then moved in
         out_dir = scratch / rel_dir
@@ -503,32 +633,33 @@ def build_engines(bundle_path: str | Path, device_name: str, *, precision: str |
         say(f"engines: {bundle.name} on {device.name} with TensorRT {trt.__version__} -> {rel_dir}/", progress)
         plans, metas = [], []
         total_start = time.perf_counter()
-        for stage in stages:
+        for stage, stage_precision in zip(stages, plan.precisions):
             k = stage["index"]
             onnx_path = bundle_path / stage["onnx"]
             facts = graph_facts(onnx_path)
-            stage_precision = precision or stage.get("precision") or facts.precision
             plan_rel = f"{rel_dir}/stage{k}.plan"
-            say(f"engines: stage {k + 1}/{len(stages)} ({stage['onnx']}, {stage_precision}, batch "
-                f"{batch[0]}..{batch[2]}) building ...", progress)
+            say(f"engines: stage {k + 1}/{len(stages)} ({stage['onnx']}, {stage_precision}, {shown}) building ...",
+                progress)
             meta = build_engine(
                 onnx_path, scratch / plan_rel, batch=batch, input_shapes=facts.input_shapes,
-                precision=stage_precision, workspace_mb=device.builder_workspace_mb, dla_core=dla_core,
-                timing_cache=out_dir / TIMING_CACHE, optimization_level=optimization_level,
+                precision=stage_precision, workspace_mb=device.builder_workspace_mb, profiles=plan.profiles,
+                dla_core=plan.dla_core, timing_cache=out_dir / TIMING_CACHE, optimization_level=optimization_level,
                 logger=logger, graph_precision=facts.precision)
             meta["stage"] = k
             say(f"engines: stage {k + 1}/{len(stages)} done in {meta['build_seconds']:.1f} s "
                 f"({meta['plan_bytes'] / (1 << 20):.1f} MiB)", progress)
             plans.append(plan_rel)
             metas.append(meta)
+        if plan.dla_core is not None:
+            _check_placement(metas, plan.dla_core, progress)
         metadata = {
             "key": key,
             "device": device.name,
             "tensorrt": str(trt.__version__),
             "gpu": gpu,
-            "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]},
+            "batch": {"min": batch[0], "opt": batch[1], "max": batch[2], "profiles": plan.profiles},
             "workspace_mb": device.builder_workspace_mb,
-            "dla_core": dla_core,
+            "dla_core": plan.dla_core,
             "build_seconds": round(time.perf_counter() - total_start, 3),
             "stages": metas,
         }
@@ -540,7 +671,9 @@ def build_engines(bundle_path: str | Path, device_name: str, *, precision: str |
             "tensorrt": str(trt.__version__),
             "device": device.name,
             "precision": [m["precision"] for m in metas],
-            "dla_core": dla_core,
+            "dla_core": plan.dla_core,
+            "dla_stages": ([m["stage"] for m in metas if m["placement"]["dla"]]
+                           if plan.dla_core is not None else []),
         }
         built = {p.relative_to(scratch).as_posix(): p for p in sorted(out_dir.iterdir())}
         # a rebuild replaces the set for this device + version; other devices' sets are kept

@@ -52,26 +52,43 @@ class StreamGraph:
             self._instance = self._graph = None
 
 
+def clear_last_error() -> None:
+    """Reset the runtime's last CUDA error (``cudaGetLastError``), as trtexec does after a failed
+    capture: left set, it would make the next plain enqueue fail too."""
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):  # cuda-python >= 12.6, then older
+        try:
+            importlib.import_module(name).cudaGetLastError()
+            return
+        except Exception:  # noqa: BLE001, S112 - not installed (or no runtime): nothing to clear through it
+            continue
+
+
 def capture(stream_handle: int, fn: Callable[[], None]) -> StreamGraph:
-    """Record what `fn` queues on the stream `stream_handle` (it must not synchronise) as a graph."""
+    """Record what `fn` queues on the stream `stream_handle` (it must not synchronise) as a graph;
+    the caller waits for the stream first. On any failure the partial graph is dropped and the
+    CUDA error cleared, so the stream can go on running plainly."""
     drv = driver()
     stream = drv.CUstream(int(stream_handle))
     mode = drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
     _check(drv, drv.cuStreamBeginCapture(stream, mode), "cuStreamBeginCapture")
     try:
-        fn()
+        try:
+            fn()
+        except BaseException:
+            ended = drv.cuStreamEndCapture(stream)  # leave the stream out of capture mode, drop the partial graph
+            if isinstance(ended, tuple) and len(ended) > 1 and int(ended[0]) == 0 and ended[1] is not None and int(ended[1]):
+                drv.cuGraphDestroy(ended[1])
+            raise
+        graph = _check(drv, drv.cuStreamEndCapture(stream), "cuStreamEndCapture")
+        if graph is None or not int(graph):
+            raise EdgeExitError("cuda graphs: the capture was invalidated (an operation not allowed in a graph)")
+        instantiate = getattr(drv, "cuGraphInstantiateWithFlags", None) or drv.cuGraphInstantiate  # 11.x, then 12+
+        try:
+            instance = _check(drv, instantiate(graph, 0), "cuGraphInstantiate")
+        except BaseException:
+            drv.cuGraphDestroy(graph)
+            raise
     except BaseException:
-        ended = drv.cuStreamEndCapture(stream)  # leave the stream out of capture mode, drop the partial graph
-        if isinstance(ended, tuple) and len(ended) > 1 and int(ended[0]) == 0 and ended[1] is not None and int(ended[1]):
-            drv.cuGraphDestroy(ended[1])
-        raise
-    graph = _check(drv, drv.cuStreamEndCapture(stream), "cuStreamEndCapture")
-    if graph is None or not int(graph):
-        raise EdgeExitError("cuda graphs: the capture was invalidated (an operation not allowed in a graph)")
-    instantiate = getattr(drv, "cuGraphInstantiateWithFlags", None) or drv.cuGraphInstantiate  # 11.x, then 12+
-    try:
-        instance = _check(drv, instantiate(graph, 0), "cuGraphInstantiate")
-    except BaseException:
-        drv.cuGraphDestroy(graph)
+        clear_last_error()
         raise
     return StreamGraph(drv, graph, instance, stream)

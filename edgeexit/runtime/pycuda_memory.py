@@ -141,8 +141,13 @@ class PycudaMemory:
         buf = DeviceBuffer(None, rows, row_shape, dtype)
         nbytes = max(rows * buf.row_bytes, 1)
         buf.alloc = self.cuda.mem_alloc(nbytes)
-        self.cuda.memset_d8(buf.ptr, 0, nbytes)  # once per buffer: padding rows hold zeros, not garbage
-        self.cuda.Context.synchronize()  # the memset ran on the legacy stream, which ours does not wait for
+        # once per buffer, queued on our stream (no device-wide wait mid-call): padding rows hold zeros
+        memset = getattr(self.cuda, "memset_d8_async", None)
+        if memset is not None:
+            memset(buf.ptr, 0, nbytes, self.stream)
+        else:  # an old pycuda: the memset runs on the legacy stream, which ours does not wait for
+            self.cuda.memset_d8(buf.ptr, 0, nbytes)
+            self.cuda.Context.synchronize()
         return buf
 
     def write(self, buffer: DeviceBuffer, array: np.ndarray) -> None:

@@ -116,6 +116,7 @@ class StaticBackend(Backend):
         self.graphs = GraphCache(self._capture, graphs, warmup)
         self.lock = threading.RLock()
         self._depth = 0  # scopes entered by the thread holding the lock
+        self.broken: str | None = None  # why the device cannot recover (a sticky error), once it happened
 
     # --- what a subclass implements ---------------------------------------------------------
 
@@ -194,6 +195,9 @@ class StaticBackend(Backend):
         `_recover` after an error. Every public method runs in one, so a caller that drives
         the backend directly (the profiler) gets the same guarantees as the cascade."""
         with self.lock:
+            if self.broken:
+                raise EdgeExitError(f"backend {self.name}: the device is in an error state ({self.broken}) since an "
+                                    "earlier call failed; close this backend and open a new one")
             outer = self._depth == 0
             self._depth += 1
             if outer:
@@ -202,8 +206,11 @@ class StaticBackend(Backend):
                 yield
             except BaseException:
                 if outer:
-                    self._recover()
-                raise
+                    try:
+                        self._recover()
+                    except Exception as exc:  # noqa: BLE001 - a sticky device error: the first error is the news
+                        self.broken = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                raise  # the original error, never the recovery's
             finally:
                 self._depth -= 1
                 if outer:

@@ -150,7 +150,8 @@ def _imports():
 
 
 class _TensorNames:
-    """The tensor-name API: TensorRT 8.5+ (the only one in 10.x and 11.x)."""
+    """The tensor-name API: TensorRT 8.5+ (the only one in 10.x and 11.x). Names are the same in
+    every optimization profile; the context's selected profile decides which shapes apply."""
 
     kind = "tensors"
 
@@ -158,53 +159,68 @@ class _TensorNames:
         self.engine = engine
         self.names = [engine.get_tensor_name(i) for i in range(int(engine.num_io_tensors))]
         self.inputs = [n for n in self.names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.num_profiles = int(engine.num_optimization_profiles)
 
     def dtype(self, name):
         return self.engine.get_tensor_dtype(name)
 
-    def profile(self, name) -> list[tuple[int, ...]]:
-        return [tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(name, 0)]
+    def profile(self, name, p: int) -> list[tuple[int, ...]]:
+        return [tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(name, p)]
 
-    def set_shape(self, context, name, shape) -> bool:
+    def set_shape(self, context, name, shape, p: int) -> bool:
         return bool(context.set_input_shape(name, tuple(shape)))
 
-    def shape(self, context, name) -> tuple[int, ...]:
+    def shape(self, context, name, p: int) -> tuple[int, ...]:
         return tuple(int(d) for d in context.get_tensor_shape(name))
 
-    def bind(self, context, addresses: dict[str, int]) -> None:
+    def bind(self, context, addresses: dict[str, int], p: int) -> None:
         for name, ptr in addresses.items():
-            context.set_tensor_address(name, ptr)
+            if not context.set_tensor_address(name, ptr):
+                raise EdgeExitError(f"backend tensorrt: the engine refuses an address for tensor {name!r}")
 
     def execute(self, context, bound, stream_handle: int) -> bool:
         return bool(context.execute_async_v3(stream_handle))
 
 
 class _Bindings:
-    """The bindings API of TensorRT 8.x: binding indices, a pointer list, execute_async_v2."""
+    """The bindings API of TensorRT 8.x: binding indices, a pointer list, execute_async_v2.
+
+    With several optimization profiles an 8.x engine has one block of bindings per profile
+    (``num_bindings`` = per-profile count x profiles; profile p's copy of binding i is
+    ``p * per_profile + i``, named "<name> [profile p]"), and a context on profile p reads
+    only that block of the pointer list.
+    """
 
     kind = "bindings"
 
     def __init__(self, trt, engine):
         self.engine = engine
-        count = int(engine.num_bindings)
-        self.names = [engine.get_binding_name(i) for i in range(count)]
+        self.num_profiles = int(engine.num_optimization_profiles)
+        self.per_profile = int(engine.num_bindings) // self.num_profiles
+        self.names = [engine.get_binding_name(i) for i in range(self.per_profile)]
         self.index = {n: i for i, n in enumerate(self.names)}
         self.inputs = [n for i, n in enumerate(self.names) if engine.binding_is_input(i)]
+
+    def _at(self, name, p: int) -> int:
+        return p * self.per_profile + self.index[name]
 
     def dtype(self, name):
         return self.engine.get_binding_dtype(self.index[name])
 
-    def profile(self, name) -> list[tuple[int, ...]]:
-        return [tuple(int(d) for d in s) for s in self.engine.get_profile_shape(0, self.index[name])]
+    def profile(self, name, p: int) -> list[tuple[int, ...]]:
+        return [tuple(int(d) for d in s) for s in self.engine.get_profile_shape(p, self._at(name, p))]
 
-    def set_shape(self, context, name, shape) -> bool:
-        return bool(context.set_binding_shape(self.index[name], tuple(shape)))
+    def set_shape(self, context, name, shape, p: int) -> bool:
+        return bool(context.set_binding_shape(self._at(name, p), tuple(shape)))
 
-    def shape(self, context, name) -> tuple[int, ...]:
-        return tuple(int(d) for d in context.get_binding_shape(self.index[name]))
+    def shape(self, context, name, p: int) -> tuple[int, ...]:
+        return tuple(int(d) for d in context.get_binding_shape(self._at(name, p)))
 
-    def bind(self, context, addresses: dict[str, int]) -> list[int]:
-        return [addresses[n] for n in self.names]
+    def bind(self, context, addresses: dict[str, int], p: int) -> list[int]:
+        bound = [0] * (self.per_profile * self.num_profiles)
+        for name, ptr in addresses.items():
+            bound[self._at(name, p)] = ptr
+        return bound
 
     def execute(self, context, bound, stream_handle: int) -> bool:
         return bool(context.execute_async_v2(bound, stream_handle))
@@ -226,7 +242,9 @@ def choose_api(trt, version: Sequence[int], api: str) -> type:
 
 @dataclass
 class _Stage:
-    """One deserialized plan: its I/O description and one execution context per bucket."""
+    """One deserialized plan: its I/O, its optimization profiles and one execution context per
+    bucket (on TensorRT < 10, where a profile serves one live context, buckets that share a
+    range profile share its context, reshaped when the bucket changes)."""
 
     engine: Any
     api: Any
@@ -234,9 +252,33 @@ class _Stage:
     outputs: list[str]
     dtypes: dict[str, np.dtype]
     row_shapes: dict[str, tuple[int, ...]]  # inputs: non-batch dims
-    min_batch: int
-    max_batch: int
+    profiles: list[tuple[int, int]]  # per optimization profile: (min, max) batch
     contexts: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # bucket -> (context, bound addresses)
+    by_profile: dict[int, Any] = field(default_factory=dict)  # profile -> the live context selecting it
+
+    def profile_for(self, bucket: int) -> int | None:
+        """The profile that runs `bucket`: a static one of that batch first, else a range holding it."""
+        static = [p for p, (lo, hi) in enumerate(self.profiles) if lo == hi == bucket]
+        ranges = [p for p, (lo, hi) in enumerate(self.profiles) if lo <= bucket <= hi]
+        return (static or ranges or [None])[0]
+
+    def batches(self) -> set[int]:
+        """Every batch size some profile covers."""
+        return {b for lo, hi in self.profiles for b in range(lo, hi + 1)}
+
+
+def engine_buckets(stages: Sequence[_Stage]) -> tuple[int, ...]:
+    """The buckets every stage can run: each static profile's batch, and the powers of two
+    (then the max) that every stage's profiles cover."""
+    from edgeexit.runtime.static import bucket_sizes
+
+    top = min(max(hi for _, hi in st.profiles) for st in stages)
+    candidates = {lo for st in stages for lo, hi in st.profiles if lo == hi} | set(bucket_sizes(top))
+    common = set.intersection(*(st.batches() for st in stages))
+    buckets = tuple(sorted(b for b in candidates if b in common and b <= top))
+    if not buckets:
+        raise EdgeExitError("backend tensorrt: the stages' engines share no batch size; rebuild them with `edgeexit engines`")
+    return buckets
 
 
 class TensorRTBackend(StaticBackend):
@@ -250,8 +292,9 @@ class TensorRTBackend(StaticBackend):
     name = "tensorrt"
 
     def __init__(self, plan_paths: Sequence[str | Path], ios: Sequence[StageIO], *, device: int = 0,
-                 dla_core: int | None = None, gather: str = "auto", api: str = "auto", graphs: bool = True,
-                 warmup: int = 2, logger=None, check: Callable[[dict | None, str], None] | None = None,
+                 dla_core: int | None = None, dla_stages: Sequence[int] | None = None, gather: str = "auto",
+                 api: str = "auto", graphs: bool = True, warmup: int = 2, logger=None,
+                 check: Callable[[dict | None, str], None] | None = None,
                  read: Callable[[Path], bytes] = Path.read_bytes):
         trt, cuda = _imports()
         self._read_plan = read  # from a bundle: its checked read, so the plan loaded is the plan verified
@@ -266,6 +309,9 @@ class TensorRTBackend(StaticBackend):
             raise EdgeExitError(f"backend tensorrt: {len(plan_paths)} plans for {len(ios)} stages")
         api_class = choose_api(trt, version, api)
         self.trt, self.cuda = trt, cuda
+        # Before 10.0 an optimization profile serves one live context at a time (only the first
+        # context gets profile 0 implicitly); from 10.0 contexts may share one.
+        self._exclusive_profiles = version[0] < 10
         self._ctx = None
         self._graphs: list[Any] = []
         self.stages: list[_Stage] = []
@@ -288,10 +334,13 @@ class TensorRTBackend(StaticBackend):
             self.stages = [self._load(Path(p), io, api_class) for p, io in zip(plan_paths, ios)]
             self.api = api_class.kind
             self._activations = self._shared_activation_memory()
-            low = max(st.min_batch for st in self.stages)
-            # DLA work cannot be captured in a CUDA graph: DLA engine sets run plainly
-            super().__init__(ios, min(st.max_batch for st in self.stages), graphs and dla_core is None, warmup)
-            self.buckets = tuple(b for b in self.buckets if b >= low) or (self.buckets[-1],)
+            buckets = engine_buckets(self.stages)
+            super().__init__(ios, buckets[-1], graphs, warmup)
+            self.buckets = buckets
+            for k in range(len(self.stages)):
+                why = self._plain_reason(k, dla_core, dla_stages)
+                if why:  # this stage never gets a graph: say so where failed captures are reported
+                    self.graphs.failed.update({(k, b): why for b in buckets})
         except BaseException:
             cuda.Context.pop()
             self.close()
@@ -308,6 +357,7 @@ class TensorRTBackend(StaticBackend):
         meta_path = bundle.path / entry["metadata"] if entry.get("metadata") else None
         built_gpu = json.loads(meta_path.read_text()).get("gpu") if meta_path and meta_path.is_file() else None
         kwargs.setdefault("dla_core", entry.get("dla_core"))
+        kwargs.setdefault("dla_stages", entry.get("dla_stages"))  # stages with layers on the DLA (older sets: all)
         kwargs.setdefault("check", lambda gpu, version: check_engines(key, entry, built_gpu, version, gpu, bundle.path))
         trt_version()  # TensorRT present (one line otherwise) before anything else
         kwargs.setdefault("read", bundle.read)  # the plan bytes deserialised are the ones checked against the seal
@@ -327,14 +377,28 @@ class TensorRTBackend(StaticBackend):
         if missing:
             raise EdgeExitError(f"backend tensorrt: {path.name} lacks tensors {', '.join(missing)} of stage {io.index}")
         dtypes = {n: numpy_dtype(api.dtype(n)) for n in api.names}
-        rows, lo, hi = {}, [], []
-        for name in api.inputs:
-            pmin, _, pmax = api.profile(name)
-            rows[name] = pmax[1:]
-            lo.append(pmin[0])
-            hi.append(pmax[0])
+        rows, profiles = {}, []
+        for p in range(api.num_profiles):
+            lo, hi = [], []
+            for name in api.inputs:
+                pmin, _, pmax = api.profile(name, p)
+                rows.setdefault(name, pmax[1:])
+                lo.append(pmin[0])
+                hi.append(pmax[0])
+            profiles.append((max(lo), min(hi)))
         outputs = [n for n in api.names if n not in api.inputs]
-        return _Stage(engine, api, list(api.inputs), outputs, dtypes, rows, max(lo), min(hi))
+        return _Stage(engine, api, list(api.inputs), outputs, dtypes, rows, profiles)
+
+    def _plain_reason(self, k: int, dla_core: int | None, dla_stages: Sequence[int] | None) -> str | None:
+        """Why stage k always runs without CUDA graphs, or None when it may be captured."""
+        if dla_core is not None and (dla_stages is None or k in dla_stages):
+            return "DLA stage: DLA work cannot be captured in a CUDA graph"
+        st = self.stages[k]
+        shared = {st.profile_for(b) for b in self.buckets}
+        if self._exclusive_profiles and len(shared) < len(self.buckets):
+            return ("TensorRT < 10 lets a profile serve one context, so buckets sharing a range profile "
+                    "reshape one context and run without graphs (export.batch.profiles: buckets keeps them)")
+        return None
 
     def _shared_activation_memory(self):
         """One device block for every context's activations (they run one at a time on one
@@ -367,25 +431,39 @@ class TensorRTBackend(StaticBackend):
         return context
 
     def _context(self, stage: int, bucket: int) -> tuple[Any, Any]:
-        """The execution context of (stage, bucket): shapes and addresses set once, here."""
+        """The execution context of (stage, bucket), on the profile that runs that bucket: made,
+        bound to its profile (`set_optimization_profile_async`, then the stream is waited for),
+        and given its shapes and addresses once, here."""
         st = self.stages[stage]
         made = st.contexts.get(bucket)
         if made is not None:
             return made
-        context = self._new_context(st.engine)
-        if context is None:
-            raise EdgeExitError(f"backend tensorrt: no execution context for stage {stage} (out of GPU memory?)")
+        p = st.profile_for(bucket)
+        context = st.by_profile.get(p) if self._exclusive_profiles else None
+        if context is not None:  # TensorRT < 10: this profile's one context, reshaped for this bucket
+            for b in [b for b, (c, _) in st.contexts.items() if c is context]:
+                del st.contexts[b]
+        else:
+            context = self._new_context(st.engine)
+            if context is None:
+                raise EdgeExitError(f"backend tensorrt: no execution context for stage {stage} (out of GPU memory?)")
+            if not context.set_optimization_profile_async(p, self.memory.stream.handle):
+                raise EdgeExitError(f"backend tensorrt: stage {stage} cannot select optimization profile {p} for "
+                                    f"batch {bucket} (see the TensorRT messages above)")
+            self.memory.synchronize()
+            st.by_profile[p] = context
         addresses = {}
         for name in st.inputs:
-            if not st.api.set_shape(context, name, (bucket, *st.row_shapes[name])):
-                raise EdgeExitError(f"backend tensorrt: stage {stage} refuses batch {bucket} for {name}")
+            if not st.api.set_shape(context, name, (bucket, *st.row_shapes[name]), p):
+                raise EdgeExitError(f"backend tensorrt: stage {stage} refuses batch {bucket} for {name} "
+                                    f"(optimization profile {p} covers {st.profiles[p][0]}..{st.profiles[p][1]})")
             addresses[name] = self.buffer(name, bucket, st.row_shapes[name], st.dtypes[name]).ptr
         for name in st.outputs:
-            shape = st.api.shape(context, name)
+            shape = st.api.shape(context, name, p)
             if any(d < 0 for d in shape):
                 raise EdgeExitError(f"backend tensorrt: output {name} of stage {stage} has a data-dependent shape {shape}")
             addresses[name] = self.buffer(name, bucket, shape[1:], st.dtypes[name]).ptr
-        made = st.contexts[bucket] = (context, st.api.bind(context, addresses))
+        made = st.contexts[bucket] = (context, st.api.bind(context, addresses, p))
         return made
 
     def _recover(self) -> None:
@@ -443,6 +521,7 @@ class TensorRTBackend(StaticBackend):
         returns the replay. TensorRT refuses to enqueue what it cannot run under capture."""
         from edgeexit.runtime.cuda_graphs import capture
 
+        self.memory.synchronize()  # as trtexec: nothing of the warm-up may still be pending when capture begins
         graph = capture(self.memory.stream.handle, fn)
         self._graphs.append(graph)
         return graph.launch
@@ -471,6 +550,7 @@ class TensorRTBackend(StaticBackend):
                 self.graphs.clear()
             for st in self.stages:  # contexts go before the memory they use
                 st.contexts.clear()
+                st.by_profile.clear()
             if self.memory is not None:
                 blocks = [*getattr(self, "buffers", {}).values(), *getattr(self, "_scratch", {}).values()]
                 self.memory.free(blocks + ([self._activations[0]] if self._activations else []))
