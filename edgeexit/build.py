@@ -26,7 +26,7 @@ import torch
 import edgeexit
 from calibration.gating import describe_thresholds, shared_threshold_sweep
 from edgeexit.atomic import staging
-from edgeexit.bundle import Bundle, check_output, load_bundle, write_bundle
+from edgeexit.bundle import Bundle, Change, check_output, load_bundle, update_bundle, write_bundle
 from edgeexit.data import Dataset, data_record, load_dataset, normalize
 from edgeexit.devices import check_target, load_device
 from edgeexit.errors import SpecError
@@ -298,8 +298,22 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
         report.update(evaluate(bundle.path, ios, bundle.monolithic_path, mono_io, bundle.thresholds, x_test,
                                data.test.y, spec.export.batch.max, [g.flops for g in exported], mono.flops),
                       thresholds=bundle.thresholds, yaml_thresholds=thresholds)
+        bundle = _refresh_report(bundle, report)
     report["verdicts"] = early_exit_verdicts(report, len(spec.input.classes))
     return bundle, report
+
+
+def _refresh_report(bundle: Bundle, report: dict[str, Any]) -> Bundle:
+    """report.json and tradeoff.png again, at the thresholds the bundle now ships (one atomic
+    update), so that neither describes the yaml's thresholds after a calibration replaced them."""
+    import tempfile
+
+    files = {"report.json": (dumps(report) + "\n").encode()}
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "tradeoff.png"
+        if plot_tradeoff(report, png):
+            files["tradeoff.png"] = png.read_bytes()
+    return update_bundle(bundle, lambda current: Change(files, {}))
 
 
 def _calibrate(bundle: Bundle, spec: Spec, progress: bool) -> tuple[Bundle, dict[str, Any]]:

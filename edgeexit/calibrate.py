@@ -264,6 +264,8 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
     budgets = np.linspace(floor, record["full_depth_ms"] / 1e3, curve_points + 1)[1:]
     record["pareto"] = pareto(traces["val"], traces["test"], lat, budget, budgets, progress, solver == "policy")
     png = _pareto_png(record, bundle.name)
+    if png is None:
+        say("calibrate: no pareto.png: matplotlib is not installed (pip install 'edgeexit[plot]')")
 
     def change(current: Bundle) -> Change:  # computed under the bundle's lock, from its state then
         files = {CALIBRATION: (dumps(record) + "\n").encode()}
@@ -298,7 +300,8 @@ def format_calibration(record: dict[str, Any], curve: bool = True) -> str:
     shown = ", ".join(describe_thresholds(record["thresholds"]))
     lines = [f"budget: {b['metric']} call latency <= {b['ms']:.4g} ms at batch {b['batch']} "
              f"({record['latency']['source']})",
-             f"thresholds ({record['solver']}): {shown}",
+             # with --solver policy the thresholds are the optimise solver's (the policy starts from them)
+             f"thresholds ({'optimise' if record['solver'] == 'policy' else record['solver']}): {shown}",
              f"test split ({record['splits']['report']['samples']} samples): accuracy {test['accuracy']:.2%}, "
              f"modelled mean {test['mean_ms']:.4g} ms, p95 {test['p95_ms']:.4g} ms, exit shares "
              + " / ".join(f"{s:.1%}" for s in test["exit_shares"])]

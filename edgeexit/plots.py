@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from calibration.gating import describe_thresholds
+
 MIN_SPAN_SAMPLES = 8  # the accuracy axis spans at least this many test samples' worth
 PAD_SAMPLES = 2  # and pads the data by this many samples' worth on either side
 
@@ -97,7 +99,8 @@ def tradeoff_figure(report: dict[str, Any]):
     ys = list(acc)
     ys.append(100 * report["cascade_accuracy"])
     ax.plot([report["cascade_flops"] / 1e6], [ys[-1]], "o", color="tab:orange", ms=8, zorder=4,
-            label=f"bundle thresholds {report['thresholds'][:-1]}", gid="bundle")
+            label=f"{'calibrated' if report.get('yaml_thresholds') else 'build'} thresholds "
+                  f"{', '.join(describe_thresholds(report['thresholds'])[:-1])}", gid="bundle")
     ys.append(100 * report["monolithic_accuracy"])
     ax.plot([report["monolithic_flops"] / 1e6], [ys[-1]], "s", color="tab:gray", ms=7, zorder=4,
             label="monolithic (final exit only)", gid="monolithic")

@@ -166,3 +166,10 @@ def test_plot_functions_return_false_without_matplotlib(tmp_path, monkeypatch):
     assert plot_pareto(_record(), "toy", tmp_path / "p.png") is False
     assert plot_exit_curves({"m": ([1.0], [0.5])}, tmp_path / "e.png", "t") is False
     assert not list(tmp_path.iterdir())
+
+
+def test_tradeoff_marks_the_thresholds_it_evaluated_as_people_read_them():
+    assert _line(tradeoff_figure(_report()).axes[0], "bundle").get_label() == "build thresholds 0.95, 0.9"
+    calibrated = _report() | {"thresholds": [0.7722437977790833, 2.0, None], "yaml_thresholds": [0.95, 0.9, None]}
+    label = _line(tradeoff_figure(calibrated).axes[0], "bundle").get_label()
+    assert label == "calibrated thresholds 0.7722, never"

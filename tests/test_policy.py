@@ -199,6 +199,9 @@ def test_cli_calibrate_policy_writes_it_and_other_solvers_remove_it(bundle_copy,
     record = json.loads(capsys.readouterr().out)
     bundle = load_bundle(bundle_copy)
     pol = record["policy"]
+    from edgeexit.calibrate import format_calibration
+
+    assert "thresholds (optimise): " in format_calibration(record)  # the policy starts from optimise's thresholds
     assert pol["significant"] and record["deployed"] == "policy" and pol["fit"]["accuracy"] > record["fit"]["accuracy"]
     assert bundle.manifest["gating"]["policy"] == pol["rule"] and bundle.thresholds == record["thresholds"]
     assert pol["fit"]["bound_ms"] <= budget_ms and all("policy" in row for row in record["pareto"])

@@ -177,3 +177,7 @@ def test_build_with_a_budget_on_the_host_calibrates_itself(tmp_path, capsys):
     assert [row[2] for row in table] == shown
     assert "None" not in captured.err and "calibrated: thresholds " + ", ".join(shown) in captured.err
     assert not any(len(t) > 6 for t in shown)  # 0.7722, never, all: no raw 17-digit floats
+    # report.json (and tradeoff.png, made from it) describe the thresholds shipped, not the yaml's
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["thresholds"] == bundle.thresholds and report["yaml_thresholds"] == [0.95, 0.9, None]
+    assert "report.json" in bundle.manifest["files"]
