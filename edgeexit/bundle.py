@@ -189,9 +189,13 @@ def read_manifest(path: Path) -> dict[str, Any]:
     mf = path / MANIFEST
     if mf.is_symlink() or not mf.is_file():
         raise BundleError(f"bundle: {path} has no {MANIFEST} (not an edgeexit bundle)")
-    manifest = read_json(mf, "bundle", MAX_MANIFEST_BYTES, BundleError)
+    return check_manifest(read_json(mf, "bundle", MAX_MANIFEST_BYTES, BundleError), mf)
+
+
+def check_manifest(manifest: Any, where: str | Path) -> dict[str, Any]:
+    """`manifest` (parsed from `where`) when it is a sealed, well-formed manifest of this format."""
     if not isinstance(manifest, dict):
-        raise BundleError(f"bundle: {mf} holds a JSON {type(manifest).__name__}, not a manifest object")
+        raise BundleError(f"bundle: {where} holds a JSON {type(manifest).__name__}, not a manifest object")
     fmt = manifest.get("format")
     if fmt != FORMAT:
         raise BundleError(f"bundle: format {fmt} is not supported (this edgeexit reads format {FORMAT}; "
@@ -255,10 +259,15 @@ def _is_format1_bundle(path: Path) -> bool:
             and all(isinstance(h, str) and sha256(path / rel) == h for rel, h in files.items()))
 
 
+def reseal(manifest: Mapping[str, Any], files: dict[str, str]) -> dict[str, Any]:
+    """`manifest` with `files` as its checksums, this format, and a fresh seal."""
+    body = {k: v for k, v in manifest.items() if k not in ("format", "files", SEAL)}
+    return sealed({**body, "format": FORMAT, "files": files})
+
+
 def _seal_into_place(partial: Path, manifest: dict[str, Any], files: dict[str, str], dest: Path) -> None:
     """Write the sealed manifest into `partial` and swap `partial` in for `dest` (lock held)."""
-    body = {k: v for k, v in manifest.items() if k not in ("format", "files", SEAL)}
-    (partial / MANIFEST).write_text(dumps(sealed({**body, "format": FORMAT, "files": files})) + "\n")
+    (partial / MANIFEST).write_text(dumps(reseal(manifest, files)) + "\n")
     load_bundle(partial, verify=False)  # what goes in place must be loadable: refuse before the swap
     install(partial, dest)
 

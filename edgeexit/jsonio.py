@@ -32,9 +32,14 @@ def read_json(path: Path, what: str, max_bytes: int, error: type[EdgeExitError] 
     size = path.stat().st_size
     if size > max_bytes:
         raise error(f"{what}: {path} is {size} bytes, above the {max_bytes}-byte limit")
+    return parse_json(path.read_bytes(), f"{what}: {path}", error)
+
+
+def parse_json(data: bytes, where: str, error: type[EdgeExitError] = EdgeExitError) -> Any:
+    """Parse JSON bytes, refusing NaN/Inf; errors (`error`) start with `where`."""
     try:
-        return json.loads(path.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
+        return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError:
-        raise error(f"{what}: {path} is not UTF-8 text") from None
+        raise error(f"{where} is not UTF-8 text") from None
     except (json.JSONDecodeError, ValueError, RecursionError) as exc:
-        raise error(f"{what}: {path} is not valid JSON: {exc}") from None
+        raise error(f"{where} is not valid JSON: {exc}") from None
