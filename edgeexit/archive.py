@@ -226,7 +226,7 @@ def unpack(archive: str | Path, dest: str | Path, max_bytes: int = MAX_ARCHIVE_B
         tar = tarfile.open(archive, "r:*")
     except FileNotFoundError:
         raise BundleError(f"archive: {archive} does not exist") from None
-    except _DAMAGED as exc:
+    except _DAMAGED:
         raise BundleError(f"archive: {archive} is not a tar archive (plain, gzip, bzip2 or xz)") from None
     with tar:
         members = _check_members(tar, archive, dest, max_bytes)

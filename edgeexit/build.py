@@ -237,6 +237,8 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
     check_output(dest)
     model = new_model(spec)
     check_contract(model, spec)
+    thresholds = list(spec.gating.thresholds or default_thresholds(spec.gating.confidence, len(model.blocks)))
+    gate_thresholds(thresholds, len(model.blocks))  # before training: a wrong count costs no minutes
     costs = check_device(spec, model)
     if spec.weights is not None:
         load_weights(model, spec.weights)
@@ -246,8 +248,6 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
     for note in data.notes:  # nothing decoded differently without a word
         log(f"      data: {note}")
     trained = None if spec.weights is not None else fit_or_load(model, spec, data, costs, progress)
-    thresholds = list(spec.gating.thresholds or default_thresholds(spec.gating.confidence, len(model.blocks)))
-    gate_thresholds(thresholds, len(model.blocks))
     step(f"[2/7] model: {spec.model.arch or spec.model.factory}, {len(model.blocks)} exits, "
          + ("trained: val accuracy per exit " + ", ".join(f"{a:.1%}" for a in trained["val_accuracy"])
             if trained else f"weights {spec.weights.name}"))

@@ -1,4 +1,4 @@
-"""The `edgeexit` command: build | train | run | trace | profile | calibrate | inspect | sign | keygen | engines | doctor | devices.
+"""The `edgeexit` command: build | train | run | trace | profile | calibrate | inspect | sign | keygen | engines | pack | unpack | doctor | devices.
 
 User errors (bad yaml, missing files, tampered bundles) print one line on stderr and exit 2;
 anything else is a bug and keeps its traceback.
@@ -17,6 +17,7 @@ import numpy as np
 
 from calibration.latency import SOURCES
 from calibration.solvers import SOLVERS, TAILS, Budget
+from edgeexit.archive import MAX_ARCHIVE_BYTES
 from edgeexit.errors import EdgeExitError
 from edgeexit.jsonio import dumps
 from edgeexit.spec import BACKENDS, PRECISIONS
@@ -69,7 +70,25 @@ def _torch_threads(threads: int | None) -> None:
     if threads is not None:
         import torch
 
+        _warn_threads(threads, "training")
         torch.set_num_threads(threads)
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS has one, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _warn_threads(threads: int, what: str) -> None:
+    """--threads above the CPU count is allowed (the user may know better) but said out loud:
+    threads that outnumber cores spin and wait for each other."""
+    cpus = _cpus()
+    if threads > cpus:
+        print(f"--threads: warning: {threads} threads but this machine has {cpus} CPU{'s' if cpus != 1 else ''}; "
+              f"more threads than CPUs slows {what} down", file=sys.stderr)
 
 
 def _check_file_out(out: Path, what: str) -> None:
@@ -266,14 +285,17 @@ def _cmd_run(args) -> int:
             mapped.release(start, start + len(chunk))
             counts += np.bincount(result.exit, minlength=len(counts))
             for i in range(len(chunk)):
-                k, pred = start + i, int(result.pred[i])
+                # NaN/Inf outputs (--allow-nonfinite) have no class: argmax of NaNs is an artefact
+                k, pred = start + i, int(result.pred[i]) if np.isfinite(result.conf[i]) else None
                 if args.json:
-                    row = {"index": k, **({"file": names[k]} if names else {}), "class": pred, "label": classes[pred],
+                    row = {"index": k, **({"file": names[k]} if names else {}), "class": pred,
+                           "label": None if pred is None else classes[pred],
                            "exit": int(result.exit[i]), "confidence": finite_or_none(result.conf[i]),
                            "probabilities": [finite_or_none(p) for p in result.probs[i]]}
                     print(("    " if k == 0 else ",\n    ") + dumps(row, indent=None), end="")
                 else:
-                    print(f"{k:>5}  {classes[pred]:>8}  {int(result.exit[i]):>4}  {float(result.conf[i]):>10.4f}"
+                    label = "-" if pred is None else classes[pred]
+                    print(f"{k:>5}  {label:>8}  {int(result.exit[i]):>4}  {float(result.conf[i]):>10.4f}"
                           + (f"  {names[k]}" if names else ""))
     if args.json:
         print("\n  ]\n}")
@@ -441,6 +463,21 @@ def _cmd_engines(args) -> int:
     return 0
 
 
+def _cmd_pack(args) -> int:
+    from edgeexit.archive import describe, pack
+
+    print(describe(pack(args.bundle, args.out, engines=args.engines)))
+    return 0
+
+
+def _cmd_unpack(args) -> int:
+    from edgeexit.archive import unpack
+
+    bundle = unpack(args.archive, args.dir, max_bytes=args.max_size)
+    print(f"unpacked: {bundle.path} ({len(bundle.present)} files, checksums verified)")
+    return 0
+
+
 def _cmd_doctor(args) -> int:
     from edgeexit.doctor import advice, format_report, gather
 
@@ -471,8 +508,19 @@ TRUST_HELP = ("refuse the bundle unless it is signed by this ed25519 public key,
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors, like every other edgeexit error (usage is in --help)."""
 
+    commands: argparse._SubParsersAction | None = None  # set on the top-level parser
+
     def error(self, message: str):
         self.exit(2, f"edgeexit: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but options a command does not know are reported against that
+        command (`see edgeexit run --help`): argparse leaves them to the top-level parser."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self.commands.choices.get(getattr(parsed, "command", None)) if self.commands else None
+            (command or self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def _count(lo: int):
@@ -514,6 +562,7 @@ def parser() -> argparse.ArgumentParser:
 
     p.add_argument("--version", action="version", version=f"edgeexit {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p.commands = sub
 
     b = sub.add_parser("build", help="train/load, split, export, evaluate and bundle a model.yaml")
     b.add_argument("spec", help="model.yaml")
@@ -619,6 +668,19 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(fn=_cmd_calibrate)
 
+    pk = sub.add_parser("pack", help="write a bundle as one tar for the device (engines only with --engines)")
+    pk.add_argument("bundle")
+    pk.add_argument("-o", "--out", help="archive path (default: NAME.tar here)")
+    pk.add_argument("--engines", action="store_true", help="carry the TensorRT engines too")
+    pk.set_defaults(fn=_cmd_pack)
+
+    up = sub.add_parser("unpack", help="unpack and verify a bundle archive into DIR (trusting nothing in it)")
+    up.add_argument("archive")
+    up.add_argument("dir")
+    up.add_argument("--max-size", type=_count(1), default=MAX_ARCHIVE_BYTES,
+                    help=f"refuse archives claiming more bytes than this (default {MAX_ARCHIVE_BYTES})")
+    up.set_defaults(fn=_cmd_unpack)
+
     dr = sub.add_parser("doctor", help="what this machine has for running bundles (L4T, JetPack, TensorRT, CUDA, "
                                        "pycuda, cuda-python, nvcc) and what to install or fix")
     dr.add_argument("--json", action="store_true")
@@ -660,3 +722,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # stdout piped into a reader that stopped early (`| head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: staging folders and locks are already undone by their `finally`s
+        print("edgeexit: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it

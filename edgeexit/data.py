@@ -173,6 +173,10 @@ def data_record(data: DataSpec) -> dict:
             "seed": data.seed, "resize": data.resize}
 
 
+# how a command that reads a bundle's data (trace, profile, calibrate) is given other data
+DATA_HINT = "pass --data FILE.npz (calibrate: --data-val, --data-test)"
+
+
 def bundle_split(manifest: dict, split: str, override: str | Path | None = None) -> Split:
     """Raw images and labels of one split of the data a bundle was built from, or of `override`
     (an .npz with `x` and `y`, taken whole) where that data is not at hand."""
@@ -188,14 +192,20 @@ def bundle_split(manifest: dict, split: str, override: str | Path | None = None)
         return Split(x, y)
     record = manifest.get("data")
     if record is None:
-        raise EdgeExitError("bundle: no `data` record (built by an older edgeexit); pass --data FILE.npz")
+        raise EdgeExitError(f"bundle: no `data` record (built by an older edgeexit); {DATA_HINT}")
     if split not in SPLITS:
         raise EdgeExitError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
     source = record["source"]
     path = None if source == "digits" else Path(source)
     if path is not None and not path.exists():
-        raise EdgeExitError(f"data: {source} (the bundle's data) is not on this machine; pass --data FILE.npz")
+        raise EdgeExitError(f"data: {source} (the bundle's data) is not on this machine; {DATA_HINT}")
     kind = "digits" if path is None else ("npz" if path.suffix == ".npz" else "folder")
+    if kind == "digits":
+        try:
+            import sklearn.datasets  # noqa: F401
+        except ImportError:
+            raise EdgeExitError("data: the bundle's data is scikit-learn's digits, which is not installed here: "
+                                f"pip install 'edgeexit[digits]', or {DATA_HINT}") from None
     data = DataSpec(kind, path, {k: float(v) for k, v in record["splits"].items()}, int(record["seed"]),
                     bool(record.get("resize", False)))
     return getattr(load_splits(data, input_spec), split)

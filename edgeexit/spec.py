@@ -313,10 +313,8 @@ def _gating(raw: Any) -> GatingSpec:
         thresholds = tuple(
             None if v is None else _float(v, f"gating.thresholds[{k}]", 0.0) for k, v in enumerate(values)
         )
-        if thresholds[-1] not in (None, 0.0):
-            raise SpecError("gating.thresholds: the last exit takes every remaining sample; set its threshold to null (or 0)")
-        if any(t is None for t in thresholds[:-1]):
-            raise SpecError("gating.thresholds: only the last threshold may be null")
+        # how many values and which may be null depend on the model's exit count: checked with
+        # it, by runtime.cascade.gate_thresholds (as for `run --thresholds`)
     return GatingSpec(confidence=confidence, thresholds=thresholds)
 
 
@@ -466,6 +464,10 @@ def load_spec(path: str | Path, require_weights: bool = True) -> Spec:
     """Read and validate a model.yaml file (yaml.safe_load only; no object construction;
     at most MAX_YAML_BYTES of UTF-8)."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "model.yaml"
+        raise SpecError(f"model.yaml: {path} is a folder, not a yaml file"
+                        + (f" (did you mean {inside}?)" if inside.is_file() else ""))
     if not path.is_file():
         raise SpecError(f"model.yaml: file not found: {path}")
     size = path.stat().st_size

@@ -106,6 +106,15 @@ def surgery_handoff(beta: float) -> Callable[[tuple[torch.Tensor, ...]], tuple[t
     return handoff
 
 
+def _all_finite(logits, learned) -> bool:
+    """Whether every exit's logits and learned confidence (None: no branch) are finite."""
+    return all(bool(torch.isfinite(t).all()) for t in (*logits, *learned) if t is not None)
+
+
+def _diverged(where: str, what: str, lr: float) -> EdgeExitError:
+    return EdgeExitError(f"train: the loss diverged at {where} ({what}); lower train.lr (now {lr:g}) or check the data")
+
+
 def train(model: nn.Module, spec: Spec, data: Dataset, costs: list[float] | None = None,
           progress: bool = True) -> TrainResult:
     """Train `model` in place on the spec's train split; SGD with cosine decay, fixed seed.
@@ -131,14 +140,17 @@ def train(model: nn.Module, spec: Spec, data: Dataset, costs: list[float] | None
         for i in range(0, len(x), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
             logits, learned = run_exits(model, x[idx], handoff)
+            where = f"epoch {epoch + 1}, step {i // cfg.batch_size + 1}"
+            if not _all_finite(logits, learned):  # before the losses: binary_cross_entropy raises on NaN
+                bar.close()
+                raise _diverged(where, "the exits' outputs are NaN/Inf", cfg.lr)
             if cfg.loss in ("eenets", "eenets_sum"):
                 loss = _eenets_loss(logits, learned, y[idx], costs, cfg.cost_lambda, cfg.loss == "eenets_sum")
             else:
                 loss = _ce_loss(logits, learned, y[idx])
             if not torch.isfinite(loss):
                 bar.close()
-                raise EdgeExitError(f"train: the loss diverged ({float(loss.detach())}) in epoch {epoch + 1}, step "
-                                    f"{i // cfg.batch_size + 1}; lower train.lr (now {cfg.lr:g}) or check the data")
+                raise _diverged(where, f"loss {float(loss.detach())}", cfg.lr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

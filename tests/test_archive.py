@@ -196,3 +196,16 @@ def test_unpack_never_replaces_a_folder_that_is_not_a_bundle(bundle_copy, tmp_pa
     with pytest.raises(BundleError, match="not an intact edgeexit bundle"):
         unpack(good, mine)
     assert [p.name for p in mine.iterdir()] == ["photo.jpg"]
+
+
+def test_the_cli_packs_and_unpacks(bundle_copy, tmp_path, capsys):
+    from edgeexit.cli import main
+
+    assert main(["pack", str(bundle_copy), "-o", str(tmp_path / "b.tar")]) == 0
+    assert f"packed: {tmp_path / 'b.tar'}" in capsys.readouterr().out
+    assert main(["unpack", str(tmp_path / "b.tar"), str(tmp_path / "out")]) == 0
+    assert "checksums verified" in capsys.readouterr().out and load_bundle(tmp_path / "out")
+    (tmp_path / "bad.tar").write_bytes(b"junk" * 100)
+    assert main(["unpack", str(tmp_path / "bad.tar"), str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a tar archive" in err and not (tmp_path / "out2").exists()

@@ -102,3 +102,18 @@ def test_threshold_count_is_checked(setup):
     with pytest.raises(EdgeExitError, match="only the last threshold may be null"):
         Cascade(open_backend(bundle, "onnxruntime"), bundle.stage_ios, [None, 0.5, None])
     assert NEVER > 1
+
+
+@pytest.mark.parametrize("thresholds, message", [
+    ([0.95, 0.9], "gating.thresholds: 2 values for 3 exits; give one per exit, the last null"),  # not "set it to null"
+    ([0.9, 0.8, 0.7, None], "gating.thresholds: 4 values for 3 exits"),
+    ([None, 0.5, None], "gating.thresholds: only the last threshold may be null"),
+    ([0.9, 0.9, 0.5], "gating.thresholds: the last exit takes every remaining sample; set its threshold to null"),
+])
+def test_gate_thresholds_checks_the_count_before_the_values(thresholds, message):
+    from edgeexit.errors import EdgeExitError
+    from edgeexit.runtime.cascade import gate_thresholds
+
+    with pytest.raises(EdgeExitError, match=f"^{message}"):
+        gate_thresholds(thresholds, 3)
+    assert gate_thresholds([0.9, 0.8, None], 3)[:2] == [0.9, 0.8] and gate_thresholds([0.9, 0.8, 0.0], 3)[-1] == -NEVER

@@ -238,3 +238,46 @@ def test_bash_completion_knows_commands_options_and_choices(tmp_path, capsys):
     assert complete("edgeexit", "calibrate", "b", "--solver", "") == ["optimise", "geometric", "policy"]
     assert "--strict" in complete("edgeexit", "run", "b", "--st")
     assert main(["completion", "zsh"]) == 0 and "bashcompinit" in capsys.readouterr().out
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    import edgeexit.cli as cli
+
+    def interrupted(_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_devices", interrupted)  # parser() binds the command function when it is built
+    assert main(["devices"]) == 130
+    out = capsys.readouterr()
+    assert out.err == "edgeexit: interrupted\n" and out.out == ""
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["run", "b", "--input", "x.npy", "--inptu", "y"], "unrecognized arguments: --inptu y (see edgeexit run --help)"),
+    (["devices", "--jsn"], "unrecognized arguments: --jsn (see edgeexit devices --help)"),
+    (["run", "b"], "the following arguments are required: --input (see edgeexit run --help)"),
+    (["build", "m.yaml", "--threads", "0"], "argument --threads: 0 is below 1 (see edgeexit build --help)"),
+    (["bogus"], "invalid choice: 'bogus'"),
+])
+def test_usage_errors_point_at_the_commands_own_help(argv, hint, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("edgeexit: error: ") and hint in err
+    assert argv[0] != "bogus" or err.rstrip().endswith("(see edgeexit --help)")
+
+
+def test_more_threads_than_cpus_is_allowed_with_a_warning(monkeypatch, capsys):
+    import edgeexit.cli as cli
+
+    monkeypatch.setattr(cli, "_cpus", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        cli._torch_threads(2)
+        assert capsys.readouterr().err == ""
+        cli._torch_threads(32)
+        assert torch.get_num_threads() == 32  # accepted: the user may know the machine better
+    finally:
+        torch.set_num_threads(before)
+    assert capsys.readouterr().err == ("--threads: warning: 32 threads but this machine has 2 CPUs; more threads than "
+                                       "CPUs slows training down\n")

@@ -98,3 +98,27 @@ def test_kill_during_profile_and_calibrate(small_spec, tmp_path, point, capsys):
         assert leftovers(tmp_path) == []
     final = load_bundle(out)
     assert {"profile.json", "calibration.json"} <= set(final.manifest["files"])
+
+
+@pytest.mark.parametrize("point", ["fit_or_load", "export_stages", "write_bundle"])
+def test_ctrl_c_during_build_leaves_the_old_bundle_and_no_staging(small_spec, tmp_path, point, capsys, monkeypatch):
+    """Ctrl-C is one line and exit 130, and the `finally`s of the staging folder and the lock
+    ran on its way out: the old bundle stays, nothing half-written beside it."""
+    import edgeexit.build as build
+
+    folder = tmp_path / "w"
+    shutil.copytree(small_spec.parent, folder)
+    out = folder / "out"
+    old = digest(out)
+
+    def interrupt(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(build, point, interrupt)
+        assert main(["build", str(folder / "model.yaml"), "--quiet"]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "edgeexit: interrupted"
+    load_bundle(out)  # verified
+    assert digest(out) == old and leftovers(folder) == []
+    assert main(["build", str(folder / "model.yaml"), "--quiet"]) == 0  # the lock was released
+    capsys.readouterr()

@@ -93,3 +93,25 @@ def test_numpy_bilinear_resize_equals_torch_interpolate():
         x = rng.normal(size=shape).astype(np.float32)
         ref = F.interpolate(torch.from_numpy(x), size=size, mode="bilinear", align_corners=False).numpy()
         np.testing.assert_allclose(resize(x, size), ref, atol=2e-6)
+
+
+def test_a_bundles_digits_without_scikit_learn_names_the_install_and_data(monkeypatch, tmp_path):
+    """trace, profile and calibrate on a bundle built from digits, where scikit-learn is not
+    installed (a device's runtime install): the message gives both ways out."""
+    import sys
+
+    from edgeexit.data import bundle_split
+    from edgeexit.errors import EdgeExitError
+
+    manifest = {"input": {"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32", "mean": [4.88], "std": [6.02]},
+                "classes": [str(i) for i in range(10)],
+                "data": {"source": "digits", "splits": {"train": 0.6, "val": 0.15, "calibration": 0.1, "test": 0.15},
+                         "seed": 0, "resize": False}}
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn raises ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(EdgeExitError, match=r"^data: the bundle's data is scikit-learn's digits, which is not installed "
+                                            r"here: pip install 'edgeexit\[digits\]', or pass --data FILE.npz"):
+        bundle_split(manifest, "test")
+    x = np.zeros((4, 8, 8), np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.zeros(4, np.int64))
+    assert bundle_split(manifest, "test", tmp_path / "d.npz").x.shape == (4, 1, 8, 8)  # --data needs no scikit-learn

@@ -85,6 +85,14 @@ CASES = {
     "weights-not-a-state-dict": lambda f: ((f / "w.pt").write_bytes(b"PK\x03\x04junk"),
                                            ["build", _yaml(f, weights="w.pt", output="o")])[1],
     "diverging-training": lambda f: ["build", _yaml(f, train={"epochs": 1, "lr": 1e12}, output="o")],
+    # lr 10 is in range: the confidences went NaN, and binary_cross_entropy raised on them
+    "diverging-training-nan-confidences": lambda f: ["build", _yaml(f, model={"arch": "eenet_resnet", "args": {
+        "widths": [32, 64, 128], "depths": [1, 2, 2], "exit_pool": 2}}, train={"epochs": 3, "lr": 10}, output="o")],
+    "train-diverging-nan-confidences": lambda f: ["train", _yaml(f, model={"arch": "eenet_resnet", "args": {
+        "widths": [32, 64, 128], "depths": [1, 2, 2], "exit_pool": 2}}, train={"epochs": 3, "lr": 10}),
+        "--out", str(f / "w.pt")],
+    "yaml-thresholds-fewer-than-exits": lambda f: ["build", _yaml(f, gating={"thresholds": [0.95, 0.9]}, output="o")],
+    "yaml-is-a-folder": lambda f: ["build", "."],
     "factory-raises": lambda f: ["build", _factory_module(f, "def build(**kw):\n    raise RuntimeError('boom')\n")],
     "factory-sys-exit-0": lambda f: ["build", _factory_module(f, "import sys\ndef build(**kw):\n    sys.exit(0)\n")],
     "factory-module-sys-exit-at-import": lambda f: ["build", _factory_module(f, "import sys\nsys.exit(0)\n")],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tracemalloc
@@ -48,6 +49,13 @@ def test_nonfinite_images_are_refused_naming_them_unless_allowed(small_spec, tmp
     assert main(["run", str(bundle), "--input", str(tmp_path / "x.npy"), "--allow-nonfinite", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["samples"]  # strict JSON: NaN became null
     assert rows[3]["confidence"] is None and rows[0]["confidence"] is not None and len(rows) == 10
+    # no class for a NaN confidence: argmax over NaNs says 0, which is no answer
+    assert rows[3]["class"] is None and rows[3]["label"] is None
+    assert rows[0]["class"] is not None and rows[0]["label"] == str(rows[0]["class"])
+    assert main(["run", str(bundle), "--input", str(tmp_path / "x.npy"), "--allow-nonfinite"]) == 0
+    table = {int(line.split()[0]): line.split() for line in capsys.readouterr().out.splitlines()[1:]
+             if line.split()[0].isdigit()}
+    assert table[3][1] == "-" and table[3][3] == "nan" and table[0][1] == str(rows[0]["class"])
 
 
 def test_run_streams_a_large_input_chunk_by_chunk(small_spec, tmp_path, capsys, monkeypatch):
@@ -102,7 +110,8 @@ def test_a_factory_bundle_runs_code_only_when_trusted_and_installed(factory_bund
     assert main(["run", str(bundle), "--input", str(x), "--backend", "torch"]) == 2
     assert "pass --trust-code" in capsys.readouterr().err
     assert main(["run", str(bundle), "--input", str(x), "--backend", "torch", "--trust-code"]) == 2
-    assert "cannot import 'user_twoscale'" in capsys.readouterr().err  # the yaml's folder is not on sys.path
+    err = capsys.readouterr().err  # the yaml's folder is not on sys.path, nor the current one
+    assert "cannot import 'user_twoscale'" in err and "(is it installed, or on PYTHONPATH? the current folder is not searched)" in err
     assert main(["run", str(bundle), "--input", str(x)]) == 0  # onnxruntime needs no code at all
     capsys.readouterr()
     monkeypatch.syspath_prepend(str(src))  # "installed": importable where it runs
@@ -120,3 +129,22 @@ def test_a_bundle_never_imports_code_it_carries(factory_bundle, capsys, monkeypa
     assert main(["run", str(bundle), "--input", str(x), "--backend", "torch", "--trust-code"]) == 2
     assert "would be imported from inside the bundle" in capsys.readouterr().err
     assert not (bundle / "PWNED").exists()
+
+
+def test_a_missing_factory_module_says_where_it_is_looked_for(tmp_path, monkeypatch):
+    from edgeexit.models.registry import _resolve_factory
+
+    hint = "(is it installed, or on PYTHONPATH? the current folder is not searched)"
+    with pytest.raises(SpecError, match=r"cannot import 'edgeexit_no_such_net'.*" + re.escape(hint)):
+        _resolve_factory("edgeexit_no_such_net:build", None)  # a bundle's factory: only installed modules
+    with pytest.raises(SpecError) as exc:
+        _resolve_factory("edgeexit_no_such_net:build", tmp_path)  # a yaml's: its folder is searched
+    assert "cannot import" in str(exc.value) and hint not in str(exc.value)
+    (tmp_path / "edgeexit_needs_dep.py").write_text("import edgeexit_no_such_dep\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(SpecError) as exc:  # found, but a module it imports is not: no hint about paths
+            _resolve_factory("edgeexit_needs_dep:build", None)
+    finally:
+        sys.modules.pop("edgeexit_needs_dep", None)
+    assert "No module named 'edgeexit_no_such_dep'" in str(exc.value) and hint not in str(exc.value)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -30,7 +30,6 @@ def test_example_parses_with_defaults_filled(tmp_path):
     (lambda r: r["export"]["batch"].update(max="big"), "export.batch.max: expected an integer, got str"),
     (lambda r: r["export"]["batch"].update(min=32, max=8), "export.batch: need min <= opt <= max"),
     (lambda r: r["gating"].update(confidence="softmax"), "gating.confidence: 'softmax' is not allowed"),
-    (lambda r: r["gating"].update(thresholds=[0.9, 0.9, 0.5]), "gating.thresholds: the last exit takes every remaining sample"),
     (lambda r: r["gating"].update(thresholds=[0.9, -1, None]), "gating.thresholds[1]: -1 is out of range"),
     (lambda r: r["model"].update(arch="resnet9000"), "model.arch: 'resnet9000' is not allowed"),
     (lambda r: r["model"].update(factory="x:y"), "model: give exactly one of 'arch'"),
@@ -54,6 +53,17 @@ def test_bad_field_is_named_in_one_line(tmp_path, mutate, message):
         _parse(tmp_path, raw)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_folder_for_the_yaml_is_named_as_a_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError, match=r"^model.yaml: \. is a folder, not a yaml file$"):
+        load_spec(".")
+    write_spec(tmp_path, example_raw())
+    with pytest.raises(SpecError, match=r"^model.yaml: \. is a folder, not a yaml file \(did you mean model.yaml\?\)$"):
+        load_spec(".")
+    with pytest.raises(SpecError, match="model.yaml: file not found: nope.yaml"):
+        load_spec("nope.yaml")
 
 
 def test_invalid_yaml_is_reported_with_its_line(tmp_path):
@@ -85,6 +95,11 @@ def test_unknown_model_argument_is_named(tmp_path):
     (lambda r: r.update(weights="weights/missing.pt"), "weights: file not found"),
     (lambda r: r["input"].update(shape=[1, 8, 9]), "input.shape: [1, 8, 9] does not match the data (images are [1, 8, 8])"),
     (lambda r: r["gating"].update(thresholds=[0.9, None]), "gating.thresholds: 2 values for 3 exits"),
+    # the reported case: a short list was told to end in null, not that it was short
+    (lambda r: r["gating"].update(thresholds=[0.95, 0.9]),
+     "gating.thresholds: 2 values for 3 exits; give one per exit, the last null"),
+    (lambda r: r["gating"].update(thresholds=[0.9, 0.9, 0.5]), "gating.thresholds: the last exit takes every remaining sample"),
+    (lambda r: r["gating"].update(thresholds=[None, 0.9, None]), "gating.thresholds: only the last threshold may be null"),
     (lambda r: (r["target"].update(device="jetson-nano"), r["export"].update(precision="int8")),
      "export.precision: int8 has no fast hardware support on jetson-nano"),
     (lambda r: (r["target"].update(device="jetson-orin-nano-8gb", dla=0), r["export"].update(precision="fp16")),

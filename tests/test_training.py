@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeexit.data import load_dataset, resize
-from edgeexit.errors import SpecError
+from edgeexit.errors import EdgeExitError, SpecError
 from edgeexit.models import build_model
 from edgeexit.spec import load_spec
 from edgeexit.staging import run_exits
@@ -81,6 +81,22 @@ def test_eenets_sum_trains_the_confidence_branches(tmp_path):
     assert not torch.equal(before, model.exits[0].confidence.weight)
     assert len(result.epoch_seconds) == 2 and all(s > 0 for s in result.epoch_seconds)
     assert result.losses[1] < result.losses[0]
+
+
+@pytest.mark.parametrize("loss", ["ce", "eenets"])
+def test_nan_outputs_end_training_in_one_line_before_any_loss_sees_them(tmp_path, loss):
+    """The reported case: lr 10 made the confidences NaN, and binary_cross_entropy raised a
+    RuntimeError on them before the loss could be checked."""
+    raw = example_raw()
+    raw["train"].update(epochs=1, lr=10, loss=loss)
+    spec = load_spec(write_spec(tmp_path, raw))
+    torch.manual_seed(0)
+    model = build_model(spec.model, spec.input, spec.base_dir)
+    with torch.no_grad():
+        model.exits[0].confidence.weight.fill_(float("nan"))  # what a diverged step leaves
+    with pytest.raises(EdgeExitError, match=r"^train: the loss diverged at epoch 1, step 1 \(the exits' outputs are "
+                                            r"NaN/Inf\); lower train.lr \(now 10\)"):
+        train(model, spec, load_dataset(spec), costs=[0.2, 0.6, 1.0], progress=False)
 
 
 def test_eenets_loss_needs_a_confidence_branch(twoscale_spec):

@@ -59,7 +59,10 @@ def _resolve_factory(factory: str, base_dir: Path | None, refuse_under: Path | N
                                 "a bundle never runs code it carries: install the module where it runs")
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SpecError(f"model.factory: cannot import {module_name!r}: {exc}") from None
+        missing = isinstance(exc, ModuleNotFoundError) and exc.name and (module_name + ".").startswith(exc.name + ".")
+        hint = (" (is it installed, or on PYTHONPATH? the current folder is not searched)"
+                if missing and base_dir is None else "")  # the module itself, where only installed ones are found
+        raise SpecError(f"model.factory: cannot import {module_name!r}: {exc}{hint}") from None
     except SystemExit as exc:
         raise SpecError(f"model.factory: importing {module_name!r} called sys.exit({exc.code})") from None
     except SpecError:

@@ -61,11 +61,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def gate_thresholds(thresholds: Sequence[float | None], n_stages: int) -> list[float]:
-    """Validate per-exit thresholds; the last exit's (None or 0) becomes 'take all'."""
+    """Validate per-exit thresholds; the last exit's (None or 0) becomes 'take all'. The one
+    place a threshold list meets its model's exit count (the yaml's, --thresholds, a bundle's),
+    so the count is checked before what only a list of the right length can get wrong."""
     if len(thresholds) != n_stages:
-        raise EdgeExitError(f"gating.thresholds: {len(thresholds)} values for {n_stages} exits; give one per exit (last = null)")
+        raise EdgeExitError(f"gating.thresholds: {len(thresholds)} values for {n_stages} exits; give one per exit, "
+                            "the last null")
     if any(t is None for t in thresholds[:-1]):
         raise EdgeExitError("gating.thresholds: only the last threshold may be null")
+    if thresholds[-1] not in (None, 0.0):
+        raise EdgeExitError("gating.thresholds: the last exit takes every remaining sample; set its threshold to null "
+                            "(or 0)")
     return [float(t) for t in thresholds[:-1]] + [-NEVER]
 
 
