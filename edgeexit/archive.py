@@ -232,8 +232,8 @@ def unpack(archive: str | Path, dest: str | Path, max_bytes: int = MAX_ARCHIVE_B
         members = _check_members(tar, archive, dest, max_bytes)
         if MANIFEST not in members or not members[MANIFEST].isreg():
             raise BundleError(f"archive: {archive} has no {MANIFEST} (not an edgeexit archive)")
-        manifest = check_manifest(parse_json(_read_member(tar, members[MANIFEST], archive, MAX_MANIFEST_BYTES),
-                                             f"archive: {MANIFEST}", BundleError), f"{archive}:{MANIFEST}")
+        head = _read_member(tar, members[MANIFEST], archive, MAX_MANIFEST_BYTES)
+        manifest = check_manifest(parse_json(head, f"archive: {MANIFEST}", BundleError), f"{archive}:{MANIFEST}")
         files = manifest["files"]
         folders = {p.as_posix() for rel in files for p in PurePosixPath(rel).parents if p.as_posix() != "."}
         for name, member in members.items():
@@ -245,7 +245,7 @@ def unpack(archive: str | Path, dest: str | Path, max_bytes: int = MAX_ARCHIVE_B
         if missing:
             raise BundleError(f"archive: {missing[0]} is listed in the manifest but not in the archive")
         with staging(dest) as part:
-            (part / MANIFEST).write_bytes(_read_member(tar, members[MANIFEST], archive, MAX_MANIFEST_BYTES))
+            (part / MANIFEST).write_bytes(head)
             for name, member in members.items():
                 if not member.isreg() or name == MANIFEST:
                     continue

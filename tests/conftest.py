@@ -27,6 +27,14 @@ def example_build(tmp_path_factory):
     return bundle, report
 
 
+@pytest.fixture()
+def bundle_copy(example_build, tmp_path):
+    """A private copy of the example bundle (tests that update or tamper with it)."""
+    dest = tmp_path / "bundle"
+    shutil.copytree(example_build[0].path, dest)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def digits_raw():
     """Raw digits images (N, 1, 8, 8) in pixel units and labels, straight from scikit-learn."""

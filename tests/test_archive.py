@@ -10,7 +10,6 @@ import gzip
 import hashlib
 import io
 import json
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -20,14 +19,6 @@ from conftest import leftovers
 from edgeexit.archive import MAX_ARCHIVE_BYTES, archive_contents, pack, unpack
 from edgeexit.bundle import Change, load_bundle, update_bundle
 from edgeexit.errors import BundleError
-
-
-@pytest.fixture()
-def bundle_copy(example_build, tmp_path):
-    bundle, _ = example_build
-    dest = tmp_path / "bundle"
-    shutil.copytree(bundle.path, dest)
-    return dest
 
 
 def tree(folder: Path) -> dict[str, str]:

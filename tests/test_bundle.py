@@ -17,14 +17,6 @@ from edgeexit.cli import main
 from edgeexit.errors import BundleError
 
 
-@pytest.fixture()
-def bundle_copy(example_build, tmp_path):
-    bundle, _ = example_build
-    dest = tmp_path / "copy"
-    shutil.copytree(bundle.path, dest)
-    return dest
-
-
 def manifest_of(path):
     return json.loads((path / "manifest.json").read_text())
 

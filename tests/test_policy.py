@@ -4,7 +4,6 @@ and the runtime cascade taking the same exits, and `edgeexit calibrate --solver 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -159,13 +158,6 @@ def test_an_exit_a_solver_never_leaves_at_reaches_the_runtime_disabled(example_b
     assert th == [DISABLED, 0.5, None]
     result = Cascade(open_backend(bundle, "onnxruntime"), bundle.stage_ios, th)(split_inputs(bundle, "test")[0])
     assert result.stage_samples[0] == result.stage_samples[1] and not (result.exit == 0).any()
-
-
-@pytest.fixture()
-def bundle_copy(example_build, tmp_path):
-    dest = tmp_path / "bundle"
-    shutil.copytree(example_build[0].path, dest)
-    return dest
 
 
 def test_run_gates_on_the_manifest_policy(bundle_copy, digits_raw, tmp_path, capsys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -23,14 +22,6 @@ from edgeexit.profile import format_profile, profile_bundle
 from edgeexit.runtime.loader import open_backend, open_monolithic
 from edgeexit.tracing import split_inputs
 from test_jetson import fake_tegrastats, recorded
-
-
-@pytest.fixture()
-def bundle_copy(example_build, tmp_path):
-    """A private copy of the example bundle (calibrate and profile rewrite it)."""
-    dest = tmp_path / "bundle"
-    shutil.copytree(example_build[0].path, dest)
-    return dest
 
 
 def test_profile_entry_from_real_runs(example_build):

@@ -518,6 +518,7 @@ class EnginePlan:
     batch: tuple[int, int, int]
     profiles: str
     precisions: tuple[str, ...]  # per stage
+    facts: tuple[GraphFacts, ...]  # per stage, read once
     dla_core: int | None
 
 
@@ -553,9 +554,9 @@ def plan_engines(bundle, device_name: str, *, precision: str | None = None,
     if dla_core is not None and profiles != "buckets":
         raise EdgeExitError("target.dla: DLA has no dynamic shapes (min = opt = max); rebuild the bundle with "
                             "export.batch.profiles: buckets, one static profile per batch size")
-    precisions = []
-    for stage in bundle.manifest["stages"]:
-        p = precision or stage.get("precision") or graph_facts(bundle.path / stage["onnx"]).precision
+    precisions, facts = [], tuple(graph_facts(bundle.path / stage["onnx"]) for stage in bundle.manifest["stages"])
+    for stage, stage_facts in zip(bundle.manifest["stages"], facts):
+        p = precision or stage.get("precision") or stage_facts.precision
         where = "--precision" if precision else f"stage {stage['index']}"
         if p != "fp32" and p not in device.precisions.fast:
             raise EdgeExitError(f"{where}: {device.name} has no fast {p} (fast: {', '.join(device.precisions.fast)}); "
@@ -564,7 +565,7 @@ def plan_engines(bundle, device_name: str, *, precision: str | None = None,
             raise EdgeExitError(f"{where}: the DLA of {device.name} runs {', '.join(device.precisions.dla) or 'nothing'}, "
                                 f"not {p}")
         precisions.append(p)
-    return EnginePlan(device, batch, profiles, tuple(precisions), None if dla_core is None else int(dla_core))
+    return EnginePlan(device, batch, profiles, tuple(precisions), facts, None if dla_core is None else int(dla_core))
 
 
 def _check_placement(metas: Sequence[dict[str, Any]], dla_core: int, progress: bool) -> None:
@@ -633,10 +634,9 @@ def build_engines(bundle_path: str | Path, device_name: str, *, precision: str |
         say(f"engines: {bundle.name} on {device.name} with TensorRT {trt.__version__} -> {rel_dir}/", progress)
         plans, metas = [], []
         total_start = time.perf_counter()
-        for stage, stage_precision in zip(stages, plan.precisions):
+        for stage, stage_precision, facts in zip(stages, plan.precisions, plan.facts):
             k = stage["index"]
             onnx_path = bundle_path / stage["onnx"]
-            facts = graph_facts(onnx_path)
             plan_rel = f"{rel_dir}/stage{k}.plan"
             say(f"engines: stage {k + 1}/{len(stages)} ({stage['onnx']}, {stage_precision}, {shown}) building ...",
                 progress)
