@@ -456,9 +456,13 @@ def _cmd_engines(args) -> int:
 
     bundle = _open_bundle(args)
     device = args.device or bundle.manifest["target"]["device"]
+    if device == "auto":
+        from edgeexit.devices import detect_device
+
+        device = detect_device().name
     dla = args.dla if args.dla is not None else bundle.manifest["target"].get("dla_core")
     out = build_engines(bundle.path, device, precision=args.precision, progress=not args.quiet, dla_core=dla,
-                        optimization_level=args.opt_level)
+                        optimization_level=args.opt_level, cache=args.cache)
     print(f"engines: {out}")
     return 0
 
@@ -614,10 +618,13 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("engines", help="build TensorRT engines for a bundle's stages (run on the target device)")
     e.add_argument("bundle")
-    e.add_argument("--device", help="device profile (default: the bundle's target.device)")
+    e.add_argument("--device", help="device profile (default: the bundle's target.device); auto: the profile of "
+                                    "the Jetson module this runs on")
     e.add_argument("--precision", choices=PRECISIONS, help="override every stage's precision")
     e.add_argument("--dla", type=int, help="DLA core to build for (GPU fallback on)")
     e.add_argument("--opt-level", type=int, help="TensorRT builder optimization level (8.6+)")
+    e.add_argument("--cache", help="engine cache folder: reuse plans built before on this module, L4T and TensorRT "
+                                   "for the same graph and settings, and add new ones (e.g. /var/cache/edgeexit/engines)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(fn=_cmd_engines)
 

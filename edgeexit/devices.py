@@ -137,6 +137,56 @@ def load_device(name: str) -> DeviceProfile:
     return _load(paths[name])
 
 
+def _family(name: str) -> tuple[str, ...]:
+    """'jetson-orin-nano-8gb' -> ('orin', 'nano'): the module family a profile describes."""
+    parts = name.split("-")[1:] if name.startswith("jetson-") else []
+    return tuple(parts[:-1] if parts and re.fullmatch(r"\d+gb", parts[-1]) else parts)
+
+
+def _mem_gb(root: Path) -> float | None:
+    """MemTotal of ``root/proc/meminfo`` in GB (what the kernel sees: a little under the module's)."""
+    try:
+        for line in (root / "proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def detect_device(root: str | Path | None = None) -> DeviceProfile:
+    """The device profile of the Jetson this runs on (``--device auto``): the module family
+    from the device-tree model ("NVIDIA Jetson Orin Nano Developer Kit" -> orin-nano, the
+    longest family named there), the memory size from /proc/meminfo among that family's
+    profiles. Refuses in one line when the board is not a Jetson edgeexit knows."""
+    from edgeexit.jetson import _read, board_root
+
+    base = Path(root) if root is not None else board_root()
+    model = _read(base / "proc/device-tree/model")
+    if not model:
+        raise EdgeExitError(f"--device auto: {base / 'proc/device-tree/model'} is missing, so this is not a Jetson; "
+                            "pass --device NAME (edgeexit devices)")
+    words = tuple(re.findall(r"[a-z0-9]+", model.lower()))
+
+    def named(family: tuple[str, ...]) -> bool:
+        return bool(family) and any(words[i:i + len(family)] == family for i in range(len(words)))
+
+    profiles = [p for p in list_devices() if p.kind == "jetson" and named(_family(p.name))]
+    if not profiles:
+        raise EdgeExitError(f"--device auto: no device profile matches the module {model!r}; pass --device NAME "
+                            f"or add a profile ({DEVICES_ENV})")
+    longest = max(len(_family(p.name)) for p in profiles)
+    profiles = [p for p in profiles if len(_family(p.name)) == longest]
+    if len(profiles) == 1:
+        return profiles[0]
+    mem = _mem_gb(base)
+    sized = [p for p in profiles if p.memory_gb is not None]
+    if mem is None or not sized:
+        raise EdgeExitError(f"--device auto: {model!r} may be {', '.join(p.name for p in profiles)} and the memory "
+                            "size could not be read; pass --device NAME")
+    return min(sized, key=lambda p: abs(p.memory_gb - mem))
+
+
 def check_target(
     profile: DeviceProfile,
     *,

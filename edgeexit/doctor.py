@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgeexit.jetson import _read, _run
+from edgeexit.jetson import _read, _run, board_root
 
 # L4T release -> JetPack (NVIDIA's JetPack archive); anything else is "unknown to edgeexit".
 JETPACK = {
@@ -109,7 +109,7 @@ def _nvidia_smi_gpu(run: Callable[[Sequence[str]], str]) -> dict[str, Any] | Non
     return {"name": name, "compute_capability": cc or None} if name else None
 
 
-def gather(root: str | os.PathLike[str] = "/", run: Callable[[Sequence[str]], str] = _run,
+def gather(root: str | os.PathLike[str] | None = None, run: Callable[[Sequence[str]], str] = _run,
            env: Mapping[str, str] = os.environ, *, import_module: Callable[[str], Any] = importlib.import_module,
            dist_version: Callable[[str], str] = importlib.metadata.version, prefix: str = sys.prefix,
            base_prefix: str = sys.base_prefix) -> dict[str, Any]:
@@ -121,7 +121,7 @@ def gather(root: str | os.PathLike[str] = "/", run: Callable[[Sequence[str]], st
     and pip versions from ``dist_version``; ``prefix``/``base_prefix`` locate the venv. All of
     these are parameters so that tests can describe any Jetson or host without having one.
     """
-    base = Path(root)
+    base = Path(root) if root is not None else board_root()
     release = _read(base / "etc/nv_tegra_release")
     match = _L4T.match(release) if release else None
     l4t = f"{match[1]}.{match[2]}.{match[3] or 0}" if match else None

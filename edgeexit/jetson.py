@@ -227,8 +227,18 @@ def _run(command: Sequence[str]) -> str:
     return subprocess.run(command, capture_output=True, text=True, check=True, timeout=10).stdout
 
 
+BOARD_ROOT_ENV = "EDGEEXIT_BOARD_ROOT"
+
+
+def board_root() -> Path:
+    """Where the board's files (etc/nv_tegra_release, proc/device-tree, proc/meminfo) are read:
+    ``/``, or ``$EDGEEXIT_BOARD_ROOT`` (a container that mounts the host's at another path, a
+    mounted root filesystem image, or a test's stand-in device)."""
+    return Path(os.environ.get(BOARD_ROOT_ENV) or "/")
+
+
 def jetson_facts(
-    root: str | os.PathLike[str] = "/", run: Callable[[Sequence[str]], str] = _run
+    root: str | os.PathLike[str] | None = None, run: Callable[[Sequence[str]], str] = _run
 ) -> dict | None:
     """The settings a Jetson benchmark depends on, or None when this is not a Jetson.
 
@@ -238,9 +248,9 @@ def jetson_facts(
     (min == max == cur) and cpu0's scaling range is a single frequency, False when either is free to
     scale, None when neither could be read. Any value that cannot be read is None. ``root`` (where
     /etc, /proc and /sys are looked up) and ``run`` (which runs nvpmodel and returns its stdout)
-    exist so tests can use a fake tree.
+    exist so tests can use a fake tree; ``root`` defaults to `board_root()`.
     """
-    base = Path(root)
+    base = Path(root) if root is not None else board_root()
     model = _read(base / "proc/device-tree/model")
     release = _read(base / "etc/nv_tegra_release")
     if release is None and not (model and ("Jetson" in model or "NVIDIA" in model)):

@@ -162,3 +162,35 @@ def test_edgeexit_devices_must_be_a_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEEXIT_DEVICES", str(tmp_path / "missing"))
     with pytest.raises(EdgeExitError, match="^EDGEEXIT_DEVICES: .* is not a directory$"):
         list_devices()
+
+
+@pytest.mark.parametrize("model,mem_kb,expected", [
+    ("NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super", 7_800_000, "jetson-orin-nano-8gb"),
+    ("NVIDIA Jetson Orin Nano Developer Kit", 3_600_000, "jetson-orin-nano-4gb"),
+    ("NVIDIA Jetson AGX Orin Developer Kit", 30_000_000, "jetson-agx-orin-32gb"),
+    ("NVIDIA Jetson AGX Orin Developer Kit", 62_000_000, "jetson-agx-orin-64gb"),
+    ("NVIDIA Jetson Xavier NX Developer Kit", None, "jetson-xavier-nx"),
+    ("NVIDIA Jetson Nano Developer Kit", 4_000_000, "jetson-nano"),
+])
+def test_device_auto_finds_the_profile_from_the_module_and_its_memory(tmp_path, model, mem_kb, expected):
+    from edgeexit.devices import detect_device
+
+    (tmp_path / "proc/device-tree").mkdir(parents=True)
+    (tmp_path / "proc/device-tree/model").write_text(model + "\0")
+    if mem_kb is not None:
+        (tmp_path / "proc/meminfo").write_text(f"MemTotal:       {mem_kb} kB\nMemFree:  1 kB\n")
+    assert detect_device(tmp_path).name == expected
+
+
+def test_device_auto_refuses_what_it_cannot_tell(tmp_path):
+    from edgeexit.devices import detect_device
+
+    with pytest.raises(EdgeExitError, match="not a Jetson"):
+        detect_device(tmp_path)
+    (tmp_path / "proc/device-tree").mkdir(parents=True)
+    (tmp_path / "proc/device-tree/model").write_text("NVIDIA Jetson Orin Nano Developer Kit\0")
+    with pytest.raises(EdgeExitError, match="jetson-orin-nano-4gb, jetson-orin-nano-8gb.*memory"):
+        detect_device(tmp_path)
+    (tmp_path / "proc/device-tree/model").write_text("Raspberry Pi 5 Model B\0")
+    with pytest.raises(EdgeExitError, match="no device profile matches"):
+        detect_device(tmp_path)

@@ -1316,6 +1316,75 @@ def test_build_engines_adds_engines_and_reseals_the_bundle(bundle, use_trt, caps
     assert sys.modules["tensorrt"]._state.cache_loaded.startswith(b"+timed")
 
 
+def _board(root: Path, model: str, release: str) -> Path:
+    (root / "proc/device-tree").mkdir(parents=True, exist_ok=True)
+    (root / "etc").mkdir(exist_ok=True)
+    (root / "proc/device-tree/model").write_text(model + "\0")
+    (root / "etc/nv_tegra_release").write_text(f"# R{release} (release), REVISION: 4.3, GCID: 1, BOARD: generic\n")
+    return root
+
+
+def test_the_engine_cache_reuses_a_plan_only_for_the_same_module_l4t_tensorrt_graph_and_settings(
+        bundle, tmp_path, use_trt, monkeypatch, capsys):
+    import shutil
+
+    from edgeexit.bundle import load_bundle
+    from edgeexit.export.tensorrt import build_engines
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("EDGEEXIT_BOARD_ROOT", str(_board(tmp_path / "orin", "NVIDIA Jetson AGX Orin", "36")))
+    builds = []
+
+    def counted(version):
+        trt = use_trt(version)
+        real = trt.Builder
+
+        def builder(logger):
+            b = real(logger)
+            original = b.build_serialized_network
+            b.build_serialized_network = lambda *a: (builds.append(1), original(*a))[1]
+            return b
+        trt.Builder = builder
+        return trt
+
+    counted("10.3")
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    build_engines(bundle, DEVICE, cache=cache, progress=False)
+    assert len(builds) == 3 and len(list(cache.iterdir())) == 3
+    key = f"{DEVICE}-trt10.3"
+    first = {rel: load_bundle(bundle).manifest["files"][rel] for rel in load_bundle(bundle).manifest["engines"][key]["stages"]}
+
+    counted("10.3")  # another bundle with the same graphs: nothing is built
+    build_engines(copy, DEVICE, cache=cache)
+    assert len(builds) == 3
+    assert "(0 built, 3 from the cache)" in capsys.readouterr().err
+    reused = load_bundle(copy).manifest
+    assert {rel: reused["files"][rel] for rel in reused["engines"][key]["stages"]} == first
+    meta = json.loads((copy / reused["engines"][key]["metadata"]).read_text())
+    assert all(m["from_cache"] for m in meta["stages"]) and [m["stage"] for m in meta["stages"]] == [0, 1, 2]
+
+    counted("10.3")  # a different precision, optimization level or module each misses
+    build_engines(copy, DEVICE, cache=cache, progress=False, optimization_level=2)
+    assert len(builds) == 6
+    monkeypatch.setenv("EDGEEXIT_BOARD_ROOT", str(_board(tmp_path / "nx", "NVIDIA Jetson Orin NX", "36")))
+    counted("10.3")
+    build_engines(copy, DEVICE, cache=cache, progress=False)
+    assert len(builds) == 9
+    counted("8.6")  # another TensorRT
+    build_engines(copy, DEVICE, cache=cache, progress=False)
+    assert len(builds) == 12
+
+    damaged = [e for e in cache.iterdir() if (f := json.loads((e / "entry.json").read_text())["fields"])["tensorrt"]
+               == "10.3.0.26" and f["module"] == "NVIDIA Jetson Orin NX" and f["optimization_level"] is None]
+    assert len(damaged) == 3
+    (damaged[1] / "stage.plan").write_bytes(b"garbage")  # a damaged plan is not trusted: that stage is rebuilt
+    counted("10.3")
+    build_engines(copy, DEVICE, cache=cache, progress=False)
+    assert len(builds) == 13 and not [p for p in cache.iterdir() if p.name.startswith(".")]
+    assert load_bundle(copy).manifest["engines"][key]
+
+
 def test_build_engines_failure_leaves_the_bundle_as_it_was(bundle, use_trt):
     from edgeexit.bundle import load_bundle
     from edgeexit.export.tensorrt import build_engines

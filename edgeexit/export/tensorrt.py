@@ -584,7 +584,7 @@ def _check_placement(metas: Sequence[dict[str, Any]], dla_core: int, progress: b
 
 def build_engines(bundle_path: str | Path, device_name: str, *, precision: str | None = None,
                   progress: bool = True, dla_core: int | None = None,
-                  optimization_level: int | None = None) -> Path:
+                  optimization_level: int | None = None, cache: str | Path | None = None) -> Path:
     """Build a plan for every stage of a verified bundle into engines/<device>-trt<ver>/.
 
     `precision` overrides each stage's manifest precision (None: build each stage at the
@@ -593,10 +593,13 @@ def build_engines(bundle_path: str | Path, device_name: str, *, precision: str |
     DLA and batch choices are checked before TensorRT is needed; without TensorRT the error
     gives the command to run on the device. The manifest gains ``engines[<device>-trt<ver>]``
     and fresh checksums; the bundle is replaced in one rename, so on any failure it is left
-    byte-for-byte as it was. Returns the engines folder.
+    byte-for-byte as it was. With `cache` (a folder, see `engine_cache`), a stage whose plan was
+    built before on this module, L4T and TensorRT with the same graph and settings is copied
+    from there instead of built, and every plan built is added to it. Returns the engines folder.
     """
     from edgeexit.atomic import staging
     from edgeexit.bundle import Change, load_bundle, update_bundle
+    from edgeexit.export.engine_cache import EngineCache, board_identity, cache_fields
 
     bundle_path = Path(bundle_path)
     bundle = load_bundle(bundle_path)
@@ -634,20 +637,35 @@ def build_engines(bundle_path: str | Path, device_name: str, *, precision: str |
         say(f"engines: {bundle.name} on {device.name} with TensorRT {trt.__version__} -> {rel_dir}/", progress)
         plans, metas = [], []
         total_start = time.perf_counter()
+        store = EngineCache(cache) if cache is not None else None
+        board = board_identity() if store is not None else {}
         for stage, stage_precision, facts in zip(stages, plan.precisions, plan.facts):
             k = stage["index"]
             onnx_path = bundle_path / stage["onnx"]
             plan_rel = f"{rel_dir}/stage{k}.plan"
-            say(f"engines: stage {k + 1}/{len(stages)} ({stage['onnx']}, {stage_precision}, {shown}) building ...",
-                progress)
-            meta = build_engine(
-                onnx_path, scratch / plan_rel, batch=batch, input_shapes=facts.input_shapes,
-                precision=stage_precision, workspace_mb=device.builder_workspace_mb, profiles=plan.profiles,
-                dla_core=plan.dla_core, timing_cache=out_dir / TIMING_CACHE, optimization_level=optimization_level,
-                logger=logger, graph_precision=facts.precision)
-            meta["stage"] = k
-            say(f"engines: stage {k + 1}/{len(stages)} done in {meta['build_seconds']:.1f} s "
-                f"({meta['plan_bytes'] / (1 << 20):.1f} MiB)", progress)
+            fields = cache_fields(
+                onnx_sha256=bundle.manifest["files"][stage["onnx"]], tensorrt=str(trt.__version__), device=device.name,
+                precision=stage_precision, batch=batch, profiles=plan.profiles, workspace_mb=device.builder_workspace_mb,
+                dla_core=plan.dla_core, optimization_level=optimization_level, board=board)
+            hit = store.get(fields) if store is not None else None
+            if hit is not None:
+                shutil.copyfile(hit[0], scratch / plan_rel)
+                meta = {**hit[1], "stage": k, "from_cache": EngineCache.key(fields)}
+                say(f"engines: stage {k + 1}/{len(stages)} ({stage['onnx']}, {stage_precision}) from the engine "
+                    f"cache ({store.root / EngineCache.key(fields)})", progress)
+            else:
+                say(f"engines: stage {k + 1}/{len(stages)} ({stage['onnx']}, {stage_precision}, {shown}) "
+                    "building ...", progress)
+                meta = build_engine(
+                    onnx_path, scratch / plan_rel, batch=batch, input_shapes=facts.input_shapes,
+                    precision=stage_precision, workspace_mb=device.builder_workspace_mb, profiles=plan.profiles,
+                    dla_core=plan.dla_core, timing_cache=out_dir / TIMING_CACHE,
+                    optimization_level=optimization_level, logger=logger, graph_precision=facts.precision)
+                meta["stage"], meta["from_cache"] = k, None
+                if store is not None:
+                    store.put(fields, scratch / plan_rel, meta)
+                say(f"engines: stage {k + 1}/{len(stages)} done in {meta['build_seconds']:.1f} s "
+                    f"({meta['plan_bytes'] / (1 << 20):.1f} MiB)", progress)
             plans.append(plan_rel)
             metas.append(meta)
         if plan.dla_core is not None:
@@ -679,5 +697,7 @@ def build_engines(bundle_path: str | Path, device_name: str, *, precision: str |
         # a rebuild replaces the set for this device + version; other devices' sets are kept
         update_bundle(bundle, lambda current: Change(
             built, {"engines": {**(current.manifest.get("engines") or {}), key: entry}}, remove=(rel_dir,)))
-    say(f"engines: {len(stages)} plan(s) in {bundle_path / rel_dir}", progress)
+    reused = sum(1 for m in metas if m.get("from_cache"))
+    say(f"engines: {len(stages)} plan(s) in {bundle_path / rel_dir}"
+        + (f" ({len(stages) - reused} built, {reused} from the cache)" if store is not None else ""), progress)
     return bundle_path / rel_dir
