@@ -28,11 +28,12 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from collections.abc import Collection
 from typing import Any, BinaryIO
 
 from edgeexit.atomic import install, locked, staging
 from edgeexit.bundle import (MANIFEST, MAX_MANIFEST_BYTES, SIGNATURE, Bundle, BundleError, check_manifest,
-                             check_output, load_bundle, optional_files, reseal)
+                             check_output, link_or_copy, load_bundle, optional_files, reseal)
 from edgeexit.jsonio import dumps, parse_json
 
 MAX_ARCHIVE_BYTES = 4 << 30  # what unpack accepts unless told otherwise (--max-size)
@@ -83,16 +84,20 @@ def is_archive(path: Path) -> bool:
         return False
 
 
-def pack(bundle_path: str | Path, out: str | Path | None = None, engines: bool = False) -> Packed:
+def pack(bundle_path: str | Path, out: str | Path | None = None, engines: bool = False,
+         only: Collection[str] | None = None) -> Packed:
     """Write the verified bundle at `bundle_path` as one tar (default ``NAME.tar`` here).
 
-    The archive appears in one rename; an existing file at `out` is replaced only when it is
-    itself an edgeexit archive."""
+    With `only`, the archive holds the manifest and just those of its files: an update for a
+    device that has the rest (`unpack` with `base`). The archive appears in one rename; an
+    existing file at `out` is replaced only when it is itself an edgeexit archive."""
     bundle = load_bundle(bundle_path)
     out = Path(out) if out is not None else Path(f"{bundle.name}.tar")
     if os.path.lexists(out) and (out.is_symlink() or not out.is_file() or not is_archive(out)):
         raise BundleError(f"pack: {out} exists and is not an edgeexit archive; choose another name (-o)")
     manifest, files, left_out = archive_contents(bundle, engines)
+    if only is not None:
+        files = [rel for rel in files if rel in set(only)]
     sig = bundle.path / SIGNATURE
     keep_sig = sig.is_file() and not left_out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,9 +222,17 @@ def _copy_member(src: BinaryIO, dst: BinaryIO, member: tarfile.TarInfo, archive:
     return h.hexdigest()
 
 
-def unpack(archive: str | Path, dest: str | Path, max_bytes: int = MAX_ARCHIVE_BYTES) -> Bundle:
+def unpack(archive: str | Path, dest: str | Path, max_bytes: int = MAX_ARCHIVE_BYTES,
+           base: Bundle | None = None, keep_engines: bool = False) -> Bundle:
     """Unpack an edgeexit archive into the folder `dest` (absent, empty, or an intact bundle it
-    replaces) and return the verified bundle; see the module text for what is refused."""
+    replaces) and return the verified bundle; see the module text for what is refused.
+
+    With `base` (a verified bundle, e.g. the one the device runs now), a listed file the
+    archive leaves out is taken from `base` when `base` holds it with the same checksum, so an
+    update carries only what changed. With `keep_engines`, the engine sets `base` has and the
+    archive's manifest lacks are kept when they were built from the same stage graphs (the
+    device's own plans survive an update of thresholds); the manifest is then resealed, and a
+    signature, which covered the archive's manifest, is not kept."""
     archive, dest = Path(archive), Path(os.path.abspath(dest))
     check_output(dest)
     try:
@@ -241,11 +254,25 @@ def unpack(archive: str | Path, dest: str | Path, max_bytes: int = MAX_ARCHIVE_B
                 raise BundleError(f"archive: folder {name}/ is not in the manifest; refused")
             if member.isreg() and name not in files and name not in (MANIFEST, SIGNATURE):
                 raise BundleError(f"archive: member {name} is not listed in the manifest; refused")
-        missing = [rel for rel in files if rel not in members and rel not in optional_files(manifest)]
+        inherited = {rel for rel in files if rel not in members and base is not None
+                     and base.manifest["files"].get(rel) == files[rel] and rel in base.present}
+        missing = [rel for rel in files if rel not in members and rel not in inherited
+                   and rel not in optional_files(manifest)]
         if missing:
-            raise BundleError(f"archive: {missing[0]} is listed in the manifest but not in the archive")
+            raise BundleError(f"archive: {missing[0]} is listed in the manifest but not in the archive"
+                              + (f" nor in {base.path} with that checksum" if base is not None else ""))
+        kept = _engines_to_keep(base, manifest) if keep_engines and base is not None else {}
         with staging(dest) as part:
+            if kept:
+                kept_files = {rel: h for rel, h in base.manifest["files"].items()
+                              if rel.startswith(tuple(f"{e['dir']}/" for e in kept.values()))}
+                inherited |= set(kept_files)
+                head = (dumps(reseal({**manifest, "engines": {**(manifest.get("engines") or {}), **kept}},
+                                     {**files, **kept_files})) + "\n").encode()
+                members.pop(SIGNATURE, None)
             (part / MANIFEST).write_bytes(head)
+            for rel in sorted(inherited):  # checked again with the whole tree below
+                link_or_copy(base.path / rel, part / rel)
             for name, member in members.items():
                 if not member.isreg() or name == MANIFEST:
                     continue
@@ -262,6 +289,17 @@ def unpack(archive: str | Path, dest: str | Path, max_bytes: int = MAX_ARCHIVE_B
                 check_output(dest)  # again: it may have changed while we unpacked
                 install(part, dest)
     return Bundle(dest, bundle.manifest)
+
+
+def _engines_to_keep(base: Bundle, manifest: dict[str, Any]) -> dict[str, Any]:
+    """`base`'s engine sets that `manifest` lacks and whose plans came from the same stage graphs
+    and batch settings, so they run the new bundle exactly as they ran the old one."""
+    old, new = base.manifest, manifest
+    same = (len(old["stages"]) == len(new["stages"])
+            and all(old["files"].get(a["onnx"]) == new["files"].get(b["onnx"]) for a, b in zip(old["stages"], new["stages"]))
+            and (old.get("export") or {}).get("batch") == (new.get("export") or {}).get("batch"))
+    have = new.get("engines") or {}
+    return {key: entry for key, entry in (old.get("engines") or {}).items() if same and key not in have}
 
 
 def describe(packed: Packed) -> str:

@@ -306,7 +306,8 @@ def _model_files(bundle: Bundle) -> list[str]:
     return names
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
+    """`src` at `dst` as a hard link (bundle files are never rewritten in place), else a copy."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
@@ -343,7 +344,7 @@ def update_bundle(base: Bundle, change: Change | Callable[[Bundle], Change]) -> 
         partial = make_staging(dest)
         try:
             for rel in here:
-                _link_or_copy(dest / rel, partial / rel)
+                link_or_copy(dest / rel, partial / rel)
             for rel, digest in here.items():  # a file rewritten in place since the check above
                 if sha256(partial / rel) != digest:
                     raise BundleError(f"bundle: {rel} changed while this command ran; nothing was written")
@@ -375,7 +376,7 @@ def replace_signature(bundle: Bundle, signature: bytes, signed_digest: str) -> B
             raise BundleError(f"bundle: {dest} changed while it was being signed; nothing was written")
         with staging(dest) as partial:
             for rel in [*current.present, MANIFEST]:
-                _link_or_copy(dest / rel, partial / rel)
+                link_or_copy(dest / rel, partial / rel)
             (partial / SIGNATURE).write_bytes(signature)
             load_bundle(partial)
             install(partial, dest)

@@ -87,17 +87,24 @@ class LatencySource:
 
 
 def latency_source(bundle: Bundle, backend: Backend, kind: str, batch: int, x: np.ndarray,
-                   threads: int | None, iters: int, say: Callable[[str], None] = log) -> LatencySource:
+                   threads: int | None, iters: int, say: Callable[[str], None] = log,
+                   key: str | None = None) -> LatencySource:
     """The latency model `kind` asks for: `profile` (the bundle's profile.json entry for this
     backend and device), `estimate` (the target's peak figures), or `auto`: the stored profile,
-    else a profile taken now when the bundle targets this kind of machine, else the estimate."""
+    else a profile taken now when the bundle targets this kind of machine, else the estimate.
+    `key` names another machine's entry (``<backend>@<device>``, e.g. one `deploy --profile`
+    brought back from a Jetson): only that entry is used, and nothing is measured here."""
     wanted = profile_batches(batch)
     if kind == "estimate":
         return LatencySource(estimated_latency(bundle, wanted), False)
-    key = profile_key(backend.name, device_id(machine_facts(backend, threads)))
-    stored = read_profiles(bundle.path)["profiles"].get(key)
+    here = profile_key(backend.name, device_id(machine_facts(backend, threads)))
+    stored = read_profiles(bundle.path)["profiles"].get(key or here)
     if stored is not None and set(map(str, wanted)) <= set(stored["batches"]):
-        return LatencySource(from_profile(stored, f"profile.json[{key}]"), True)
+        return LatencySource(from_profile(stored, f"profile.json[{key or here}]"), key in (None, here))
+    if key is not None:
+        raise EdgeExitError(f"--profile-key: profile.json has no entry {key!r} with batch sizes {wanted}"
+                            + ("" if stored is None else f" (it has {', '.join(stored['batches'])})"))
+    key = here
     if kind == "profile":
         raise EdgeExitError(f"latency: profile.json has no entry {key!r} with batch sizes {wanted}; run "
                             f"`edgeexit profile {bundle.path} --backend {backend.name} --batch "
@@ -194,9 +201,11 @@ def _cannot_hold(budget: Budget, floor: float, source: str) -> str:
 def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "optimise", latency: str = "auto",
               val_traces: str | Path | None = None, test_traces: str | Path | None = None,
               data: dict[str, str | None] | None = None, threads: int | None = 1, iters: int = 200,
-              measure: bool = True, curve_points: int = 16, progress: bool = True) -> tuple[Bundle, dict[str, Any]]:
+              measure: bool = True, curve_points: int = 16, progress: bool = True,
+              latency_key: str | None = None) -> tuple[Bundle, dict[str, Any]]:
     """Fit thresholds for `budget` on the validation split, prove them on the test split and
-    write them into the bundle; returns the updated bundle and the calibration record."""
+    write them into the bundle; returns the updated bundle and the calibration record.
+    `latency_key` calibrates against another machine's profile.json entry (see `latency_source`)."""
     if solver not in SOLVERS:
         raise EdgeExitError(f"--solver: {solver!r} is not one of {', '.join(SOLVERS)}")
     if latency not in SOURCES:
@@ -204,7 +213,7 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
     data = data or {}
     x_test, y_test = split_inputs(bundle, "test", data.get("test"))
     say = log if progress else (lambda _message: None)  # --quiet: errors only
-    source = latency_source(bundle, backend, latency, budget.batch, x_test, threads, iters, say)
+    source = latency_source(bundle, backend, latency, budget.batch, x_test, threads, iters, say, latency_key)
     lat = source.model
     floor = cheapest_call(lat, budget.batch)
     if budget.seconds < floor:  # no thresholds can help: refuse before tracing anything

@@ -371,7 +371,8 @@ def _cmd_calibrate(args) -> int:
     with open_backend(bundle, args.backend, args.device, args.threads, args.trust_code) as backend:
         bundle, record = calibrate(bundle, backend, budget, args.solver, args.latency, args.val_traces,
                                    args.test_traces, {"val": args.data_val, "test": args.data_test}, args.threads,
-                                   args.iters, measure=not args.no_measure, progress=not args.quiet)
+                                   args.iters, measure=not args.no_measure, progress=not args.quiet,
+                                   latency_key=args.profile_key)
     print(dumps(record) if args.json else format_calibration(record) + f"\nbundle: {bundle.path}")
     return 0
 
@@ -489,6 +490,17 @@ def _cmd_doctor(args) -> int:
     lines = advice(facts)
     print(dumps({"facts": facts, "advice": lines}) if args.json else format_report(facts, lines))
     return 1 if lines and args.strict else 0
+
+
+def _cmd_deploy(args) -> int:
+    from edgeexit.deploy import Options, deploy, summary
+
+    opts = Options(path=args.path, profile=args.profile, budget_ms=args.budget_ms, tail=args.tail, batch=args.batch,
+                   backend=args.backend, iters=args.iters, device=args.device, wheel=args.wheel, python=args.python,
+                   engines=not args.no_engines, ssh_config=args.ssh_config, ssh_options=tuple(args.ssh_option),
+                   quiet=args.quiet)
+    print(summary(deploy(args.bundle, args.host, opts)))
+    return 0
 
 
 def _cmd_devices(args) -> int:
@@ -664,6 +676,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--latency", default="auto", choices=SOURCES,
                    help="profile: the bundle's profile.json; estimate: the target's peak figures; "
                         "auto: profile.json, else profile now on a matching machine, else estimate")
+    c.add_argument("--profile-key", help="calibrate on this profile.json entry, BACKEND@DEVICE (another machine's, "
+                                         "e.g. a Jetson's from `edgeexit deploy --profile`; `inspect` lists them)")
     _backend_args(c)
     c.add_argument("--iters", type=_count(1), default=200, help="timed calls per batch size when profiling now")
     c.add_argument("--val-traces", help="validation traces (.npz from `edgeexit trace`) instead of tracing now")
@@ -693,6 +707,27 @@ def parser() -> argparse.ArgumentParser:
     dr.add_argument("--json", action="store_true")
     dr.add_argument("--strict", action="store_true", help="exit 1 when there is anything to fix")
     dr.set_defaults(fn=_cmd_doctor)
+
+    dp = sub.add_parser("deploy", help="put a bundle on a Jetson over SSH: install the runtime, upload what changed, "
+                                       "build engines there, profile and calibrate on its latency")
+    dp.add_argument("bundle")
+    dp.add_argument("host", help="the device as ssh names it (~/.ssh/config aliases, user@host, ProxyJump apply)")
+    dp.add_argument("--path", default="/opt/edgeexit", help="folder on the device (default /opt/edgeexit)")
+    dp.add_argument("--profile", action="store_true", help="profile there and merge it into the local profile.json")
+    dp.add_argument("--budget-ms", type=_positive_ms, help="calibrate here on the device's profile and push the "
+                                                            "thresholds back (implies --profile)")
+    dp.add_argument("--tail", default="mean", choices=tuple(TAILS), help="what must stay under the budget")
+    dp.add_argument("--batch", type=_count(1), default=1, help="samples per cascade call for the budget (default 1)")
+    dp.add_argument("--backend", default="auto", choices=BACKENDS, help="backend to profile with there")
+    dp.add_argument("--iters", type=_count(1), default=200, help="timed calls per batch size when profiling")
+    dp.add_argument("--device", help="device profile for the engines (default: the board's own, else the bundle's)")
+    dp.add_argument("--wheel", help="edgeexit wheel to install there (default: built from this checkout)")
+    dp.add_argument("--python", default="python3", help="interpreter on the device that makes the venv")
+    dp.add_argument("--no-engines", action="store_true", help="do not build TensorRT engines there")
+    dp.add_argument("--ssh-config", help="ssh_config file (ssh -F)")
+    dp.add_argument("-o", "--ssh-option", action="append", default=[], help="ssh -o option, e.g. Port=2222 (repeatable)")
+    dp.add_argument("--quiet", action="store_true")
+    dp.set_defaults(fn=_cmd_deploy)
 
     d = sub.add_parser("devices", help="list the target device profiles")
     d.add_argument("--json", action="store_true")

@@ -36,7 +36,7 @@ def _code_files() -> list[tuple[str, bytes]]:
     for package in _PACKAGES:
         base = Path(str(resources.files(package)))
         out += [(p.relative_to(base.parent).as_posix(), p.read_bytes()) for p in base.rglob("*.py")
-                if "__pycache__" not in p.parts]
+                if "__pycache__" not in p.parts and "device_profiles" not in p.parts]  # a wheel's devices/
     profiles = resources.files("edgeexit.device_profiles")
     out += [(f"profiles/{f.name}", f.read_bytes()) for f in profiles.iterdir() if f.name.endswith(".yaml")]
     return sorted(out)

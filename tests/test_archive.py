@@ -200,3 +200,47 @@ def test_the_cli_packs_and_unpacks(bundle_copy, tmp_path, capsys):
     assert main(["unpack", str(tmp_path / "bad.tar"), str(tmp_path / "out2")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a tar archive" in err and not (tmp_path / "out2").exists()
+
+
+def test_an_update_carries_only_what_changed_and_keeps_the_device_engines(bundle_copy, tmp_path):
+    device = tmp_path / "device"
+    unpack(pack(bundle_copy, tmp_path / "full.tar").path, device)
+    with_engines(device)  # the device built its own plans
+    on_device = load_bundle(device)
+    bundle = load_bundle(bundle_copy)
+    gating = {**bundle.manifest["gating"], "thresholds": [0.5, 0.6, None]}
+    update_bundle(bundle, Change({"calibration.json": b"{}\n"}, {"gating": gating, "calibration": "calibration.json"}))
+    archive = pack(bundle_copy, tmp_path / "delta.tar", only=["calibration.json"]).path
+    names = [m.name for m, _ in _members(archive)]
+    assert names == ["manifest.json", "calibration.json"]
+
+    with pytest.raises(BundleError, match="not in the archive$"):  # without a base the rest is missing
+        unpack(archive, tmp_path / "alone")
+    assert not (tmp_path / "alone").exists()
+    updated = unpack(archive, tmp_path / "next", base=on_device, keep_engines=True)
+    assert updated.manifest["gating"]["thresholds"] == [0.5, 0.6, None]
+    assert sorted(updated.manifest["engines"]) == sorted(on_device.manifest["engines"])
+    engine_files = [rel for rel in on_device.manifest["files"] if rel.startswith("engines/")]
+    assert engine_files and all((tmp_path / "next" / rel).is_file() for rel in engine_files)
+    assert load_bundle(tmp_path / "next").manifest == updated.manifest  # checksums of every file
+
+    plain = unpack(archive, tmp_path / "plain", base=on_device)  # not asked: the engines stay behind
+    assert "engines" not in plain.manifest
+
+    other = tmp_path / "other"  # new graphs: the old plans do not fit them, so none are kept
+    unpack(pack(bundle_copy, tmp_path / "o.tar").path, other)
+    stage0 = other / load_bundle(other).manifest["stages"][0]["onnx"]
+    changed = load_bundle(other)
+    update_bundle(changed, Change({changed.manifest["stages"][0]["onnx"]: stage0.read_bytes() + b" "}))
+    fresh = unpack(pack(other, tmp_path / "new.tar").path, tmp_path / "fresh", base=on_device, keep_engines=True)
+    assert "engines" not in fresh.manifest
+
+    foreign = tmp_path / "foreign.tar"  # a base whose file differs does not stand in for a missing member
+    tampered = tmp_path / "tampered"
+    unpack(pack(device, tmp_path / "t.tar").path, tampered)
+    target = tampered / "calibration.json"
+    update_bundle(load_bundle(tampered), Change({"calibration.json": b"[]\n"}))
+    pack(bundle_copy, foreign, only=[])
+    with pytest.raises(BundleError, match=f"nor in {tampered} with that checksum"):
+        unpack(foreign, tmp_path / "x", base=load_bundle(tampered))
+    assert target.is_file() and not (tmp_path / "x").exists()

@@ -47,7 +47,7 @@ if point == "training":
 elif point == "export":
     build.export_stages = die
 elif point == "assembling":  # half the unchanged files linked into the staging folder
-    bundle._link_or_copy = on_call(bundle._link_or_copy, 3)
+    bundle.link_or_copy = on_call(bundle.link_or_copy, 3)
 elif point == "sealed":  # manifest written into the staging folder, not yet swapped in
     bundle.install = die
 elif point == "swapped":  # new bundle in place, the old one not yet deleted

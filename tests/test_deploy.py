@@ -1,0 +1,209 @@
+"""`edgeexit deploy` against loopback devices: real OpenSSH sshd on 127.0.0.1 (tests/loopback.py).
+
+The device runs edgeexit from a venv that deploy installs from a wheel built here, the engine
+step runs against the TensorRT simulator, profiling runs onnxruntime. Killing an upload, a
+failing step and a refused pre-flight each leave the device's bundle as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from loopback import sshd_missing, start_device
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(sshd_missing() is not None, reason=str(sshd_missing()))]
+
+
+@pytest.fixture(scope="module")
+def devices(tmp_path_factory):
+    """Two loopback Jetsons, an Orin Nano (dev-a) and an AGX Orin (dev-b), in one ssh_config."""
+    root = tmp_path_factory.mktemp("fleet")
+    config = root / "ssh_config"
+    config.write_text("")
+    started = {}
+    try:
+        for name, board in (("dev-a", "orin-nano"), ("dev-b", "agx-orin")):
+            started[name] = start_device(root / name, name, board, config)
+        yield started
+    finally:
+        for device in started.values():
+            device.stop()
+
+
+@pytest.fixture(scope="module")
+def local(example_build, tmp_path_factory):
+    """The example bundle, copied once for this module's deploys (they update it)."""
+    dest = tmp_path_factory.mktemp("local") / "bundle"
+    shutil.copytree(example_build[0].path, dest)
+    return dest
+
+
+def _deploy(local, device, *extra, capsys=None) -> str:
+    from edgeexit.cli import main
+
+    argv = ["deploy", str(local), device.name, "--path", str(device.home), "--ssh-config", str(device.config),
+            "--backend", "onnxruntime", "--iters", "20", *extra]
+    assert main(argv) == 0
+    return capsys.readouterr().out if capsys is not None else ""
+
+
+def _live(local, device):
+    from edgeexit.bundle import load_bundle
+
+    return load_bundle(device.home / load_bundle(local).name)
+
+
+def _deployed(local, device):
+    """The device's bundle, deploying first when this test runs alone."""
+    if not (device.home / "digits-eenet").exists():
+        _deploy(local, device)
+    return _live(local, device)
+
+
+def test_deploy_profiles_calibrates_on_the_device_and_a_second_deploy_uploads_nothing(local, devices, capsys):
+    from calibration.latency import from_profile
+    from edgeexit.bundle import load_bundle
+    from edgeexit.calibrate import cheapest_call, full_depth_call
+    from edgeexit.deploy import _manifest_digest
+    from edgeexit.export.engine_cache import ENTRY
+
+    dev = devices["dev-a"]
+    out = _deploy(local, dev, "--profile", capsys=capsys)
+    assert "runtime installed" in out and "engines: jetson-orin-nano-8gb-trt10.3" in out
+    live = _live(local, dev)  # verified: every checksum, the engines included
+    assert "jetson-orin-nano-8gb-trt10.3" in live.manifest["engines"]
+    cache = [p for p in (dev.home / "engine-cache").iterdir() if (p / ENTRY).is_file()]
+    assert len(cache) == 3
+    key = "onnxruntime@NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super"
+    entry = json.loads((local / "profile.json").read_text())["profiles"][key]
+    assert set(entry["batches"]) == {"1", "8", "32"} and entry["machine"]["jetson"]["l4t"] == "36.4.3"
+
+    lat = from_profile(entry, key)
+    budget_ms = round((cheapest_call(lat, 1) + full_depth_call(lat, 1)) / 2 * 1e3, 6)
+    out = _deploy(local, dev, "--profile", "--budget-ms", str(budget_ms), capsys=capsys)
+    assert "runtime up to date" in out
+    mine, theirs = load_bundle(local), _live(local, dev)
+    record = json.loads((local / "calibration.json").read_text())
+    assert record["latency"]["source"] == f"profile.json[{key}]"
+    assert record["budget"]["ms"] == pytest.approx(budget_ms, rel=1e-6)
+    assert record["fit"]["mean_ms"] <= budget_ms * 1.0001  # fitted on the device profile (test: held out)
+    assert theirs.manifest["gating"]["thresholds"] == mine.manifest["gating"]["thresholds"] == record["thresholds"]
+    assert (dev.home / "digits-eenet" / "calibration.json").read_bytes() == (local / "calibration.json").read_bytes()
+    assert _manifest_digest(theirs) == _manifest_digest(mine)  # the same bundle on both ends
+    assert "jetson-orin-nano-8gb-trt10.3" in theirs.manifest["engines"]  # the device's plans survived the push
+
+    manifest = dev.home / "digits-eenet" / "manifest.json"
+    before = manifest.stat().st_ino
+    out = _deploy(local, dev, capsys=capsys)
+    assert "0 file(s) uploaded" in out and "runtime up to date" in out and "(kept)" in out
+    assert manifest.stat().st_ino == before  # nothing was switched
+
+
+def _receive(dev, live_name):
+    """An ssh process running `remote receive` of a bundle into the device's next-version slot."""
+    cmd = (f"{dev.home}/venv/bin/python -m edgeexit.remote receive {dev.home}/.{live_name}.next "
+           f"--base {dev.home}/{live_name}")
+    return subprocess.Popen(["ssh", "-F", str(dev.config), dev.name, cmd], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _receivers(dev) -> list[int]:
+    done = subprocess.run(["pgrep", "-f", f"edgeexit.remote receive {dev.home}"], capture_output=True, text=True)
+    return [int(p) for p in done.stdout.split()]
+
+
+def _wait(condition, seconds=20):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_killing_an_upload_leaves_the_device_bundle_intact(local, devices, tmp_path):
+    from edgeexit.archive import pack
+
+    dev = devices["dev-a"]
+    before = _deployed(local, dev).manifest
+    data = pack(local, tmp_path / "b.tar").path.read_bytes()
+
+    cut = _receive(dev, "digits-eenet")  # the connection dies mid-upload
+    cut.stdin.write(data[: len(data) // 2])
+    cut.stdin.flush()
+    _wait(lambda: any((dev.home).glob("*.upload-*")))
+    cut.kill()
+    _wait(lambda: not _receivers(dev))
+    assert _live(local, dev).manifest == before
+    assert not (dev.home / ".digits-eenet.next").exists()
+    assert not list(dev.home.glob("*.upload-*"))  # the device cleaned its spool (SIGHUP)
+
+    killed = _receive(dev, "digits-eenet")  # the receiving process itself is killed
+    killed.stdin.write(data[: len(data) // 3])
+    killed.stdin.flush()
+    _wait(lambda: any((dev.home).glob("*.upload-*")) and _receivers(dev))
+    for pid in _receivers(dev):
+        subprocess.run(["kill", "-KILL", str(pid)])
+    killed.kill()
+    _wait(lambda: not _receivers(dev))
+    assert _live(local, dev).manifest == before
+    assert len(list(dev.home.glob("*.upload-*"))) == 1  # SIGKILL: nothing could clean up
+
+    whole = _receive(dev, "digits-eenet")  # the next upload clears the dead one's spool
+    out, err = whole.communicate(data, timeout=120)
+    assert whole.returncode == 0, err.decode()
+    assert not list(dev.home.glob("*.upload-*"))
+    assert json.loads(out)["bundle"].endswith(".digits-eenet.next")
+    assert _live(local, dev).manifest == before  # receiving never touches the running bundle
+
+
+def test_a_failing_step_names_host_and_step_and_keeps_the_previous_bundle(local, devices, tmp_path, capsys):
+    from edgeexit.bundle import Change, load_bundle, update_bundle
+    from edgeexit.cli import main
+
+    dev = devices["dev-a"]
+    before = _deployed(local, dev).manifest
+    changed = tmp_path / "changed"
+    shutil.copytree(local, changed)
+    bundle = load_bundle(changed)
+    update_bundle(bundle, Change({}, {"gating": {**bundle.manifest["gating"], "thresholds": [0.5, 0.5, None]}}))
+    argv = ["deploy", str(changed), dev.name, "--path", str(dev.home), "--ssh-config", str(dev.config),
+            "--device", "jetson-nano"]  # JetPack 4: its TensorRT is too old for engines
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "edgeexit: error: deploy: dev-a: engines failed" in err and "older than 8.5" in err
+    assert "upload: " in err and ".digits-eenet.next" in err  # the new version was made beside the old one
+    live = _live(local, dev)
+    assert live.manifest == before and live.manifest["gating"]["thresholds"] != [0.5, 0.5, None]
+
+    main([*argv[:-2], "--no-engines"])  # the same bundle without the engine step goes in
+    assert _live(local, dev).manifest["gating"]["thresholds"] == [0.5, 0.5, None]
+    assert not (dev.home / ".digits-eenet.next").exists()
+    _deploy(local, dev)  # and back
+
+
+def test_preflight_and_connection_failures_are_one_line_naming_the_host(local, devices, tmp_path, capsys):
+    from edgeexit.cli import main
+
+    dev = devices["dev-b"]
+    old = tmp_path / "python3.8"  # an interpreter too old for edgeexit, as JetPack 5 ships
+    old.write_text("#!/bin/sh\necho '{\"python\": \"3.8.10\", \"free_bytes\": 99999999999, \"error\": null, "
+                   "\"venv\": false}'\n")
+    old.chmod(0o755)
+    base = ["deploy", str(local), dev.name, "--ssh-config", str(dev.config)]
+    assert main([*base, "--path", str(dev.home), "--python", str(old)]) == 2
+    assert "deploy: dev-b: pre-flight: " in capsys.readouterr().err
+    assert not dev.home.exists()  # nothing was written there
+
+    assert main([*base, "--path", "relative/path"]) == 2
+    assert "--path: 'relative/path' must be an absolute path" in capsys.readouterr().err
+    assert main([*base, "--path", "/proc/edgeexit"]) == 2
+    assert "deploy: dev-b: pre-flight: cannot write /proc/edgeexit: " in capsys.readouterr().err
+
+    (tmp_path / "cfg").write_text(dev.config.read_text() + "Host dev-gone\n  HostName 127.0.0.1\n  Port 9\n")
+    assert main(["deploy", str(local), "dev-gone", "--ssh-config", str(tmp_path / "cfg")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("edgeexit: error: deploy: dev-gone: pre-flight: ssh failed (")
