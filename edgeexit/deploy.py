@@ -327,6 +327,7 @@ def _profile(dev: _Device, facts: dict[str, Any], bundle, target: str, out: Outc
     argv = [dev.edgeexit, "profile", target, "--backend", dev.opts.backend, "--batch", ",".join(map(str, batches)),
             "--iters", str(dev.opts.iters), "--data", data, "--json", "--quiet"]
     entry = dev.ssh.json(argv + ([] if facts.get("tegrastats") else ["--no-power"]), "profile")
+    dev.ssh.run(["rm", "-f", data], "profile: remove the test split")
     key = profile_key(entry["backend"], entry["device"])
     bundle = update_bundle(bundle, lambda current: Change(with_profiles(current.path, {key: entry}),
                                                           {"profile": PROFILE}))
@@ -364,8 +365,8 @@ def deploy(bundle_path: str | Path, host: str, opts: Options = Options(),
     bundle = load_bundle(bundle_path)
     out = Outcome(host)
     ssh = ssh_factory(host, opts.ssh_config, opts.ssh_options, opts.quiet)
-    dev = _Device(ssh, opts, bundle.name)
     try:
+        dev = _Device(ssh, opts, bundle.name)
         size = sum((bundle.path / rel).stat().st_size for rel in bundle.present)
         facts = _install_runtime(dev, _preflight(dev, size), out)
         out.device = facts.get("device")
@@ -399,5 +400,5 @@ def summary(out: Outcome) -> str:
     if out.batch1_ms is not None:
         parts.append(f"batch 1 {out.batch1_ms:.3f} ms [{out.profile_key}]")
     if out.thresholds is not None:
-        parts.append(f"thresholds {out.thresholds}")
+        parts.append("thresholds " + ", ".join("never" if t is None else f"{t:.4g}" for t in out.thresholds))
     return "; ".join(parts)

@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -82,6 +83,7 @@ def test_deploy_profiles_calibrates_on_the_device_and_a_second_deploy_uploads_no
     key = "onnxruntime@NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super"
     entry = json.loads((local / "profile.json").read_text())["profiles"][key]
     assert set(entry["batches"]) == {"1", "8", "32"} and entry["machine"]["jetson"]["l4t"] == "36.4.3"
+    assert not list(dev.home.glob("*.profile-data.npz"))  # the test split sent for profiling is gone again
 
     lat = from_profile(entry, key)
     budget_ms = round((cheapest_call(lat, 1) + full_depth_call(lat, 1)) / 2 * 1e3, 6)
@@ -198,8 +200,10 @@ def test_preflight_and_connection_failures_are_one_line_naming_the_host(local, d
     assert "deploy: dev-b: pre-flight: " in capsys.readouterr().err
     assert not dev.home.exists()  # nothing was written there
 
+    controls = set(Path("/tmp").glob("ee-ssh-*"))
     assert main([*base, "--path", "relative/path"]) == 2
     assert "--path: 'relative/path' must be an absolute path" in capsys.readouterr().err
+    assert set(Path("/tmp").glob("ee-ssh-*")) <= controls  # the ssh control folder went with the refusal
     assert main([*base, "--path", "/proc/edgeexit"]) == 2
     assert "deploy: dev-b: pre-flight: cannot write /proc/edgeexit: " in capsys.readouterr().err
 
