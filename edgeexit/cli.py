@@ -483,6 +483,21 @@ def _cmd_unpack(args) -> int:
     return 0
 
 
+def _cmd_stage(args) -> int:
+    from edgeexit.flash import stage
+
+    stage(args.bundle, args.rootfs, prefix=args.prefix, service=args.service, wheelhouse=args.wheelhouse,
+          wheel=args.wheel)
+    return 0
+
+
+def _cmd_container(args) -> int:
+    from edgeexit.container import write_context
+
+    write_context(args.bundle, base=args.base, out=args.out, wheel=args.wheel)
+    return 0
+
+
 def _cmd_doctor(args) -> int:
     from edgeexit.doctor import advice, format_report, gather
 
@@ -701,6 +716,25 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--max-size", type=_count(1), default=MAX_ARCHIVE_BYTES,
                     help=f"refuse archives claiming more bytes than this (default {MAX_ARCHIVE_BYTES})")
     up.set_defaults(fn=_cmd_unpack)
+
+    st = sub.add_parser("stage", help="install a bundle into an L4T root filesystem before flashing, with a systemd "
+                                      "unit that builds its engines at first boot")
+    st.add_argument("bundle")
+    st.add_argument("rootfs", help="the L4T root filesystem, e.g. Linux_for_Tegra/rootfs")
+    st.add_argument("--prefix", default="/opt/edgeexit", help="folder on the device (default /opt/edgeexit)")
+    st.add_argument("--service", help="your own systemd unit: it starts only after the engines are built")
+    st.add_argument("--wheelhouse", help="folder of aarch64 wheels for the offline install at first boot (numpy, "
+                                         "onnx, onnxruntime, pyyaml, tqdm)")
+    st.add_argument("--wheel", help="edgeexit wheel to install there (default: built from this checkout)")
+    st.set_defaults(fn=_cmd_stage)
+
+    ct = sub.add_parser("container", help="write a docker build context: the bundle on the L4T image of its "
+                                          "target's JetPack, engines built into a cache volume at start")
+    ct.add_argument("bundle")
+    ct.add_argument("--base", help="base image instead of the l4t-jetpack image matching the target's JetPack")
+    ct.add_argument("-o", "--out", help="build context folder (default: NAME-container here)")
+    ct.add_argument("--wheel", help="edgeexit wheel to install in the image (default: built from this checkout)")
+    ct.set_defaults(fn=_cmd_container)
 
     dr = sub.add_parser("doctor", help="what this machine has for running bundles (L4T, JetPack, TensorRT, CUDA, "
                                        "pycuda, cuda-python, nvcc) and what to install or fix")
