@@ -208,7 +208,7 @@ def _preflight(dev: _Device, bundle_bytes: int) -> dict[str, Any] | None:
     facts = None
     if bare["venv"]:
         try:
-            facts = dev.remote("facts", str(dev.root), step="pre-flight")
+            facts = dev.remote("facts", step="pre-flight")
         except DeployError:
             facts = None  # a broken or foreign venv: the runtime step reinstalls
     doctor = (facts or {}).get("doctor") or {}
@@ -244,7 +244,7 @@ def _install_runtime(dev: _Device, facts: dict[str, Any] | None, out: Outcome) -
               '"$1/bin/python" -m pip install --quiet --disable-pip-version-check "$2"; '
               '"$1/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$2"')
     dev.ssh.run(["sh", "-c", script, "sh", venv, remote_wheel, dev.opts.python], "runtime: pip install")
-    facts = dev.remote("facts", str(dev.root), step="runtime: check the install")
+    facts = dev.remote("facts", step="runtime: check the install")
     if facts.get("code") != mine:
         raise DeployError(f"deploy: {dev.ssh.host}: runtime: the installed edgeexit is not this one (code "
                           f"{str(facts.get('code'))[:12]} there, {mine[:12]} here)")

@@ -109,6 +109,13 @@ def _nvidia_smi_gpu(run: Callable[[Sequence[str]], str]) -> dict[str, Any] | Non
     return {"name": name, "compute_capability": cc or None} if name else None
 
 
+def l4t_release(root: Path) -> str | None:
+    """The full L4T release of the tree at `root` ("36.4.3", from etc/nv_tegra_release), or None."""
+    release = _read(root / "etc/nv_tegra_release")
+    match = _L4T.match(release) if release else None
+    return f"{match[1]}.{match[2]}.{match[3] or 0}" if match else None
+
+
 def gather(root: str | os.PathLike[str] | None = None, run: Callable[[Sequence[str]], str] = _run,
            env: Mapping[str, str] = os.environ, *, import_module: Callable[[str], Any] = importlib.import_module,
            dist_version: Callable[[str], str] = importlib.metadata.version, prefix: str = sys.prefix,
@@ -122,9 +129,7 @@ def gather(root: str | os.PathLike[str] | None = None, run: Callable[[Sequence[s
     these are parameters so that tests can describe any Jetson or host without having one.
     """
     base = Path(root) if root is not None else board_root()
-    release = _read(base / "etc/nv_tegra_release")
-    match = _L4T.match(release) if release else None
-    l4t = f"{match[1]}.{match[2]}.{match[3] or 0}" if match else None
+    l4t = l4t_release(base)
     module = _read(base / "proc/device-tree/model")
     try:
         raw = (base / "proc/device-tree/compatible").read_bytes().decode(errors="replace")

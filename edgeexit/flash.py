@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 
 from edgeexit.atomic import discard_staging, install, locked, make_staging
 from edgeexit.bundle import Bundle, check_output, load_bundle
-from edgeexit.doctor import _L4T, JETPACK, MIN_PYTHON
+from edgeexit.doctor import JETPACK, MIN_PYTHON, l4t_release
 from edgeexit.errors import EdgeExitError
 from edgeexit.seal import seal_digest
 
@@ -78,8 +78,7 @@ def read_rootfs(path: str | Path) -> RootFs:
             raise EdgeExitError(f"stage: {root} does not look like an L4T root filesystem (no {rel}); give "
                                 "Linux_for_Tegra/rootfs after the sample rootfs is unpacked and "
                                 "`sudo ./apply_binaries.sh` has run")
-    match = _L4T.match((root / "etc/nv_tegra_release").read_text(errors="replace"))
-    l4t = f"{match[1]}.{match[2]}.{match[3] or 0}" if match else None
+    l4t = l4t_release(root)
     python = _python_of(root)
     where = f"{root}/usr/bin/python3"
     if python is None:

@@ -27,16 +27,10 @@ from edgeexit.jsonio import dumps
 _UPLOAD = re.compile(r"^\.(?P<name>.+)\.upload-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
-def _free_bytes(path: Path) -> int:
-    """Free bytes on the filesystem that `path` (or its nearest existing parent) is on."""
-    while not path.exists():
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-def facts(root: Path) -> dict[str, Any]:
+def facts() -> dict[str, Any]:
     """What the host needs to know before it deploys: edgeexit's version and code digest here,
-    `edgeexit doctor`'s facts and advice, the device profile of this board, tegrastats, free disk."""
+    `edgeexit doctor`'s facts and advice, the device profile of this board, tegrastats (free disk
+    is the pre-flight's, which runs before edgeexit is there)."""
     from edgeexit import __version__
     from edgeexit.devices import detect_device
     from edgeexit.doctor import advice, gather
@@ -48,7 +42,7 @@ def facts(root: Path) -> dict[str, Any]:
     except EdgeExitError:
         device = None
     return {"edgeexit": __version__, "code": code_digest(), "doctor": found, "advice": advice(found),
-            "device": device, "tegrastats": shutil.which("tegrastats") is not None, "free_bytes": _free_bytes(root)}
+            "device": device, "tegrastats": shutil.which("tegrastats") is not None}
 
 
 def state(path: Path) -> dict[str, Any]:
@@ -147,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _stop)
     p = argparse.ArgumentParser(prog="python -m edgeexit.remote")
     sub = p.add_subparsers(dest="op", required=True)
-    sub.add_parser("facts").add_argument("root")
+    sub.add_parser("facts")
     sub.add_parser("state").add_argument("path")
     r = sub.add_parser("receive")
     r.add_argument("dest")
@@ -159,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.op == "facts":
-            out = facts(Path(args.root))
+            out = facts()
         elif args.op == "state":
             out = state(Path(args.path))
         elif args.op == "receive":

@@ -33,14 +33,11 @@ _KEY = re.compile(r"^[0-9a-f]{32}$")
 
 def board_identity(root: Path | None = None) -> dict[str, str | None]:
     """The module (device-tree model) and full L4T release (``36.4.3``) of this board; None off a Jetson."""
-    from edgeexit.doctor import _L4T
+    from edgeexit.doctor import l4t_release
     from edgeexit.jetson import _read, board_root
 
     base = root if root is not None else board_root()
-    release = _read(base / "etc/nv_tegra_release")
-    match = _L4T.match(release) if release else None
-    return {"module": _read(base / "proc/device-tree/model"),
-            "l4t": f"{match[1]}.{match[2]}.{match[3] or 0}" if match else None}
+    return {"module": _read(base / "proc/device-tree/model"), "l4t": l4t_release(base)}
 
 
 def cache_fields(*, onnx_sha256: str, tensorrt: str, device: str, precision: str, batch: tuple[int, int, int],
