@@ -140,3 +140,40 @@ def estimate(flops: Sequence[float], weight_bytes: Sequence[float], activation_b
     gather[:, -1] = 0.0
     return LatencyModel(tuple(int(x) for x in batches), stage, gather, np.full(len(batches), launch_s), source,
                         estimate=True)
+
+
+@dataclass(frozen=True)
+class WorstOf:
+    """Latency on several devices at once (a fleet): every call costs what it costs on the
+    slowest of them, so thresholds that hold a budget under this model hold it on each device
+    (the mean of per-call maxima bounds every device's own mean)."""
+
+    parts: tuple[LatencyModel, ...]
+
+    def __post_init__(self):
+        if not self.parts or len({p.stages for p in self.parts}) != 1:
+            raise CalibrationError("latency model: a fleet needs one or more models with the same stages")
+
+    @property
+    def stages(self) -> int:
+        return self.parts[0].stages
+
+    @property
+    def source(self) -> str:
+        return "worst of " + ", ".join(p.source for p in self.parts)
+
+    @property
+    def estimate(self) -> bool:
+        return any(p.estimate for p in self.parts)
+
+    def batch_seconds(self, taken: np.ndarray) -> np.ndarray:
+        """(M,) seconds of M cascade calls on the slowest device for each call."""
+        return np.max([p.batch_seconds(taken) for p in self.parts], axis=0)
+
+    def exit_seconds(self) -> np.ndarray:
+        """(K,) seconds of a batch-1 call that leaves at each exit, on the slowest device."""
+        return self.batch_seconds(np.arange(self.stages)[:, None])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: the source and every device's model."""
+        return {"source": self.source, "estimate": self.estimate, "worst_of": [p.to_dict() for p in self.parts]}

@@ -140,6 +140,8 @@ _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:partial|engines)-(?P<pid>\d+)-[0-9a
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` may still write: it exists and is not a zombie (a killed writer
+    whose parent has not reaped it yet, which happens where PID 1 reaps orphans late)."""
     if pid == os.getpid():
         return True
     try:
@@ -148,7 +150,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True  # no /proc: cannot tell, so it may be alive
 
 
 def _in_use(path: str) -> bool:

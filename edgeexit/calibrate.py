@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from calibration.gating import describe_thresholds
-from calibration.latency import SOURCES, LatencyModel, estimate, from_profile
+from calibration.latency import SOURCES, LatencyModel, WorstOf, estimate, from_profile
 from calibration.policy import ExitPolicy, PolicyFit, fit_policy, policy_point
 from calibration.solvers import SOLVERS, Budget, Scorer, best_feasible, geometric, optimise, tail_seconds
 from calibration.traces import Traces, load_traces
@@ -81,29 +81,42 @@ def estimated_latency(bundle: Bundle, batches: Sequence[int]) -> LatencyModel:
 
 @dataclass
 class LatencySource:
-    model: LatencyModel
+    model: LatencyModel | WorstOf
     measured_here: bool  # the numbers describe this machine, so a re-measured cascade can check them
     new_profile: dict[str, Any] | None = None  # a profile taken now, to store in the bundle
 
 
+def _stored_entry(profiles: dict[str, Any], key: str, wanted: Sequence[int]) -> LatencyModel:
+    """The latency model of profile.json entry `key`, refused in one line when it lacks a batch size."""
+    stored = profiles.get(key)
+    if stored is None or not set(map(str, wanted)) <= set(stored["batches"]):
+        raise EdgeExitError(f"--profile-key: profile.json has no entry {key!r} with batch sizes {wanted}"
+                            + ("" if stored is None else f" (it has {', '.join(stored['batches'])})"))
+    return from_profile(stored, f"profile.json[{key}]")
+
+
 def latency_source(bundle: Bundle, backend: Backend, kind: str, batch: int, x: np.ndarray,
                    threads: int | None, iters: int, say: Callable[[str], None] = log,
-                   key: str | None = None) -> LatencySource:
+                   key: str | Sequence[str] | None = None) -> LatencySource:
     """The latency model `kind` asks for: `profile` (the bundle's profile.json entry for this
     backend and device), `estimate` (the target's peak figures), or `auto`: the stored profile,
     else a profile taken now when the bundle targets this kind of machine, else the estimate.
     `key` names another machine's entry (``<backend>@<device>``, e.g. one `deploy --profile`
-    brought back from a Jetson): only that entry is used, and nothing is measured here."""
+    brought back from a Jetson): only that entry is used, and nothing is measured here. Several
+    keys (a fleet) give the worst of their models, so a budget holds on every one of them."""
     wanted = profile_batches(batch)
     if kind == "estimate":
         return LatencySource(estimated_latency(bundle, wanted), False)
     here = profile_key(backend.name, device_id(machine_facts(backend, threads)))
-    stored = read_profiles(bundle.path)["profiles"].get(key or here)
+    profiles = read_profiles(bundle.path)["profiles"]
+    keys = [key] if isinstance(key, str) else list(key or [])
+    if len(keys) > 1:
+        return LatencySource(WorstOf(tuple(_stored_entry(profiles, k, wanted) for k in keys)), False)
+    if keys:
+        return LatencySource(_stored_entry(profiles, keys[0], wanted), keys[0] == here)
+    stored = profiles.get(here)
     if stored is not None and set(map(str, wanted)) <= set(stored["batches"]):
-        return LatencySource(from_profile(stored, f"profile.json[{key or here}]"), key in (None, here))
-    if key is not None:
-        raise EdgeExitError(f"--profile-key: profile.json has no entry {key!r} with batch sizes {wanted}"
-                            + ("" if stored is None else f" (it has {', '.join(stored['batches'])})"))
+        return LatencySource(from_profile(stored, f"profile.json[{here}]"), True)
     key = here
     if kind == "profile":
         raise EdgeExitError(f"latency: profile.json has no entry {key!r} with batch sizes {wanted}; run "
@@ -202,10 +215,11 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
               val_traces: str | Path | None = None, test_traces: str | Path | None = None,
               data: dict[str, str | None] | None = None, threads: int | None = 1, iters: int = 200,
               measure: bool = True, curve_points: int = 16, progress: bool = True,
-              latency_key: str | None = None) -> tuple[Bundle, dict[str, Any]]:
+              latency_key: str | Sequence[str] | None = None) -> tuple[Bundle, dict[str, Any]]:
     """Fit thresholds for `budget` on the validation split, prove them on the test split and
     write them into the bundle; returns the updated bundle and the calibration record.
-    `latency_key` calibrates against another machine's profile.json entry (see `latency_source`)."""
+    `latency_key` calibrates against another machine's profile.json entry, or against the worst
+    of several (a fleet: the record then scores the thresholds on each; see `latency_source`)."""
     if solver not in SOLVERS:
         raise EdgeExitError(f"--solver: {solver!r} is not one of {', '.join(SOLVERS)}")
     if latency not in SOURCES:
@@ -258,6 +272,9 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
         "baseline": None if base is None else {"fit": base.to_dict(), "test": st.point(base.thresholds).to_dict()},
         "floor_ms": floor * 1e3, "full_depth_ms": full_depth_call(lat, budget.batch) * 1e3,
         "policy": None if fitted is None else policy_scores(fitted, st),
+        "devices": None if not isinstance(lat, WorstOf) else {  # the shipped thresholds on each device's own model
+            part.source: {k: v for k, v in Scorer(traces["test"], part, budget).point(chosen.thresholds).to_dict().items()
+                          if k in ("mean_ms", "p95_ms")} for part in lat.parts},
         "deployed": "thresholds" if policy is None else "policy",  # what `edgeexit run` gates on
     }
     if measure and source.measured_here:
@@ -314,6 +331,8 @@ def format_calibration(record: dict[str, Any], curve: bool = True) -> str:
              f"test split ({record['splits']['report']['samples']} samples): accuracy {test['accuracy']:.2%}, "
              f"modelled mean {test['mean_ms']:.4g} ms, p95 {test['p95_ms']:.4g} ms, exit shares "
              + " / ".join(f"{s:.1%}" for s in test["exit_shares"])]
+    for source, figures in (record.get("devices") or {}).items():
+        lines.append(f"  on {source}: modelled mean {figures['mean_ms']:.4g} ms, p95 {figures['p95_ms']:.4g} ms")
     m, pol, on_policy = record.get("measured"), record.get("policy"), record.get("deployed") == "policy"
     verdict = ": held (<= 1.05)" if record["held"] else ": MISSED (> 1.05)"
 

@@ -514,6 +514,15 @@ def _cmd_deploy(args) -> int:
                    backend=args.backend, iters=args.iters, device=args.device, wheel=args.wheel, python=args.python,
                    engines=not args.no_engines, ssh_config=args.ssh_config, ssh_options=tuple(args.ssh_option),
                    quiet=args.quiet)
+    if (args.host is None) == (args.inventory is None):
+        raise EdgeExitError("deploy: name one HOST or an --inventory")
+    if args.inventory is None and (args.limit or args.forks):
+        raise EdgeExitError("deploy: --limit and --forks go with --inventory")
+    if args.inventory is not None:
+        from edgeexit.fleet import deploy_fleet
+
+        print(deploy_fleet(args.bundle, args.inventory, opts, args.limit, args.forks))
+        return 0
     print(summary(deploy(args.bundle, args.host, opts)))
     return 0
 
@@ -691,8 +700,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--latency", default="auto", choices=SOURCES,
                    help="profile: the bundle's profile.json; estimate: the target's peak figures; "
                         "auto: profile.json, else profile now on a matching machine, else estimate")
-    c.add_argument("--profile-key", help="calibrate on this profile.json entry, BACKEND@DEVICE (another machine's, "
-                                         "e.g. a Jetson's from `edgeexit deploy --profile`; `inspect` lists them)")
+    c.add_argument("--profile-key", action="append", help="calibrate on this profile.json entry, BACKEND@DEVICE "
+                   "(another machine's, e.g. a Jetson's from `edgeexit deploy --profile`; `inspect` lists them); "
+                   "repeated: on the worst of them, so the budget holds on every device named")
     _backend_args(c)
     c.add_argument("--iters", type=_count(1), default=200, help="timed calls per batch size when profiling now")
     c.add_argument("--val-traces", help="validation traces (.npz from `edgeexit trace`) instead of tracing now")
@@ -745,7 +755,12 @@ def parser() -> argparse.ArgumentParser:
     dp = sub.add_parser("deploy", help="put a bundle on a Jetson over SSH: install the runtime, upload what changed, "
                                        "build engines there, profile and calibrate on its latency")
     dp.add_argument("bundle")
-    dp.add_argument("host", help="the device as ssh names it (~/.ssh/config aliases, user@host, ProxyJump apply)")
+    dp.add_argument("host", nargs="?", help="the device as ssh names it (~/.ssh/config aliases, user@host, ProxyJump "
+                                            "apply); or --inventory for many")
+    dp.add_argument("--inventory", help="Ansible inventory: deploy to every host in it in parallel through the "
+                                        "shipped playbook (needs edgeexit[fleet]); one profile per device")
+    dp.add_argument("--limit", help="with --inventory: an Ansible host pattern")
+    dp.add_argument("--forks", type=_count(1), help="with --inventory: hosts at a time (Ansible's default 5)")
     dp.add_argument("--path", default="/opt/edgeexit", help="folder on the device (default /opt/edgeexit)")
     dp.add_argument("--profile", action="store_true", help="profile there and merge it into the local profile.json")
     dp.add_argument("--budget-ms", type=_positive_ms, help="calibrate here on the device's profile and push the "

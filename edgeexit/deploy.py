@@ -38,28 +38,20 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from edgeexit.device_probe import gib
 from edgeexit.errors import EdgeExitError
 
 DEFAULT_DIR = "/opt/edgeexit"
-MIN_PYTHON = (3, 10)
-_INSTALL_SLACK = 300 << 20  # what a runtime install (numpy, onnx, onnxruntime) may take on the device
-_PREFLIGHT = r"""
-import json, os, shutil, sys
-d, error = sys.argv[1], None
-if sys.version_info >= (3, 10):
-    try:
-        os.makedirs(d, exist_ok=True)
-        probe = os.path.join(d, ".edgeexit-write-test")
-        open(probe, "w").close()
-        os.unlink(probe)
-    except OSError as exc:
-        error = "%s: %s" % (d, exc.strerror or exc)
-p = d
-while not os.path.exists(p):
-    p = os.path.dirname(p) or "/"
-print(json.dumps({"python": "%d.%d.%d" % sys.version_info[:3], "free_bytes": shutil.disk_usage(p).free,
-                  "error": error, "venv": os.path.isfile(os.path.join(d, "venv/bin/python"))}))
-"""
+INSTALL_BYTES = 300 << 20  # what a runtime install (numpy, onnx, onnxruntime) may take on the device
+# sh -c SCRIPT sh VENV WHEEL PYTHON: the venv (seeing JetPack's TensorRT) and this wheel in it
+INSTALL_RUNTIME = ('set -e; [ -x "$1/bin/python" ] || "$3" -m venv --system-site-packages "$1"; '
+                   '"$1/bin/python" -m pip install --quiet --disable-pip-version-check "$2"; '
+                   '"$1/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$2"')
+
+
+def probe_source() -> str:
+    """The pre-flight probe's source, run on the device as ``python3 -c`` (see edgeexit.device_probe)."""
+    return (Path(__file__).parent / "device_probe.py").read_text()
 
 
 class DeployError(EdgeExitError):
@@ -161,7 +153,7 @@ class Options:
     quiet: bool = False
 
 
-def _manifest_digest(bundle) -> tuple[str, dict[str, str]]:
+def manifest_digest(bundle) -> tuple[str, dict[str, str]]:
     """The digest of the engine-free manifest `pack` sends, and its files: what `remote state` reports."""
     from edgeexit.archive import archive_contents
     from edgeexit.seal import digest
@@ -170,41 +162,38 @@ def _manifest_digest(bundle) -> tuple[str, dict[str, str]]:
     return digest(manifest), {rel: manifest["files"][rel] for rel in files}
 
 
+def device_layout(path: str, name: str) -> dict[str, str]:
+    """Where a deploy keeps things under DIR on the device (see docs/DEPLOY.md, "Layout")."""
+    root = PurePosixPath(path)
+    if not root.is_absolute():
+        raise EdgeExitError(f"--path: {path!r} must be an absolute path on the device")
+    return {"root": str(root), "python": str(root / "venv/bin/python"), "edgeexit": str(root / "venv/bin/edgeexit"),
+            "venv": str(root / "venv"), "wheels": str(root / "wheels"), "live": str(root / name),
+            "next": str(root / f".{name}.next"), "cache": str(root / "engine-cache"),
+            "profile_data": str(root / f".{name}.profile-data.npz")}
+
+
 class _Device:
     """The paths and commands of one deploy on one host."""
 
     def __init__(self, ssh: Ssh, opts: Options, name: str):
-        root = PurePosixPath(opts.path)
-        if not root.is_absolute():
-            raise EdgeExitError(f"--path: {opts.path!r} must be an absolute path on the device")
-        self.ssh, self.opts, self.root = ssh, opts, root
-        self.python = str(root / "venv/bin/python")
-        self.edgeexit = str(root / "venv/bin/edgeexit")
-        self.live, self.next = str(root / name), str(root / f".{name}.next")
-        self.cache = str(root / "engine-cache")
+        layout = device_layout(opts.path, name)
+        self.ssh, self.opts, self.root = ssh, opts, PurePosixPath(layout["root"])
+        self.python, self.edgeexit, self.cache = layout["python"], layout["edgeexit"], layout["cache"]
+        self.live, self.next, self.profile_data = layout["live"], layout["next"], layout["profile_data"]
 
     def remote(self, op: str, *args: str, step: str, **kwargs) -> dict[str, Any]:
         return self.ssh.json([self.python, "-m", "edgeexit.remote", op, *args], step, **kwargs)
 
 
-def _gib(n: int) -> str:
-    return f"{n / (1 << 30):.1f} GiB"
-
-
 def _preflight(dev: _Device, bundle_bytes: int) -> dict[str, Any] | None:
     """Python and disk on the device, then its edgeexit's facts (None when it has none yet)."""
-    bare = dev.ssh.json([dev.opts.python, "-c", _PREFLIGHT, str(dev.root)], "pre-flight")
-    version = tuple(int(p) for p in bare["python"].split("."))
-    if version < MIN_PYTHON:
-        raise DeployError(f"deploy: {dev.ssh.host}: pre-flight: {dev.opts.python} is Python {bare['python']}; edgeexit "
-                          "needs 3.10+ (--python names another interpreter there)")
-    if bare["error"]:
-        raise DeployError(f"deploy: {dev.ssh.host}: pre-flight: cannot write {bare['error']}; choose --path or give "
-                          "this user that folder")
-    need = 2 * bundle_bytes + (0 if bare["venv"] else _INSTALL_SLACK)
-    if bare["free_bytes"] < need:
-        raise DeployError(f"deploy: {dev.ssh.host}: pre-flight: {_gib(bare['free_bytes'])} free at {dev.root}, "
-                          f"{_gib(need)} needed")
+    bare = dev.ssh.json([dev.opts.python, "-c", probe_source(), str(dev.root), str(bundle_bytes), str(INSTALL_BYTES)],
+                        "pre-flight")
+    if bare["problem"]:
+        hint = {"python": " (--python names another interpreter there)",
+                "write": "; choose --path or give this user that folder"}.get(bare["kind"], "")
+        raise DeployError(f"deploy: {dev.ssh.host}: pre-flight: {bare['problem']}{hint}")
     facts = None
     if bare["venv"]:
         try:
@@ -217,7 +206,7 @@ def _preflight(dev: _Device, bundle_bytes: int) -> dict[str, Any] | None:
         board += f", L4T {doctor['l4t']} (JetPack {doctor.get('jetpack') or 'unknown'})"
     stack = ", ".join(f"{k} {doctor[v]}" for k, v in (("TensorRT", "tensorrt"), ("CUDA", "cuda_driver")) if doctor.get(v))
     say(f"{dev.ssh.host}: pre-flight: {board}{', ' + stack if stack else ''}, Python {bare['python']}, "
-        f"{_gib(bare['free_bytes'])} free at {dev.root}"
+        f"{gib(bare['free_bytes'])} free at {dev.root}"
         + ("" if facts else "; no edgeexit there yet"), dev.opts.quiet)
     return facts
 
@@ -240,10 +229,7 @@ def _install_runtime(dev: _Device, facts: dict[str, Any] | None, out: Outcome) -
         _put(dev, wheel, remote_wheel, "runtime: upload the wheel")
     say(f"{dev.ssh.host}: runtime: installing edgeexit {__version__} into {venv} (--system-site-packages) ...",
         dev.opts.quiet)
-    script = ('set -e; [ -x "$1/bin/python" ] || "$3" -m venv --system-site-packages "$1"; '
-              '"$1/bin/python" -m pip install --quiet --disable-pip-version-check "$2"; '
-              '"$1/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$2"')
-    dev.ssh.run(["sh", "-c", script, "sh", venv, remote_wheel, dev.opts.python], "runtime: pip install")
+    dev.ssh.run(["sh", "-c", INSTALL_RUNTIME, "sh", venv, remote_wheel, dev.opts.python], "runtime: pip install")
     facts = dev.remote("facts", step="runtime: check the install")
     if facts.get("code") != mine:
         raise DeployError(f"deploy: {dev.ssh.host}: runtime: the installed edgeexit is not this one (code "
@@ -259,101 +245,143 @@ def _put(dev: _Device, local: Path, remote: str, step: str) -> None:
                     step, stdin=f)
 
 
+def pack_delta(bundle, have: dict[str, Any], dest: Path) -> dict[str, Any] | None:
+    """Pack into `dest` what a device's bundle (its `remote state` answer, `have`) lacks of
+    `bundle`: the manifest and the files whose checksums differ. None when the device's bundle
+    is this one already (nothing to send)."""
+    from edgeexit.archive import pack
+
+    digest, files = manifest_digest(bundle)
+    if have.get("exists") and have.get("manifest") == digest:
+        return None
+    theirs = have.get("files") or {}
+    changed = [rel for rel, h in files.items() if theirs.get(rel) != h]
+    packed = pack(bundle.path, dest, only=changed)
+    return {"path": str(packed.path), "files": len(changed), "of": len(files), "bytes": packed.bytes,
+            "base": bool(have.get("exists"))}
+
+
 def _upload(dev: _Device, bundle, base: str, step: str, out: Outcome) -> bool:
     """Send what the device's bundle at `base` lacks and unpack it at DIR/.<name>.next; False if
     the device already has this bundle there (nothing is sent)."""
-    from edgeexit.archive import pack
-
     have = dev.remote("state", base, step=step)
-    digest, files = _manifest_digest(bundle)
-    if have.get("exists") and have.get("manifest") == digest:
-        return False
-    theirs = have.get("files") or {}
-    changed = [rel for rel, h in files.items() if theirs.get(rel) != h]
     with tempfile.TemporaryDirectory(prefix="edgeexit-upload-") as tmp:
-        packed = pack(bundle.path, Path(tmp) / f"{bundle.name}.tar", only=changed)
-        with open(packed.path, "rb") as f:
-            dev.remote("receive", dev.next, *(["--base", base] if have.get("exists") else []), step=step, stdin=f)
-    out.uploaded += len(changed)
-    out.uploaded_bytes += packed.bytes
-    say(f"{dev.ssh.host}: {step}: {len(changed)} of {len(files)} files ({packed.bytes / (1 << 20):.2f} MiB), "
+        sent = pack_delta(bundle, have, Path(tmp) / f"{bundle.name}.tar")
+        if sent is None:
+            return False
+        with open(sent["path"], "rb") as f:
+            dev.remote("receive", dev.next, *(["--base", base] if sent["base"] else []), step=step, stdin=f)
+    out.uploaded += sent["files"]
+    out.uploaded_bytes += sent["bytes"]
+    say(f"{dev.ssh.host}: {step}: {sent['files']} of {sent['of']} files ({sent['bytes'] / (1 << 20):.2f} MiB), "
         f"unpacked and verified at {dev.next}", dev.opts.quiet)
     return True
 
 
-def _engines(dev: _Device, facts: dict[str, Any], bundle, target: str, out: Outcome) -> None:
+def engines_note(plan: dict[str, Any], built: bool) -> str:
+    """What the engine step did, from the device's `engine-set` answer: for the summary and the fleet table."""
+    if plan["key"] is None:
+        return "no TensorRT"
+    if not built:
+        return f"{plan['key']} (kept)"
+    return f"{plan['key']} ({plan['stages'] - plan['from_cache']} built, {plan['from_cache']} from the cache)"
+
+
+def _engines(dev: _Device, target: str, out: Outcome) -> None:
     """`edgeexit engines` on the device for its own module, through the engine cache."""
-    doctor = facts.get("doctor") or {}
-    if not doctor.get("tensorrt"):
-        out.engines = "no TensorRT"
+    device = ["--device", dev.opts.device] if dev.opts.device else []
+    plan = dev.remote("engine-set", target, *device, step="engines")
+    if plan["key"] is None:
+        out.engines = engines_note(plan, False)
         say(f"{dev.ssh.host}: engines: skipped: no TensorRT there (the bundle runs on onnxruntime)", dev.opts.quiet)
         return
-    from edgeexit.export.tensorrt import engine_key, parse_version
-
-    device = dev.opts.device or facts.get("device") or bundle.manifest["target"]["device"]
-    key = engine_key(device, parse_version(doctor["tensorrt"]))
-    if key in (dev.remote("state", target, step="engines").get("engines") or {}):
-        out.engines = f"{key} (kept)"
-        say(f"{dev.ssh.host}: engines: {key} built before from these graphs; kept", dev.opts.quiet)
+    if plan["have"]:
+        out.engines = engines_note(plan, False)
+        say(f"{dev.ssh.host}: engines: {plan['key']} built before from these graphs; kept", dev.opts.quiet)
         return
-    say(f"{dev.ssh.host}: engines: building {key} (cache {dev.cache}) ...", dev.opts.quiet)
-    dev.ssh.run([dev.edgeexit, "engines", target, "--device", device, "--cache", dev.cache], "engines", stream=True)
-    if key not in (dev.remote("state", target, step="engines").get("engines") or {}):
-        raise DeployError(f"deploy: {dev.ssh.host}: engines: the device wrote no engine set {key}")
-    out.engines = key
+    say(f"{dev.ssh.host}: engines: building {plan['key']} (cache {dev.cache}) ...", dev.opts.quiet)
+    dev.ssh.run([dev.edgeexit, "engines", target, "--device", plan["device"], "--cache", dev.cache], "engines",
+                stream=True)
+    plan = dev.remote("engine-set", target, *device, step="engines")
+    if not plan["have"]:
+        raise DeployError(f"deploy: {dev.ssh.host}: engines: the device wrote no engine set {plan['key']}")
+    out.engines = engines_note(plan, True)
 
 
-def _profile(dev: _Device, facts: dict[str, Any], bundle, target: str, out: Outcome):
-    """Profile on the device and merge its entry into the local bundle; returns (bundle, key)."""
-    from edgeexit.bundle import Change, update_bundle
+def profile_sizes(bundle, batch: int) -> list[int]:
+    """Batch sizes to profile on a device: 1, 8, 32 (up to the bundle's maximum) and those a
+    budget at `batch` is costed from."""
     from edgeexit.calibrate import profile_batches
-    from edgeexit.profile import PROFILE, profile_key, with_profiles
     from edgeexit.runtime.loader import max_batch
 
     top = max_batch(bundle)
-    batches = sorted({b for b in (1, 8, 32) if b <= top} | set(profile_batches(dev.opts.batch)))
-    say(f"{dev.ssh.host}: profile: batch {','.join(map(str, batches))}, {dev.opts.iters} calls each, "
-        f"backend {dev.opts.backend} ...", dev.opts.quiet)
-    # the device may lack the data set (scikit-learn's digits, a folder of images): its test split goes along
+    return sorted({b for b in (1, 8, 32) if b <= top} | set(profile_batches(batch)))
+
+
+def save_test_split(bundle, path: Path) -> None:
+    """The bundle's test split as .npz (x, y): sent along for profiling, as the device may lack
+    the data set (scikit-learn's digits, a folder of images)."""
     import numpy as np
 
     from edgeexit.data import bundle_split
 
     split = bundle_split(bundle.manifest, "test", None)
-    data = str(dev.root / f".{bundle.name}.profile-data.npz")
+    np.savez(path, x=split.x, y=split.y)
+
+
+def merge_profiles(bundle, entries: dict[str, dict[str, Any]]):
+    """The bundle with `entries` (profile.json key -> a device's `profile --json`) merged in."""
+    from edgeexit.bundle import Change, update_bundle
+    from edgeexit.profile import PROFILE, with_profiles
+
+    return update_bundle(bundle, lambda current: Change(with_profiles(current.path, entries), {"profile": PROFILE}))
+
+
+def batch1_ms(entry: dict[str, Any]) -> float | None:
+    """A profile entry's mean batch-1 cascade call, for the summary and the fleet table."""
+    return ((entry["batches"].get("1") or {}).get("end_to_end") or {}).get("cascade", {}).get("mean_ms")
+
+
+def _profile(dev: _Device, facts: dict[str, Any], bundle, target: str, out: Outcome):
+    """Profile on the device and merge its entry into the local bundle; returns (bundle, key)."""
+    from edgeexit.profile import PROFILE, profile_key
+
+    batches = profile_sizes(bundle, dev.opts.batch)
+    say(f"{dev.ssh.host}: profile: batch {','.join(map(str, batches))}, {dev.opts.iters} calls each, "
+        f"backend {dev.opts.backend} ...", dev.opts.quiet)
+    data = dev.profile_data
     with tempfile.TemporaryDirectory(prefix="edgeexit-data-") as tmp:
-        np.savez(Path(tmp) / "test.npz", x=split.x, y=split.y)
+        save_test_split(bundle, Path(tmp) / "test.npz")
         _put(dev, Path(tmp) / "test.npz", data, "profile: upload the test split")
     argv = [dev.edgeexit, "profile", target, "--backend", dev.opts.backend, "--batch", ",".join(map(str, batches)),
             "--iters", str(dev.opts.iters), "--data", data, "--json", "--quiet"]
     entry = dev.ssh.json(argv + ([] if facts.get("tegrastats") else ["--no-power"]), "profile")
     dev.ssh.run(["rm", "-f", data], "profile: remove the test split")
     key = profile_key(entry["backend"], entry["device"])
-    bundle = update_bundle(bundle, lambda current: Change(with_profiles(current.path, {key: entry}),
-                                                          {"profile": PROFILE}))
-    out.profile_key = key
-    out.batch1_ms = ((entry["batches"].get("1") or {}).get("end_to_end") or {}).get("cascade", {}).get("mean_ms")
+    bundle = merge_profiles(bundle, {key: entry})
+    out.profile_key, out.batch1_ms = key, batch1_ms(entry)
     say(f"{dev.ssh.host}: profile: merged into {bundle.path / PROFILE} [{key}]", dev.opts.quiet)
     return bundle, key
 
 
-def _calibrate(bundle, key: str, opts: Options, host: str, out: Outcome):
-    """Thresholds for the budget on the device's profile entry, fitted and checked here."""
+def calibrate_on(bundle, keys: Sequence[str], opts: Options, who: str):
+    """Thresholds for the budget on these profile.json entries (devices' profiles; with several,
+    the worst of them, so the budget holds on each), fitted and checked here; returns (bundle,
+    calibration record)."""
     from calibration.solvers import TAILS, Budget
     from edgeexit.calibrate import calibrate
     from edgeexit.runtime.loader import open_backend
 
     budget = Budget(opts.budget_ms / 1e3, opts.batch, TAILS[opts.tail])
-    say(f"{host}: calibrate: {opts.tail} latency <= {opts.budget_ms:g} ms at batch {opts.batch} on "
-        f"profile.json[{key}] ...", opts.quiet)
-    with open_backend(bundle, "onnxruntime") as backend:
-        bundle, record = calibrate(bundle, backend, budget, latency="profile", progress=False, latency_key=key)
-    out.thresholds = record["thresholds"]
-    test = record["test"]
-    say(f"{host}: calibrate: thresholds {record['thresholds']}; on the test split {test['accuracy'] * 100:.1f}% "
-        f"accuracy, {test['mean_ms']:.3f} ms mean / {test['p95_ms']:.3f} ms p95 per call on the device's profile",
+    on = f"profile.json[{keys[0]}]" if len(keys) == 1 else f"the worst of {len(keys)} devices' profiles"
+    say(f"{who}: calibrate: {opts.tail} latency <= {opts.budget_ms:g} ms at batch {opts.batch} on {on} ...",
         opts.quiet)
-    return bundle
+    with open_backend(bundle, "onnxruntime") as backend:
+        bundle, record = calibrate(bundle, backend, budget, latency="profile", progress=False, latency_key=list(keys))
+    test = record["test"]
+    say(f"{who}: calibrate: thresholds {record['thresholds']}; on the test split {test['accuracy'] * 100:.1f}% "
+        f"accuracy, {test['mean_ms']:.3f} ms mean / {test['p95_ms']:.3f} ms p95 per call on {on}", opts.quiet)
+    return bundle, record
 
 
 def deploy(bundle_path: str | Path, host: str, opts: Options = Options(),
@@ -374,18 +402,19 @@ def deploy(bundle_path: str | Path, host: str, opts: Options = Options(),
         if target == dev.live:
             say(f"{host}: upload: nothing to send, the device has this bundle", opts.quiet)
         if opts.engines:
-            _engines(dev, facts, bundle, target, out)
+            _engines(dev, target, out)
         if opts.profile or opts.budget_ms is not None:
             bundle, key = _profile(dev, facts, bundle, target, out)
             if opts.budget_ms is not None:
-                bundle = _calibrate(bundle, key, opts, host, out)
+                bundle, record = calibrate_on(bundle, [key], opts, host)
+                out.thresholds = record["thresholds"]
             if _upload(dev, bundle, target, "push", out):
                 target = dev.next
         if target == dev.next:
             dev.remote("switch", dev.next, dev.live, step="switch")
             say(f"{host}: switch: {dev.live} is the new version (the previous one is removed)", opts.quiet)
         final = dev.remote("state", dev.live, step="verify")
-        if final.get("manifest") != _manifest_digest(load_bundle(bundle.path))[0]:
+        if final.get("manifest") != manifest_digest(load_bundle(bundle.path))[0]:
             raise DeployError(f"deploy: {host}: verify: the device's bundle differs from {bundle.path} "
                               "(changed there during the deploy?); run deploy again")
     finally:

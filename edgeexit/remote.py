@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from edgeexit.errors import EdgeExitError
@@ -59,6 +60,36 @@ def state(path: Path) -> dict[str, Any]:
     return {"exists": True, "manifest": digest(manifest), "files": {rel: manifest["files"][rel] for rel in files},
             "engines": {key: {"device": e.get("device"), "tensorrt": e.get("tensorrt"), "stages": len(e["stages"])}
                         for key, e in (bundle.manifest.get("engines") or {}).items()}}
+
+
+def engine_set(path: Path, device: str | None) -> dict[str, Any]:
+    """The TensorRT engine set `edgeexit engines` would write for the bundle at `path` here: its
+    key (for `device`, else this board's profile, else the bundle's target), and whether the
+    bundle has it already (with how many of its plans came from the engine cache). Key null:
+    no TensorRT here, and the bundle runs on onnxruntime."""
+    import json
+
+    from edgeexit.bundle import load_bundle
+    from edgeexit.devices import detect_device
+    from edgeexit.doctor import gather
+    from edgeexit.export.tensorrt import engine_key, parse_version
+
+    trt = gather().get("tensorrt")
+    if not trt:
+        return {"tensorrt": None, "device": None, "key": None, "have": False}
+    bundle = load_bundle(path)
+    if device is None:
+        try:
+            device = detect_device().name
+        except EdgeExitError:
+            device = bundle.manifest["target"]["device"]
+    key = engine_key(device, parse_version(trt))
+    entry = (bundle.manifest.get("engines") or {}).get(key)
+    out = {"tensorrt": trt, "device": device, "key": key, "have": entry is not None}
+    if entry is not None:
+        meta = json.loads((bundle.path / entry["metadata"]).read_text())
+        out.update(stages=len(entry["stages"]), from_cache=sum(1 for m in meta["stages"] if m.get("from_cache")))
+    return out
 
 
 def _clean_uploads(folder: Path, name: str) -> None:
@@ -147,23 +178,31 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("dest")
     r.add_argument("--base")
     r.add_argument("--max-size", type=int, default=MAX_ARCHIVE_BYTES)
+    e = sub.add_parser("engine-set")
+    e.add_argument("path")
+    e.add_argument("--device")
     s = sub.add_parser("switch")
     s.add_argument("new")
     s.add_argument("live")
     args = p.parse_args(argv)
+    ops = {"facts": facts, "state": lambda: state(Path(args.path)),
+           "engine-set": lambda: engine_set(Path(args.path), args.device),
+           "receive": lambda: receive(Path(args.base) if args.base else None, Path(args.dest), sys.stdin.buffer,
+                                      args.max_size),
+           "switch": lambda: switch(Path(args.new), Path(args.live))}
+    return answer(ops[args.op])
+
+
+def answer(compute: Callable[[], Any], errors: tuple[type[BaseException], ...] = (EdgeExitError, OSError)) -> int:
+    """Print what `compute` returns (JSON, or a string as it is) and return 0; on one of
+    `errors`, one line on stderr and 2, as the CLI does: the protocol of edgeexit's helper
+    commands (here and `python -m edgeexit.fleet`)."""
     try:
-        if args.op == "facts":
-            out = facts()
-        elif args.op == "state":
-            out = state(Path(args.path))
-        elif args.op == "receive":
-            out = receive(Path(args.base) if args.base else None, Path(args.dest), sys.stdin.buffer, args.max_size)
-        else:
-            out = switch(Path(args.new), Path(args.live))
-    except (EdgeExitError, OSError) as exc:
+        out = compute()
+    except errors as exc:
         print(f"edgeexit: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    print(dumps(out))
+    print(out if isinstance(out, str) else dumps(out))
     return 0
 
 

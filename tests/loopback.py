@@ -93,6 +93,7 @@ KbdInteractiveAuthentication no
 PermitRootLogin prohibit-password
 StrictModes no
 UsePAM no
+Subsystem sftp internal-sftp
 SetEnv {env}
 """)
     if os.geteuid() == 0:

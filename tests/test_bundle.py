@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,6 +250,30 @@ def test_the_next_write_cleans_leftovers_of_interrupted_writes(tmp_path):
     other.mkdir()
     write_bundle(_staged(dest), MINI, dest)
     assert leftovers(tmp_path) == sorted([live.name, other.name, *(m.name for m in mine)])
+
+
+def test_a_killed_writer_not_yet_reaped_leaves_a_leftover_the_next_write_cleans(tmp_path):
+    """A zombie (killed, its parent not waiting yet: an orphan where PID 1 reaps late) writes
+    nothing more, so its staging folder is a leftover although its PID still exists."""
+    import subprocess
+    import time
+
+    dest = tmp_path / "bundle"
+    write_bundle(_staged(dest), MINI, dest)
+    child = subprocess.Popen(["sleep", "60"])
+    zombie = tmp_path / f".bundle.partial-{child.pid}-0a1b2c3d"
+    zombie.mkdir()
+    child.kill()  # not waited for: a zombie until the wait below
+    stat = Path(f"/proc/{child.pid}/stat")
+    deadline = time.monotonic() + 10
+    while stat.read_bytes().rpartition(b")")[2].split()[0] != b"Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        write_bundle(_staged(dest), MINI, dest)
+        assert leftovers(tmp_path) == []
+    finally:
+        child.wait()
 
 
 def test_a_staging_folder_in_use_elsewhere_is_not_a_leftover(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from calibration.errors import CalibrationError
 from calibration.gating import exits_taken
-from calibration.latency import LatencyModel, estimate, from_profile
+from calibration.latency import LatencyModel, WorstOf, estimate, from_profile
 from calibration.solvers import (
     Budget,
     Scorer,
@@ -108,6 +108,27 @@ def test_optimiser_beats_the_geometric_slice_where_an_exit_is_useless_and_keeps_
         assert best.bound_s <= budget.seconds and best.mean_s < budget.seconds  # the bound includes a margin
         gains.append(st.point(best.thresholds).accuracy - st.point(base.thresholds).accuracy)
     assert min(gains) > 0.03, gains  # held-out accuracy, not only the fitted one
+
+
+def test_a_fleet_budget_on_the_worst_of_two_devices_holds_on_each():
+    """Two devices whose stages are slow in different places (neither dominates): thresholds
+    fitted on the worst-of model keep each device's own mean under the budget, while those
+    fitted on either device alone miss it on the other."""
+    a = LatencyModel((1,), np.array([[1.0, 3.0, 1.0]]) * MS, np.zeros((1, 3)), np.zeros(1), "a")
+    b = LatencyModel((1,), np.array([[2.0, 1.0, 1.0]]) * MS, np.zeros((1, 3)), np.zeros(1), "b")
+    fleet = WorstOf((a, b))
+    assert fleet.source == "worst of a, b" and fleet.stages == 3
+    np.testing.assert_allclose(fleet.exit_seconds(), [2 * MS, 4 * MS, 5 * MS])  # b's exit 0, a's exit 1
+    val = synthetic(2000, 0)
+    budget = Budget(2.5 * MS, confidence=0.5)
+    fitted = {name: optimise(Scorer(val, m, budget)) for name, m in (("fleet", fleet), ("a", a), ("b", b))}
+    for device in (a, b):
+        assert Scorer(val, device, budget).point(fitted["fleet"].thresholds).mean_s <= budget.seconds
+    missed = [Scorer(val, other, budget).point(fitted[name].thresholds).mean_s > budget.seconds
+              for name, other in (("a", b), ("b", a))]
+    assert any(missed)  # one device's thresholds are not enough for the fleet
+    with pytest.raises(CalibrationError, match="same stages"):
+        WorstOf((a, LatencyModel((1,), np.array([[MS, MS]]), np.zeros((1, 2)), np.zeros(1), "two")))
 
 
 def test_optimiser_keeps_the_baseline_without_a_fitted_gain():

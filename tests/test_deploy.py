@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def test_deploy_profiles_calibrates_on_the_device_and_a_second_deploy_uploads_no
     from calibration.latency import from_profile
     from edgeexit.bundle import load_bundle
     from edgeexit.calibrate import cheapest_call, full_depth_call
-    from edgeexit.deploy import _manifest_digest
+    from edgeexit.deploy import manifest_digest
     from edgeexit.export.engine_cache import ENTRY
 
     dev = devices["dev-a"]
@@ -96,7 +97,7 @@ def test_deploy_profiles_calibrates_on_the_device_and_a_second_deploy_uploads_no
     assert record["fit"]["mean_ms"] <= budget_ms * 1.0001  # fitted on the device profile (test: held out)
     assert theirs.manifest["gating"]["thresholds"] == mine.manifest["gating"]["thresholds"] == record["thresholds"]
     assert (dev.home / "digits-eenet" / "calibration.json").read_bytes() == (local / "calibration.json").read_bytes()
-    assert _manifest_digest(theirs) == _manifest_digest(mine)  # the same bundle on both ends
+    assert manifest_digest(theirs) == manifest_digest(mine)  # the same bundle on both ends
     assert "jetson-orin-nano-8gb-trt10.3" in theirs.manifest["engines"]  # the device's plans survived the push
 
     manifest = dev.home / "digits-eenet" / "manifest.json"
@@ -162,6 +163,48 @@ def test_killing_an_upload_leaves_the_device_bundle_intact(local, devices, tmp_p
     assert _live(local, dev).manifest == before  # receiving never touches the running bundle
 
 
+def test_killing_a_receive_mid_unpack_leaves_the_device_bundle_intact(local, devices, tmp_path):
+    """The receiving process is stopped while it unpacks (its staging folder exists beside DIR)
+    and then killed: the running bundle stays whole, and the next upload clears the leftover."""
+    import os
+    import threading
+
+    from edgeexit.archive import pack
+    from edgeexit.bundle import Change, load_bundle, update_bundle
+
+    dev = devices["dev-a"]
+    before = _deployed(local, dev).manifest
+    shutil.rmtree(dev.home / ".digits-eenet.next", ignore_errors=True)  # a version an earlier test received
+    big = tmp_path / "big"
+    shutil.copytree(local, big)
+    update_bundle(load_bundle(big), Change({"extra/payload.bin": os.urandom(96 << 20)}, {}))  # a long unpack
+    data = pack(big, tmp_path / "big.tar").path.read_bytes()
+
+    proc = _receive(dev, "digits-eenet")
+    threading.Thread(target=lambda: (proc.stdin.write(data), proc.stdin.close()), daemon=True).start()
+    partial = lambda: list(dev.home.glob("..digits-eenet.next.partial-*"))  # noqa: E731
+    deadline = time.monotonic() + 60
+    while not partial():
+        assert time.monotonic() < deadline and proc.poll() is None, "the unpack phase was never seen"
+        time.sleep(0.002)
+    receivers = _receivers(dev)
+    for pid in receivers:
+        subprocess.run(["kill", "-STOP", str(pid)])
+    assert receivers and partial()  # frozen mid-unpack
+    for pid in receivers:
+        subprocess.run(["kill", "-KILL", str(pid)])
+    proc.kill()
+    _wait(lambda: not _receivers(dev))
+    assert _live(local, dev).manifest == before  # loads and verifies every checksum
+    assert not (dev.home / ".digits-eenet.next").exists() and partial()  # SIGKILL: the staging folder is left
+
+    whole = _receive(dev, "digits-eenet")  # the next upload removes the dead one's staging folder
+    out, err = whole.communicate(pack(local, tmp_path / "b.tar").path.read_bytes(), timeout=120)
+    assert whole.returncode == 0, err.decode()
+    assert not partial() and _live(local, dev).manifest == before
+    shutil.rmtree(dev.home / ".digits-eenet.next")
+
+
 def test_a_failing_step_names_host_and_step_and_keeps_the_previous_bundle(local, devices, tmp_path, capsys):
     from edgeexit.bundle import Change, load_bundle, update_bundle
     from edgeexit.cli import main
@@ -191,13 +234,14 @@ def test_preflight_and_connection_failures_are_one_line_naming_the_host(local, d
     from edgeexit.cli import main
 
     dev = devices["dev-b"]
-    old = tmp_path / "python3.8"  # an interpreter too old for edgeexit, as JetPack 5 ships
-    old.write_text("#!/bin/sh\necho '{\"python\": \"3.8.10\", \"free_bytes\": 99999999999, \"error\": null, "
-                   "\"venv\": false}'\n")
+    old = tmp_path / "python3.8"  # an interpreter too old for edgeexit, as JetPack 5 ships: the real probe runs
+    old.write_text(f"#!{sys.executable}\nimport sys\nsys.version_info = (3, 8, 10, 'final', 0)\n"
+                   "code, sys.argv = sys.argv[2], ['-c', *sys.argv[3:]]\nexec(code, {'__name__': '__main__'})\n")
     old.chmod(0o755)
     base = ["deploy", str(local), dev.name, "--ssh-config", str(dev.config)]
     assert main([*base, "--path", str(dev.home), "--python", str(old)]) == 2
-    assert "deploy: dev-b: pre-flight: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "deploy: dev-b: pre-flight: " in err and "is Python 3.8.10; edgeexit needs 3.10+ (--python names" in err
     assert not dev.home.exists()  # nothing was written there
 
     controls = set(Path("/tmp").glob("ee-ssh-*"))
@@ -211,3 +255,83 @@ def test_preflight_and_connection_failures_are_one_line_naming_the_host(local, d
     assert main(["deploy", str(local), "dev-gone", "--ssh-config", str(tmp_path / "cfg")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("edgeexit: error: deploy: dev-gone: pre-flight: ssh failed (")
+
+
+def _inventory(path, devices, extra=None) -> Path:
+    """An Ansible inventory of the loopback devices: ssh reads their ssh_config, each has its own
+    DIR (the edgeexit_path host variable), modules run on this Python."""
+    import yaml
+
+    hosts = {name: {"ansible_ssh_common_args": f"-F {d.config}", "edgeexit_path": str(d.home),
+                    "ansible_python_interpreter": sys.executable} for name, d in devices.items()}
+    path.write_text(yaml.safe_dump({"all": {"children": {"jetsons": {"hosts": {**hosts, **(extra or {})}}}}}))
+    return path
+
+
+def _rows(out: str) -> dict[str, str]:
+    """The fleet table's rows by host."""
+    lines = out.strip().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("host "))
+    return {line.split()[0]: line for line in lines[start + 1:] if line and not line.startswith("thresholds ")}
+
+
+def test_the_fleet_playbook_collects_a_profile_per_device_and_calibrates_for_both(local, devices, tmp_path, capsys):
+    pytest.importorskip("ansible_runner", reason="pip install 'edgeexit[fleet]' (the dev extra has it)")
+    from calibration.latency import from_profile
+    from edgeexit.bundle import load_bundle
+    from edgeexit.calibrate import cheapest_call, full_depth_call
+    from edgeexit.cli import main
+    from edgeexit.deploy import manifest_digest
+
+    fleet = tmp_path / "fleet" / "digits-eenet"
+    shutil.copytree(local, fleet)
+    inventory = _inventory(tmp_path / "hosts.yml", devices)
+    argv = ["deploy", str(fleet), "--inventory", str(inventory), "--backend", "onnxruntime", "--iters", "20"]
+    assert main([*argv, "--profile"]) == 0, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    keys = {"dev-a": "onnxruntime@NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super",
+            "dev-b": "onnxruntime@NVIDIA Jetson AGX Orin Developer Kit"}
+    profiles = json.loads((fleet / "profile.json").read_text())["profiles"]
+    assert set(keys.values()) <= set(profiles)  # one entry per device, each from its own board
+    assert profiles[keys["dev-b"]]["machine"]["jetson"]["model"] == "NVIDIA Jetson AGX Orin Developer Kit"
+    rows = _rows(out)
+    assert set(rows) == {"dev-a", "dev-b"} and all(r.endswith("  ok") for r in rows.values()), out
+    assert "jetson-agx-orin-64gb-trt10.3 (3 built, 0 from the cache)" in rows["dev-b"]
+    for name, device in devices.items():
+        assert f"{name}: pre-flight: ok" in err and f"{name}: profile: ok" in err and f"{name}: switch: changed" in err
+        assert _digest(fleet, device) == manifest_digest(load_bundle(fleet))[0]  # verified, and equal, on both ends
+        left = {p.name for p in device.home.glob(".digits-eenet.*")} - {".digits-eenet.lock"}
+        assert not left  # no next version, sent archive, spool or test split
+
+    worst = [from_profile(profiles[k], k) for k in keys.values()]
+    budget_ms = round((max(cheapest_call(m, 1) for m in worst) + max(full_depth_call(m, 1) for m in worst)) / 2e-3, 6)
+    assert main([*argv, "--budget-ms", str(budget_ms)]) == 0, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    record = json.loads((fleet / "calibration.json").read_text())
+    sources = [f"profile.json[{k}]" for k in keys.values()]
+    assert record["latency"]["source"] == "worst of " + ", ".join(sources)
+    assert set(record["devices"]) == set(sources)
+    assert all(d["mean_ms"] <= record["test"]["mean_ms"] + 1e-9 for d in record["devices"].values())
+    assert record["fit"]["mean_ms"] <= budget_ms * 1.0001  # the worst-of fit holds the budget on every device
+    mine = load_bundle(fleet)
+    shown = ", ".join("never" if t is None else f"{t:.4g}" for t in record["thresholds"])
+    for name, device in devices.items():
+        assert _live(fleet, device).manifest["gating"]["thresholds"] == record["thresholds"]
+        assert _digest(fleet, device) == manifest_digest(mine)[0]
+        assert shown in _rows(out)[name] and "(kept)" in _rows(out)[name]
+    assert "pip install" not in err  # the runtime was up to date
+
+    gone = {"dev-gone": {"ansible_host": "127.0.0.1", "ansible_port": 9, "ansible_python_interpreter": sys.executable}}
+    inventory = _inventory(tmp_path / "hosts.yml", devices, gone)
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    rows = _rows(out)
+    assert "0 files (0.00 MiB)" in rows["dev-a"] and rows["dev-a"].endswith("  ok") and rows["dev-b"].endswith("  ok")
+    assert "FAILED at connect: " in rows["dev-gone"] and "port 9" in rows["dev-gone"]
+    assert "edgeexit: error: deploy: 1 host(s) failed: dev-gone" in err
+
+
+def _digest(bundle, device) -> str:
+    from edgeexit.deploy import manifest_digest
+
+    return manifest_digest(_live(bundle, device))[0]

@@ -1,0 +1,287 @@
+"""`edgeexit deploy BUNDLE --inventory hosts.yml`: the deploy of every host of an Ansible
+inventory, in parallel, driven by Ansible rather than by a loop of ours.
+
+The playbook (``edgeexit/ansible/deploy.yml``, role ``edgeexit_deploy``) runs on the devices the
+same commands `edgeexit deploy` runs over ssh (the pre-flight probe, the runtime install,
+``python -m edgeexit.remote``, `edgeexit engines`, `edgeexit profile`), so Ansible's inventory,
+connection settings, ``become``, forks and ``--limit`` all apply. What runs here is this
+module, called by the playbook on localhost:
+
+- ``prepare``: check the bundle, build the runtime wheel, write the test split for profiling,
+  and hand the playbook the facts it needs (digests, paths, the probe and install commands);
+- ``pack``: the archive of what one device's bundle lacks (its `remote state` on stdin);
+- ``merge``: every device's profile into the bundle under its own key, then, with a budget,
+  one calibration on the worst of those profiles, so the thresholds hold on every device;
+- ``report``: the per-host table (runtime, upload, engines built or reused, batch-1
+  latency, thresholds, failures).
+
+Run the playbook with ``ansible-playbook -i hosts.yml deploy.yml -e edgeexit_bundle=PATH`` or
+through `edgeexit deploy --inventory`, which uses ansible-runner and prints one line per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from edgeexit.deploy import (INSTALL_BYTES, INSTALL_RUNTIME, DeployError, Options, batch1_ms, calibrate_on,
+                             device_layout, engines_note, manifest_digest, merge_profiles, pack_delta,
+                             probe_source, profile_sizes, save_test_split, say)
+from edgeexit.errors import EdgeExitError
+from edgeexit.jsonio import dumps
+from edgeexit.remote import answer
+
+PLAYBOOK = Path(__file__).parent / "ansible" / "deploy.yml"
+RUN, MERGED = "run.json", "merged.json"
+# the Options the playbook takes, each as an edgeexit_<name> variable (ssh settings are the inventory's)
+PLAYBOOK_OPTIONS = ("path", "profile", "budget_ms", "tail", "batch", "backend", "iters", "device", "wheel", "python",
+                    "engines", "quiet")
+
+
+def _option(field: dataclasses.Field, value: Any) -> Any:
+    """An Options value from Ansible's extra vars (``-e key=value`` gives strings)."""
+    kind = field.type
+    if kind == "bool" and isinstance(value, str):
+        if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+            raise EdgeExitError(f"edgeexit_{field.name}: {value!r} is not true or false")
+        return value.lower() in ("true", "yes", "1")
+    try:
+        if kind == "int" or kind == "bool":
+            return int(value) if kind == "int" else bool(value)
+        if kind == "float | None":
+            return float(value)
+    except (TypeError, ValueError):
+        raise EdgeExitError(f"edgeexit_{field.name}: {value!r} is not a number") from None
+    return str(value)
+
+
+def fleet_options(given: dict[str, Any]) -> Options:
+    """Options from the playbook's edgeexit_* variables (unset or empty ones take deploy's defaults)."""
+    from calibration.solvers import TAILS
+    from edgeexit.spec import BACKENDS
+
+    fields = {f.name: f for f in dataclasses.fields(Options)}
+    unknown = sorted(set(given) - set(PLAYBOOK_OPTIONS))
+    if unknown:
+        raise EdgeExitError(f"fleet: unknown option(s) {', '.join(unknown)}")
+    opts = Options(**{k: _option(fields[k], v) for k, v in given.items() if v is not None and v != ""})
+    if opts.budget_ms is not None and opts.budget_ms <= 0:
+        raise EdgeExitError(f"edgeexit_budget_ms: {opts.budget_ms:g} must be above 0")
+    if opts.tail not in TAILS or opts.backend not in BACKENDS or opts.batch < 1 or opts.iters < 1:
+        raise EdgeExitError(f"fleet: tail {opts.tail!r} (one of {', '.join(TAILS)}), backend {opts.backend!r} (one of "
+                            f"{', '.join(BACKENDS)}), batch {opts.batch} and iters {opts.iters} (>= 1) do not all hold")
+    return opts
+
+
+def prepare(bundle_path: str, given: dict[str, Any], work: str | None = None) -> dict[str, Any]:
+    """Everything the playbook needs from here, also written to WORK/run.json for `merge` and
+    `report`: the bundle's digest and size, the wheel, the device layout, the commands."""
+    from edgeexit import __version__
+    from edgeexit.bundle import load_bundle
+    from edgeexit.wheel import build_wheel, code_digest
+
+    bundle = load_bundle(bundle_path)
+    opts = fleet_options(given)
+    layout = device_layout(opts.path, bundle.name)
+    folder = Path(work) if work else Path(tempfile.mkdtemp(prefix="edgeexit-fleet-"))
+    for sub in ("profiles", "hosts"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    wheel = Path(opts.wheel) if opts.wheel else build_wheel(folder)
+    if not wheel.is_file() or not wheel.name.endswith(".whl"):
+        raise EdgeExitError(f"--wheel: {wheel} is not a wheel file")
+    profile = opts.profile or opts.budget_ms is not None
+    if profile:
+        save_test_split(bundle, folder / "test.npz")
+    run = {
+        "bundle": str(bundle.path.resolve()), "name": bundle.name, "digest": manifest_digest(bundle)[0],
+        "bundle_bytes": sum((bundle.path / rel).stat().st_size for rel in bundle.present),
+        "install_bytes": INSTALL_BYTES, "code": code_digest(), "version": __version__, "wheel": str(wheel.resolve()),
+        "work": str(folder.resolve()), "owns_work": work is None, "local_python": sys.executable,
+        "probe": probe_source(), "install": INSTALL_RUNTIME, "layout": layout, "options": dataclasses.asdict(opts),
+        "profile": profile, "profile_data": str((folder / "test.npz").resolve()) if profile else None,
+        "batches": ",".join(map(str, profile_sizes(bundle, opts.batch))),
+    }
+    (folder / RUN).write_text(dumps(run) + "\n")
+    return run
+
+
+def merge(work: str) -> dict[str, Any]:
+    """Merge the profiles the devices sent back (WORK/profiles/HOST.json) into the bundle, one
+    key per device, and calibrate with the budget on the worst of them; the bundle's new digest
+    is what every device must end with."""
+    from edgeexit.bundle import load_bundle
+    from edgeexit.profile import profile_key
+
+    folder = Path(work)
+    run = json.loads((folder / RUN).read_text())
+    opts = Options(**run["options"])
+    bundle = load_bundle(run["bundle"])
+    entries: dict[str, dict[str, Any]] = {}
+    keys: dict[str, str] = {}
+    for path in sorted((folder / "profiles").glob("*.json")):
+        entry = json.loads(path.read_text())
+        key = profile_key(entry["backend"], entry["device"])
+        if key in entries:  # two devices of one module: each keeps its own entry
+            key = f"{key} [{path.stem}]"
+        entries[key], keys[path.stem] = entry, key
+    record = None
+    if entries:
+        bundle = merge_profiles(bundle, entries)
+        say(f"fleet: {len(entries)} profile(s) merged into {bundle.path / 'profile.json'}", opts.quiet)
+        if opts.budget_ms is not None:
+            bundle, record = calibrate_on(bundle, list(entries), opts, "fleet")
+    merged = {"digest": manifest_digest(bundle)[0], "keys": keys, "profiles": len(entries),
+              "thresholds": None if record is None else record["thresholds"],
+              "modelled_ms": {} if record is None else _modelled(record, keys)}
+    (folder / MERGED).write_text(dumps(merged) + "\n")
+    return merged
+
+
+def _modelled(record: dict[str, Any], keys: dict[str, str]) -> dict[str, float]:
+    """Each host's modelled mean call latency on the test split at the calibrated thresholds."""
+    devices = record.get("devices")
+    return {host: (devices[f"profile.json[{key}]"] if devices else record["test"])["mean_ms"]
+            for host, key in keys.items()}
+
+
+def _cell(value: Any, fmt: str = "{}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def report(work: str, unreachable: dict[str, str] | None = None) -> tuple[str, list[str]]:
+    """The per-host table of a fleet deploy and the hosts that failed."""
+    folder = Path(work)
+    merged = json.loads((folder / MERGED).read_text()) if (folder / MERGED).is_file() else {}
+    outcomes = {p.stem: json.loads(p.read_text()) for p in sorted((folder / "hosts").glob("*.json"))}
+    for host, message in (unreachable or {}).items():
+        outcomes.setdefault(host, {"failed": {"step": "connect", "error": message}})
+    header = ("host", "device", "runtime", "upload", "engines", "batch 1 ms", "thresholds", "modelled ms", "result")
+    rows, failed = [], []
+    for host, o in sorted(outcomes.items()):
+        sent = o.get("uploaded") or []
+        profile = folder / "profiles" / f"{host}.json"
+        thresholds = merged.get("thresholds")
+        plan = o.get("engine_set")
+        rows.append((
+            host, _cell(o.get("device")),
+            "-" if "installed" not in o else ("installed" if o["installed"] else "up to date"),
+            "-" if "installed" not in o else f"{sum(s['files'] for s in sent)} files "
+                                             f"({sum(s['bytes'] for s in sent) / (1 << 20):.2f} MiB)",
+            "-" if plan is None else engines_note(plan, o.get("engines_built", False)),
+            _cell(batch1_ms(json.loads(profile.read_text())) if profile.is_file() else None, "{:.3f}"),
+            "-" if thresholds is None or host not in merged.get("keys", {}) else
+            ", ".join("never" if t is None else f"{t:.4g}" for t in thresholds),
+            _cell(merged.get("modelled_ms", {}).get(host), "{:.3f}"),
+            "ok" if o.get("verified") else
+            f"FAILED at {o['failed']['step']}: {o['failed']['error']}" if o.get("failed") else "not finished"))
+        if not o.get("verified"):
+            failed.append(host)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in [header, *rows]]
+    if merged.get("thresholds") is not None:
+        lines.append(f"thresholds calibrated on the worst of {len(merged['keys'])} device profile(s): the budget "
+                     "holds on each (modelled ms: the test split's mean call on that device's profile)")
+    return "\n".join(lines), failed
+
+
+_QUIET_ACTIONS = ("include_tasks", "include_role", "set_fact", "debug")  # bookkeeping, not steps
+
+
+def _runner_events(verbose: bool, unreachable: dict[str, str]):
+    """ansible-runner's event handler: one line per task and host, unreachable hosts noted."""
+    def handle(event: dict[str, Any]) -> bool:
+        data = event.get("event_data") or {}
+        kind, host, task = event.get("event", ""), data.get("host"), data.get("task", "")
+        res = data.get("res") or {}
+        if kind == "runner_on_unreachable":
+            unreachable[host] = " ".join(str(res.get("msg", "unreachable")).removeprefix("Task failed: ").split())[:200]
+            say(f"{host}: {task}: unreachable ({unreachable[host]})", not verbose)
+        elif (kind in ("runner_on_ok", "runner_on_failed") and host and not task.startswith("_")
+              and data.get("task_action", "").rsplit(".", 1)[-1] not in _QUIET_ACTIONS):
+            if kind == "runner_on_failed" and data.get("ignore_errors"):
+                return True
+            state = "failed" if kind == "runner_on_failed" else ("changed" if res.get("changed") else "ok")
+            say(f"{host}: {task}: {state}" + (f" ({res['msg']})" if state == "failed" and res.get("msg") else ""),
+                not verbose)
+        return True
+    return handle
+
+
+def deploy_fleet(bundle_path: str, inventory: str, opts: Options, limit: str | None = None,
+                 forks: int | None = None) -> str:
+    """Run the fleet playbook on the inventory's hosts through ansible-runner; returns the
+    per-host table, or raises DeployError naming the hosts that failed (after printing it)."""
+    from edgeexit.bundle import load_bundle
+
+    try:
+        import ansible_runner
+    except ImportError:
+        raise EdgeExitError("deploy --inventory: ansible-runner is not installed (pip install 'edgeexit[fleet]')") \
+            from None
+    if opts.ssh_config or opts.ssh_options:
+        raise EdgeExitError("deploy --inventory: --ssh-config and -o do not apply; set ansible_ssh_common_args "
+                            "in the inventory")
+    if not Path(inventory).is_file():
+        raise EdgeExitError(f"--inventory: {inventory} is not a file")
+    load_bundle(bundle_path)  # a broken bundle is refused here, before Ansible starts
+    defaults = dataclasses.asdict(Options())  # options left at their defaults yield to the inventory's host vars
+    given = {f"edgeexit_{k}": v for k, v in dataclasses.asdict(opts).items() if k in PLAYBOOK_OPTIONS and v != defaults[k]}
+    unreachable: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="edgeexit-fleet-") as tmp:
+        work = Path(tmp) / "work"
+        (Path(tmp) / "runner").mkdir()
+        env = {"ANSIBLE_PYTHON_INTERPRETER": os.environ.get("ANSIBLE_PYTHON_INTERPRETER", "auto_silent"),
+               "ANSIBLE_NOCOLOR": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        result = ansible_runner.run(
+            private_data_dir=str(Path(tmp) / "runner"), playbook=str(PLAYBOOK), inventory=str(Path(inventory).resolve()),
+            extravars={"edgeexit_bundle": str(Path(bundle_path).resolve()), "edgeexit_work": str(work),
+                       "edgeexit_local_python": sys.executable, **given},
+            limit=limit, forks=forks, envvars=env, quiet=True, event_handler=_runner_events(not opts.quiet, unreachable))
+        if not (work / RUN).is_file():
+            tail = " ".join((result.stdout.read() if result.stdout else "").split()[-40:])
+            raise EdgeExitError(f"deploy --inventory: the playbook stopped before it started ({result.status}): {tail}")
+        table, failed = report(str(work), unreachable)
+    if failed:
+        print(table)
+        raise DeployError(f"deploy: {len(failed)} host(s) failed: {', '.join(failed)} (the table says where; their "
+                          "previous bundles are in place)")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The playbook's local steps: prepare, pack, merge, report (JSON or the table on stdout)."""
+    p = argparse.ArgumentParser(prog="python -m edgeexit.fleet")
+    sub = p.add_subparsers(dest="op", required=True)
+    pr = sub.add_parser("prepare")
+    pr.add_argument("bundle")
+    pr.add_argument("options", help="JSON object of Options fields (the playbook's edgeexit_* variables)")
+    pr.add_argument("--work")
+    pk = sub.add_parser("pack")
+    pk.add_argument("bundle")
+    pk.add_argument("dest")
+    lay = sub.add_parser("layout")
+    lay.add_argument("path")
+    lay.add_argument("name")
+    for name in ("merge", "report"):
+        sub.add_parser(name).add_argument("work")
+    args = p.parse_args(argv)
+
+    def pack() -> dict[str, Any]:
+        from edgeexit.bundle import load_bundle
+
+        return pack_delta(load_bundle(args.bundle), json.loads(sys.stdin.read()), Path(args.dest)) or {"files": 0}
+
+    ops = {"prepare": lambda: prepare(args.bundle, json.loads(args.options), args.work or None), "pack": pack,
+           "layout": lambda: device_layout(args.path, args.name), "merge": lambda: merge(args.work),
+           "report": lambda: report(args.work)[0]}
+    return answer(ops[args.op], (EdgeExitError, OSError, ValueError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
