@@ -511,9 +511,9 @@ def _cmd_deploy(args) -> int:
     from edgeexit.deploy import Options, deploy, summary
 
     opts = Options(path=args.path, profile=args.profile, budget_ms=args.budget_ms, tail=args.tail, batch=args.batch,
-                   backend=args.backend, iters=args.iters, device=args.device, wheel=args.wheel, python=args.python,
-                   engines=not args.no_engines, ssh_config=args.ssh_config, ssh_options=tuple(args.ssh_option),
-                   quiet=args.quiet)
+                   backend=args.backend, iters=args.iters, device=args.device, wheel=args.wheel,
+                   wheelhouse=args.wheelhouse, python=args.python, engines=not args.no_engines, ssh_config=args.ssh_config,
+                   ssh_options=tuple(args.ssh_option), quiet=args.quiet)
     if (args.host is None) == (args.inventory is None):
         raise EdgeExitError("deploy: name one HOST or an --inventory")
     if args.inventory is None and (args.limit or args.forks):
@@ -771,6 +771,8 @@ def parser() -> argparse.ArgumentParser:
     dp.add_argument("--iters", type=_count(1), default=200, help="timed calls per batch size when profiling")
     dp.add_argument("--device", help="device profile for the engines (default: the board's own, else the bundle's)")
     dp.add_argument("--wheel", help="edgeexit wheel to install there (default: built from this checkout)")
+    dp.add_argument("--wheelhouse", help="folder of wheels of edgeexit's requirements for the device (its Python "
+                                         "and aarch64): the runtime is installed offline from them")
     dp.add_argument("--python", default="python3", help="interpreter on the device that makes the venv")
     dp.add_argument("--no-engines", action="store_true", help="do not build TensorRT engines there")
     dp.add_argument("--ssh-config", help="ssh_config file (ssh -F)")

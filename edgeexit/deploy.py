@@ -43,10 +43,11 @@ from edgeexit.errors import EdgeExitError
 
 DEFAULT_DIR = "/opt/edgeexit"
 INSTALL_BYTES = 300 << 20  # what a runtime install (numpy, onnx, onnxruntime) may take on the device
-# sh -c SCRIPT sh VENV WHEEL PYTHON: the venv (seeing JetPack's TensorRT) and this wheel in it
-INSTALL_RUNTIME = ('set -e; [ -x "$1/bin/python" ] || "$3" -m venv --system-site-packages "$1"; '
-                   '"$1/bin/python" -m pip install --quiet --disable-pip-version-check "$2"; '
-                   '"$1/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$2"')
+# sh -c SCRIPT sh VENV WHEEL PYTHON [PIP OPTIONS]: the venv (seeing JetPack's TensorRT) and this
+# wheel in it; with a wheelhouse the options are --no-index --find-links DIR/wheels (offline)
+INSTALL_RUNTIME = ('set -e; v="$1"; w="$2"; [ -x "$v/bin/python" ] || "$3" -m venv --system-site-packages "$v"; '
+                   'shift 3; "$v/bin/python" -m pip install --quiet --disable-pip-version-check "$@" "$w"; '
+                   '"$v/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$w"')
 
 
 def probe_source() -> str:
@@ -146,6 +147,7 @@ class Options:
     iters: int = 200
     device: str | None = None  # engines' device profile; None: the board's own, else the bundle's target
     wheel: str | None = None
+    wheelhouse: str | None = None  # wheels of edgeexit's requirements for the device: installed offline
     python: str = "python3"
     engines: bool = True
     ssh_config: str | None = None
@@ -177,7 +179,7 @@ class _Device:
     """The paths and commands of one deploy on one host."""
 
     def __init__(self, ssh: Ssh, opts: Options, name: str):
-        layout = device_layout(opts.path, name)
+        self.layout = layout = device_layout(opts.path, name)
         self.ssh, self.opts, self.root = ssh, opts, PurePosixPath(layout["root"])
         self.python, self.edgeexit, self.cache = layout["python"], layout["edgeexit"], layout["cache"]
         self.live, self.next, self.profile_data = layout["live"], layout["next"], layout["profile_data"]
@@ -214,28 +216,49 @@ def _preflight(dev: _Device, bundle_bytes: int) -> dict[str, Any] | None:
 def _install_runtime(dev: _Device, facts: dict[str, Any] | None, out: Outcome) -> dict[str, Any]:
     """Install this edgeexit (torch-free) into DIR/venv unless the device already runs the same code."""
     from edgeexit import __version__
-    from edgeexit.wheel import build_wheel, code_digest
+    from edgeexit.wheel import code_digest
 
     mine = code_digest()
     if facts is not None and facts.get("code") == mine:
         say(f"{dev.ssh.host}: runtime: edgeexit {facts['edgeexit']} up to date in {dev.root}/venv", dev.opts.quiet)
         return facts
+    layout, offline = dev.layout, []
     with tempfile.TemporaryDirectory(prefix="edgeexit-wheel-") as tmp:
-        wheel = Path(dev.opts.wheel) if dev.opts.wheel else build_wheel(tmp)
-        if not wheel.is_file() or not wheel.name.endswith(".whl"):
-            raise EdgeExitError(f"--wheel: {wheel} is not a wheel file")
-        remote_wheel = str(dev.root / "wheels" / wheel.name)
-        venv = str(dev.root / "venv")
-        _put(dev, wheel, remote_wheel, "runtime: upload the wheel")
-    say(f"{dev.ssh.host}: runtime: installing edgeexit {__version__} into {venv} (--system-site-packages) ...",
-        dev.opts.quiet)
-    dev.ssh.run(["sh", "-c", INSTALL_RUNTIME, "sh", venv, remote_wheel, dev.opts.python], "runtime: pip install")
+        wheel, extra = runtime_wheels(dev.opts, tmp)
+        for path in [wheel, *extra]:
+            _put(dev, path, f"{layout['wheels']}/{path.name}", "runtime: upload the wheels")
+    if extra:
+        offline = ["--no-index", "--find-links", layout["wheels"]]
+    say(f"{dev.ssh.host}: runtime: installing edgeexit {__version__} into {layout['venv']} (--system-site-packages"
+        f"{', offline from ' + str(len(extra)) + ' wheels' if extra else ''}) ...", dev.opts.quiet)
+    dev.ssh.run(["sh", "-c", INSTALL_RUNTIME, "sh", layout["venv"], f"{layout['wheels']}/{wheel.name}", dev.opts.python,
+                 *offline], "runtime: pip install")
     facts = dev.remote("facts", step="runtime: check the install")
     if facts.get("code") != mine:
         raise DeployError(f"deploy: {dev.ssh.host}: runtime: the installed edgeexit is not this one (code "
                           f"{str(facts.get('code'))[:12]} there, {mine[:12]} here)")
     out.installed = True
     return facts
+
+
+def check_wheels(opts: Options) -> list[Path]:
+    """--wheel and --wheelhouse, refused in one line before any device is touched; returns the
+    wheelhouse's wheels."""
+    from edgeexit.flash import wheelhouse_wheels
+
+    if opts.wheel and not (Path(opts.wheel).is_file() and opts.wheel.endswith(".whl")):
+        raise EdgeExitError(f"--wheel: {opts.wheel} is not a wheel file")
+    return wheelhouse_wheels(Path(opts.wheelhouse)) if opts.wheelhouse else []
+
+
+def runtime_wheels(opts: Options, tmp: str) -> tuple[Path, list[Path]]:
+    """The edgeexit wheel for the device (--wheel, else built into `tmp` from this checkout) and
+    the --wheelhouse wheels to install it offline from (none: the device's pip index)."""
+    from edgeexit.wheel import build_wheel
+
+    extra = check_wheels(opts)
+    wheel = Path(opts.wheel) if opts.wheel else build_wheel(tmp)
+    return wheel, [p for p in extra if p.name != wheel.name]
 
 
 def _put(dev: _Device, local: Path, remote: str, step: str) -> None:
@@ -391,6 +414,7 @@ def deploy(bundle_path: str | Path, host: str, opts: Options = Options(),
     from edgeexit.bundle import load_bundle
 
     bundle = load_bundle(bundle_path)
+    check_wheels(opts)
     out = Outcome(host)
     ssh = ssh_factory(host, opts.ssh_config, opts.ssh_options, opts.quiet)
     try:

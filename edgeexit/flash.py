@@ -214,7 +214,8 @@ def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _wheels(wheelhouse: Path) -> list[Path]:
+def wheelhouse_wheels(wheelhouse: Path) -> list[Path]:
+    """The .whl files of a --wheelhouse folder, refused in one line when there are none."""
     if not wheelhouse.is_dir():
         raise EdgeExitError(f"--wheelhouse: {wheelhouse} is not a folder of wheels")
     found = sorted(p for p in wheelhouse.iterdir() if p.suffix == ".whl" and p.is_file())
@@ -375,7 +376,7 @@ def stage(bundle_path: str | Path, rootfs_path: str | Path, prefix: str = DEFAUL
         _in_rootfs(root, f"/{link.parent.relative_to(root).as_posix()}")  # the link itself is checked below
         if os.path.lexists(link) and not (link.is_symlink() and os.readlink(link) == target):
             raise EdgeExitError(f"stage: {link} exists and is not edgeexit's link to {target}; remove it yourself")
-    extra = _wheels(Path(wheelhouse)) if wheelhouse is not None else []
+    extra = wheelhouse_wheels(Path(wheelhouse)) if wheelhouse is not None else []
     _check_writable([dest, wheels_dir, script, unit, *(link for link, _ in links)])
     if (line := _jetpack_warning(bundle, rootfs)) is not None:
         warn(line)

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeexit.deploy import (INSTALL_BYTES, INSTALL_RUNTIME, DeployError, Options, batch1_ms, calibrate_on,
-                             device_layout, engines_note, manifest_digest, merge_profiles, pack_delta,
-                             probe_source, profile_sizes, save_test_split, say)
+                             check_wheels, device_layout, engines_note, manifest_digest, merge_profiles, pack_delta,
+                             probe_source, profile_sizes, runtime_wheels, save_test_split, say)
 from edgeexit.errors import EdgeExitError
 from edgeexit.jsonio import dumps
 from edgeexit.remote import answer
@@ -40,8 +40,8 @@ from edgeexit.remote import answer
 PLAYBOOK = Path(__file__).parent / "ansible" / "deploy.yml"
 RUN, MERGED = "run.json", "merged.json"
 # the Options the playbook takes, each as an edgeexit_<name> variable (ssh settings are the inventory's)
-PLAYBOOK_OPTIONS = ("path", "profile", "budget_ms", "tail", "batch", "backend", "iters", "device", "wheel", "python",
-                    "engines", "quiet")
+PLAYBOOK_OPTIONS = ("path", "profile", "budget_ms", "tail", "batch", "backend", "iters", "device", "wheel",
+                    "wheelhouse", "python", "engines", "quiet")
 
 
 def _option(field: dataclasses.Field, value: Any) -> Any:
@@ -84,7 +84,7 @@ def prepare(bundle_path: str, given: dict[str, Any], work: str | None = None) ->
     `report`: the bundle's digest and size, the wheel, the device layout, the commands."""
     from edgeexit import __version__
     from edgeexit.bundle import load_bundle
-    from edgeexit.wheel import build_wheel, code_digest
+    from edgeexit.wheel import code_digest
 
     bundle = load_bundle(bundle_path)
     opts = fleet_options(given)
@@ -92,9 +92,7 @@ def prepare(bundle_path: str, given: dict[str, Any], work: str | None = None) ->
     folder = Path(work) if work else Path(tempfile.mkdtemp(prefix="edgeexit-fleet-"))
     for sub in ("profiles", "hosts"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    wheel = Path(opts.wheel) if opts.wheel else build_wheel(folder)
-    if not wheel.is_file() or not wheel.name.endswith(".whl"):
-        raise EdgeExitError(f"--wheel: {wheel} is not a wheel file")
+    wheel, extra = runtime_wheels(opts, str(folder))
     profile = opts.profile or opts.budget_ms is not None
     if profile:
         save_test_split(bundle, folder / "test.npz")
@@ -102,6 +100,7 @@ def prepare(bundle_path: str, given: dict[str, Any], work: str | None = None) ->
         "bundle": str(bundle.path.resolve()), "name": bundle.name, "digest": manifest_digest(bundle)[0],
         "bundle_bytes": sum((bundle.path / rel).stat().st_size for rel in bundle.present),
         "install_bytes": INSTALL_BYTES, "code": code_digest(), "version": __version__, "wheel": str(wheel.resolve()),
+        "wheelhouse": [str(p.resolve()) for p in extra],
         "work": str(folder.resolve()), "owns_work": work is None, "local_python": sys.executable,
         "probe": probe_source(), "install": INSTALL_RUNTIME, "layout": layout, "options": dataclasses.asdict(opts),
         "profile": profile, "profile_data": str((folder / "test.npz").resolve()) if profile else None,
@@ -229,7 +228,8 @@ def deploy_fleet(bundle_path: str, inventory: str, opts: Options, limit: str | N
                             "in the inventory")
     if not Path(inventory).is_file():
         raise EdgeExitError(f"--inventory: {inventory} is not a file")
-    load_bundle(bundle_path)  # a broken bundle is refused here, before Ansible starts
+    load_bundle(bundle_path)  # a broken bundle or a bad wheel is refused here, before Ansible starts
+    check_wheels(opts)
     defaults = dataclasses.asdict(Options())  # options left at their defaults yield to the inventory's host vars
     given = {f"edgeexit_{k}": v for k, v in dataclasses.asdict(opts).items() if k in PLAYBOOK_OPTIONS and v != defaults[k]}
     unreachable: dict[str, str] = {}

@@ -71,8 +71,13 @@ def _board(root: Path, board: str) -> Path:
     return root
 
 
-def start_device(folder: Path, name: str, board: str, config: Path) -> Device:
-    """Start sshd for one device under `folder` and add its ``Host name`` entry to `config`."""
+# pip on an offline device: no config files (this machine's point at a local index), an index that refuses
+OFFLINE_PIP = "PIP_CONFIG_FILE=/dev/null PIP_INDEX_URL=http://127.0.0.1:9/simple/ PIP_RETRIES=0"
+
+
+def start_device(folder: Path, name: str, board: str, config: Path, offline: bool = False) -> Device:
+    """Start sshd for one device under `folder` and add its ``Host name`` entry to `config`;
+    `offline`: its pip reaches no index, as a Jetson on an isolated network."""
     folder.mkdir(parents=True)
     keys = folder / "keys"
     keys.mkdir(mode=0o700)
@@ -82,6 +87,8 @@ def start_device(folder: Path, name: str, board: str, config: Path) -> Device:
     port = _free_port()
     board_root = _board(folder / "board", board)
     env = f"EDGEEXIT_BOARD_ROOT={board_root} PYTHONPATH={TESTS / 'trt_site'} EDGEEXIT_SIM_TRT=10.3"
+    if offline:
+        env += " " + OFFLINE_PIP
     (folder / "sshd_config").write_text(f"""\
 Port {port}
 ListenAddress 127.0.0.1

@@ -23,14 +23,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(sshd_missing() is not None, r
 
 @pytest.fixture(scope="module")
 def devices(tmp_path_factory):
-    """Two loopback Jetsons, an Orin Nano (dev-a) and an AGX Orin (dev-b), in one ssh_config."""
+    """Two loopback Jetsons in one ssh_config: an Orin Nano (dev-a) and an AGX Orin (dev-b) whose
+    pip reaches no index (its runtime needs --wheelhouse)."""
     root = tmp_path_factory.mktemp("fleet")
     config = root / "ssh_config"
     config.write_text("")
     started = {}
     try:
         for name, board in (("dev-a", "orin-nano"), ("dev-b", "agx-orin")):
-            started[name] = start_device(root / name, name, board, config)
+            started[name] = start_device(root / name, name, board, config, offline=name == "dev-b")
         yield started
     finally:
         for device in started.values():
@@ -287,7 +288,8 @@ def test_the_fleet_playbook_collects_a_profile_per_device_and_calibrates_for_bot
     shutil.copytree(local, fleet)
     inventory = _inventory(tmp_path / "hosts.yml", devices)
     argv = ["deploy", str(fleet), "--inventory", str(inventory), "--backend", "onnxruntime", "--iters", "20"]
-    assert main([*argv, "--profile"]) == 0, capsys.readouterr().err
+    wheelhouse = _wheelhouse(tmp_path)  # dev-b is offline
+    assert main([*argv, "--profile", "--wheelhouse", str(wheelhouse)]) == 0, capsys.readouterr().err
     out, err = capsys.readouterr()
     keys = {"dev-a": "onnxruntime@NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super",
             "dev-b": "onnxruntime@NVIDIA Jetson AGX Orin Developer Kit"}
@@ -297,6 +299,7 @@ def test_the_fleet_playbook_collects_a_profile_per_device_and_calibrates_for_bot
     rows = _rows(out)
     assert set(rows) == {"dev-a", "dev-b"} and all(r.endswith("  ok") for r in rows.values()), out
     assert "jetson-agx-orin-64gb-trt10.3 (3 built, 0 from the cache)" in rows["dev-b"]
+    assert "dev-b: runtime: pip install: changed" in err and "  installed  " in rows["dev-b"]  # offline, from the wheels
     for name, device in devices.items():
         assert f"{name}: pre-flight: ok" in err and f"{name}: profile: ok" in err and f"{name}: switch: changed" in err
         assert _digest(fleet, device) == manifest_digest(load_bundle(fleet))[0]  # verified, and equal, on both ends
@@ -329,6 +332,17 @@ def test_the_fleet_playbook_collects_a_profile_per_device_and_calibrates_for_bot
     assert "0 files (0.00 MiB)" in rows["dev-a"] and rows["dev-a"].endswith("  ok") and rows["dev-b"].endswith("  ok")
     assert "FAILED at connect: " in rows["dev-gone"] and "port 9" in rows["dev-gone"]
     assert "edgeexit: error: deploy: 1 host(s) failed: dev-gone" in err
+
+
+def _wheelhouse(tmp_path) -> Path:
+    """edgeexit's requirements as wheels for this machine's Python, as `pip download` gives them."""
+    from edgeexit.wheel import build_wheel
+
+    house = tmp_path / "wheelhouse"
+    wheel = build_wheel(tmp_path)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "-d", str(house), str(wheel)], check=True)
+    (house / wheel.name).unlink()
+    return house
 
 
 def _digest(bundle, device) -> str:

@@ -80,3 +80,19 @@ def test_the_playbook_and_role_ship_in_the_package_and_pass_ansibles_syntax_chec
         pytest.skip("no ansible-playbook: pip install 'edgeexit[fleet]' (the dev extra has it)")
     done = subprocess.run([playbook, "--syntax-check", "-i", "localhost,", str(PLAYBOOK)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_deploy_arguments_for_one_host_or_a_fleet_are_refused_in_one_line(tmp_path, capsys):
+    from edgeexit.cli import main
+
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text("all:\n  hosts:\n    nano-01:\n")
+    for argv, message in (([], "deploy: name one HOST or an --inventory"),
+                          (["nano-01", "--inventory", str(inventory)], "deploy: name one HOST or an --inventory"),
+                          (["nano-01", "--limit", "nano*"], "--limit and --forks go with --inventory"),
+                          (["--inventory", str(tmp_path / "none.yml")], "is not a file"),
+                          (["--inventory", str(inventory), "-o", "Port=2222"], "set ansible_ssh_common_args"),
+                          (["--inventory", str(inventory)], "bundle")):
+        assert main(["deploy", str(tmp_path / "no-bundle"), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("edgeexit: error: ") and message in err[0], err
