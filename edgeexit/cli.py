@@ -352,9 +352,10 @@ def _cmd_profile(args) -> int:
                                iters=args.iters, warmup=args.warmup, threads=args.threads, power=power, policy=policy,
                                progress=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
     key = profile_key(entry["backend"], entry["device"])
-    # merged into the profiles as they are when the lock is held, not as they were at the start
-    update_bundle(bundle, lambda current: Change(with_profiles(current.path, {key: entry}), {"profile": PROFILE}))
-    print(dumps(entry) if args.json else format_profile(entry) + f"\nsaved: {bundle.path / PROFILE} [{key}]")
+    if not args.no_save:  # merged into the profiles as they are when the lock is held, not as they were at the start
+        update_bundle(bundle, lambda current: Change(with_profiles(current.path, {key: entry}), {"profile": PROFILE}))
+    saved = "not saved (--no-save)" if args.no_save else f"saved: {bundle.path / PROFILE} [{key}]"
+    print(dumps(entry) if args.json else format_profile(entry) + f"\n{saved}")
     return 0
 
 
@@ -684,6 +685,8 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--split", default="test", help="real samples to run (a split of the bundle's data)")
     pr.add_argument("--data", help=".npz with x (and y) to run instead of the bundle's data")
     pr.add_argument("--no-power", action="store_true", help="on a Jetson, skip tegrastats power sampling")
+    pr.add_argument("--no-save", action="store_true", help="print the profile only; the bundle is left as it is "
+                                                           "(deploy profiles a device's bundle this way)")
     pr.add_argument("--json", action="store_true")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(fn=_cmd_profile)

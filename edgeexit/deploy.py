@@ -169,10 +169,12 @@ def device_layout(path: str, name: str) -> dict[str, str]:
     root = PurePosixPath(path)
     if not root.is_absolute():
         raise EdgeExitError(f"--path: {path!r} must be an absolute path on the device")
+    if "$" in path or "$" in name:  # Ansible's file modules would expand $VAR where commands take it literally
+        raise EdgeExitError(f"--path: {path!r} (bundle {name!r}) holds '$'; name the folder literally")
     return {"root": str(root), "python": str(root / "venv/bin/python"), "edgeexit": str(root / "venv/bin/edgeexit"),
             "venv": str(root / "venv"), "wheels": str(root / "wheels"), "live": str(root / name),
             "next": str(root / f".{name}.next"), "cache": str(root / "engine-cache"),
-            "profile_data": str(root / f".{name}.profile-data.npz")}
+            "profile_data": str(root / f".{name}.profile-data.npz"), "incoming": str(root / f".{name}.incoming.tar")}
 
 
 class _Device:
@@ -377,7 +379,7 @@ def _profile(dev: _Device, facts: dict[str, Any], bundle, target: str, out: Outc
         save_test_split(bundle, Path(tmp) / "test.npz")
         _put(dev, Path(tmp) / "test.npz", data, "profile: upload the test split")
     argv = [dev.edgeexit, "profile", target, "--backend", dev.opts.backend, "--batch", ",".join(map(str, batches)),
-            "--iters", str(dev.opts.iters), "--data", data, "--json", "--quiet"]
+            "--iters", str(dev.opts.iters), "--data", data, "--json", "--quiet", "--no-save"]
     entry = dev.ssh.json(argv + ([] if facts.get("tegrastats") else ["--no-power"]), "profile")
     dev.ssh.run(["rm", "-f", data], "profile: remove the test split")
     key = profile_key(entry["backend"], entry["device"])

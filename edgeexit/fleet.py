@@ -93,9 +93,7 @@ def prepare(bundle_path: str, given: dict[str, Any], work: str | None = None) ->
     for sub in ("profiles", "hosts"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     wheel, extra = runtime_wheels(opts, str(folder))
-    profile = opts.profile or opts.budget_ms is not None
-    if profile:
-        save_test_split(bundle, folder / "test.npz")
+    save_test_split(bundle, folder / "test.npz")  # a host may profile by its own edgeexit_profile
     run = {
         "bundle": str(bundle.path.resolve()), "name": bundle.name, "digest": manifest_digest(bundle)[0],
         "bundle_bytes": sum((bundle.path / rel).stat().st_size for rel in bundle.present),
@@ -103,7 +101,7 @@ def prepare(bundle_path: str, given: dict[str, Any], work: str | None = None) ->
         "wheelhouse": [str(p.resolve()) for p in extra],
         "work": str(folder.resolve()), "owns_work": work is None, "local_python": sys.executable,
         "probe": probe_source(), "install": INSTALL_RUNTIME, "layout": layout, "options": dataclasses.asdict(opts),
-        "profile": profile, "profile_data": str((folder / "test.npz").resolve()) if profile else None,
+        "profile_data": str((folder / "test.npz").resolve()),
         "batches": ",".join(map(str, profile_sizes(bundle, opts.batch))),
     }
     (folder / RUN).write_text(dumps(run) + "\n")
@@ -111,30 +109,36 @@ def prepare(bundle_path: str, given: dict[str, Any], work: str | None = None) ->
 
 
 def merge(work: str) -> dict[str, Any]:
-    """Merge the profiles the devices sent back (WORK/profiles/HOST.json) into the bundle, one
-    key per device, and calibrate with the budget on the worst of them; the bundle's new digest
-    is what every device must end with."""
+    """Merge the profiles the devices sent back (WORK/profiles/HOST.json, from hosts that came
+    through) into the bundle, one key per device, and calibrate with the budget on the worst
+    of them; the bundle's new digest is what every device must end with. A failure is written
+    to WORK/merged.json too, so the table can say why no device was switched."""
     from edgeexit.bundle import load_bundle
     from edgeexit.profile import profile_key
 
     folder = Path(work)
-    run = json.loads((folder / RUN).read_text())
-    opts = Options(**run["options"])
-    bundle = load_bundle(run["bundle"])
-    entries: dict[str, dict[str, Any]] = {}
-    keys: dict[str, str] = {}
-    for path in sorted((folder / "profiles").glob("*.json")):
-        entry = json.loads(path.read_text())
-        key = profile_key(entry["backend"], entry["device"])
-        if key in entries:  # two devices of one module: each keeps its own entry
-            key = f"{key} [{path.stem}]"
-        entries[key], keys[path.stem] = entry, key
-    record = None
-    if entries:
-        bundle = merge_profiles(bundle, entries)
-        say(f"fleet: {len(entries)} profile(s) merged into {bundle.path / 'profile.json'}", opts.quiet)
-        if opts.budget_ms is not None:
-            bundle, record = calibrate_on(bundle, list(entries), opts, "fleet")
+    try:
+        run = json.loads((folder / RUN).read_text())
+        opts = Options(**run["options"])
+        bundle = load_bundle(run["bundle"])
+        profiles = {}
+        for path in sorted((folder / "profiles").glob("*.json")):
+            record = folder / "hosts" / path.name
+            if record.is_file() and not json.loads(record.read_text()).get("failed"):
+                profiles[path.stem] = json.loads(path.read_text())
+        plain = {host: profile_key(e["backend"], e["device"]) for host, e in profiles.items()}
+        shared = {key for key in plain.values() if list(plain.values()).count(key) > 1}
+        keys = {host: f"{key} [{host}]" if key in shared else key for host, key in plain.items()}  # one per device
+        entries = {keys[host]: entry for host, entry in profiles.items()}
+        record = None
+        if entries:
+            bundle = merge_profiles(bundle, entries)
+            say(f"fleet: {len(entries)} profile(s) merged into {bundle.path / 'profile.json'}", opts.quiet)
+            if opts.budget_ms is not None:
+                bundle, record = calibrate_on(bundle, list(entries), opts, "fleet")
+    except (EdgeExitError, OSError, ValueError) as exc:
+        (folder / MERGED).write_text(dumps({"error": " ".join(str(exc).split())}) + "\n")
+        raise
     merged = {"digest": manifest_digest(bundle)[0], "keys": keys, "profiles": len(entries),
               "thresholds": None if record is None else record["thresholds"],
               "modelled_ms": {} if record is None else _modelled(record, keys)}
@@ -154,19 +158,27 @@ def _cell(value: Any, fmt: str = "{}") -> str:
 
 
 def report(work: str, unreachable: dict[str, str] | None = None) -> tuple[str, list[str]]:
-    """The per-host table of a fleet deploy and the hosts that failed."""
+    """The per-host table of a fleet deploy and the hosts that failed. `unreachable`: what
+    Ansible said of hosts it could not reach (a host the play targeted that left no record at
+    all was unreachable too)."""
     folder = Path(work)
     merged = json.loads((folder / MERGED).read_text()) if (folder / MERGED).is_file() else {}
     outcomes = {p.stem: json.loads(p.read_text()) for p in sorted((folder / "hosts").glob("*.json"))}
+    targets = json.loads((folder / "targets.json").read_text()) if (folder / "targets.json").is_file() else []
     for host, message in (unreachable or {}).items():
-        outcomes.setdefault(host, {"failed": {"step": "connect", "error": message}})
+        if host not in outcomes or not (outcomes[host].get("verified") or outcomes[host].get("failed")):
+            outcomes[host] = {**outcomes.get(host, {}), "failed": {"step": "connect", "error": message}}
+    for host in targets:  # no record at all: never reached
+        outcomes.setdefault(host, {"failed": {"step": "connect", "error": "unreachable (Ansible's output says why)"}})
     header = ("host", "device", "runtime", "upload", "engines", "batch 1 ms", "thresholds", "modelled ms", "result")
     rows, failed = [], []
     for host, o in sorted(outcomes.items()):
         sent = o.get("uploaded") or []
         profile = folder / "profiles" / f"{host}.json"
-        thresholds = merged.get("thresholds")
+        thresholds = merged.get("thresholds") if o.get("verified") else None
         plan = o.get("engine_set")
+        result = ("ok" if o.get("verified") else f"FAILED at {o['failed']['step']}: {o['failed']['error']}"
+                  if o.get("failed") else "not switched: " + ("merge failed" if merged.get("error") else "not finished"))
         rows.append((
             host, _cell(o.get("device")),
             "-" if "installed" not in o else ("installed" if o["installed"] else "up to date"),
@@ -174,19 +186,24 @@ def report(work: str, unreachable: dict[str, str] | None = None) -> tuple[str, l
                                              f"({sum(s['bytes'] for s in sent) / (1 << 20):.2f} MiB)",
             "-" if plan is None else engines_note(plan, o.get("engines_built", False)),
             _cell(batch1_ms(json.loads(profile.read_text())) if profile.is_file() else None, "{:.3f}"),
-            "-" if thresholds is None or host not in merged.get("keys", {}) else
-            ", ".join("never" if t is None else f"{t:.4g}" for t in thresholds),
-            _cell(merged.get("modelled_ms", {}).get(host), "{:.3f}"),
-            "ok" if o.get("verified") else
-            f"FAILED at {o['failed']['step']}: {o['failed']['error']}" if o.get("failed") else "not finished"))
+            "-" if thresholds is None else ", ".join("never" if t is None else f"{t:.4g}" for t in thresholds),
+            _cell(merged.get("modelled_ms", {}).get(host) if o.get("verified") else None, "{:.3f}"), result))
         if not o.get("verified"):
             failed.append(host)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in [header, *rows]]
-    if merged.get("thresholds") is not None:
+    if merged.get("error"):
+        lines.append(f"merge and calibration here failed, so no device was switched: {merged['error']}")
+    elif merged.get("thresholds") is not None:
         lines.append(f"thresholds calibrated on the worst of {len(merged['keys'])} device profile(s): the budget "
                      "holds on each (modelled ms: the test split's mean call on that device's profile)")
     return "\n".join(lines), failed
+
+
+def _report_json(work: str) -> dict[str, Any]:
+    """`report` for the playbook: the table's lines and the failed hosts."""
+    table, failed = report(work)
+    return {"table": table.splitlines(), "failed": failed}
 
 
 _QUIET_ACTIONS = ("include_tasks", "include_role", "set_fact", "debug")  # bookkeeping, not steps
@@ -214,8 +231,9 @@ def _runner_events(verbose: bool, unreachable: dict[str, str]):
 
 def deploy_fleet(bundle_path: str, inventory: str, opts: Options, limit: str | None = None,
                  forks: int | None = None) -> str:
-    """Run the fleet playbook on the inventory's hosts through ansible-runner; returns the
-    per-host table, or raises DeployError naming the hosts that failed (after printing it)."""
+    """Run the fleet playbook on the inventory's hosts (those `limit`, an Ansible host pattern,
+    selects) through ansible-runner, from the current folder (so its ansible.cfg applies); returns
+    the per-host table, or prints it and raises DeployError naming the hosts that failed."""
     from edgeexit.bundle import load_bundle
 
     try:
@@ -228,10 +246,14 @@ def deploy_fleet(bundle_path: str, inventory: str, opts: Options, limit: str | N
                             "in the inventory")
     if not Path(inventory).is_file():
         raise EdgeExitError(f"--inventory: {inventory} is not a file")
-    load_bundle(bundle_path)  # a broken bundle or a bad wheel is refused here, before Ansible starts
+    # refused here, before Ansible starts: a broken bundle, a bad wheel or option, a relative --path
+    opts = dataclasses.replace(opts, **{k: str(Path(v).resolve()) for k in ("wheel", "wheelhouse")
+                                        if (v := getattr(opts, k))})
     check_wheels(opts)
+    device_layout(opts.path, load_bundle(bundle_path).name)
     defaults = dataclasses.asdict(Options())  # options left at their defaults yield to the inventory's host vars
-    given = {f"edgeexit_{k}": v for k, v in dataclasses.asdict(opts).items() if k in PLAYBOOK_OPTIONS and v != defaults[k]}
+    given = {k: v for k, v in dataclasses.asdict(opts).items() if k in PLAYBOOK_OPTIONS and v != defaults[k]}
+    fleet_options(given)
     unreachable: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="edgeexit-fleet-") as tmp:
         work = Path(tmp) / "work"
@@ -239,13 +261,19 @@ def deploy_fleet(bundle_path: str, inventory: str, opts: Options, limit: str | N
         env = {"ANSIBLE_PYTHON_INTERPRETER": os.environ.get("ANSIBLE_PYTHON_INTERPRETER", "auto_silent"),
                "ANSIBLE_NOCOLOR": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         result = ansible_runner.run(
-            private_data_dir=str(Path(tmp) / "runner"), playbook=str(PLAYBOOK), inventory=str(Path(inventory).resolve()),
+            private_data_dir=str(Path(tmp) / "runner"), project_dir=os.getcwd(), playbook=str(PLAYBOOK),
+            inventory=str(Path(inventory).resolve()),
             extravars={"edgeexit_bundle": str(Path(bundle_path).resolve()), "edgeexit_work": str(work),
-                       "edgeexit_local_python": sys.executable, **given},
-            limit=limit, forks=forks, envvars=env, quiet=True, event_handler=_runner_events(not opts.quiet, unreachable))
+                       "edgeexit_local_python": sys.executable, **({"edgeexit_hosts": limit} if limit else {}),
+                       **{f"edgeexit_{k}": v for k, v in given.items()}},
+            forks=forks, envvars=env, quiet=True, event_handler=_runner_events(not opts.quiet, unreachable))
         if not (work / RUN).is_file():
             tail = " ".join((result.stdout.read() if result.stdout else "").split()[-40:])
             raise EdgeExitError(f"deploy --inventory: the playbook stopped before it started ({result.status}): {tail}")
+        targets = work / "targets.json"
+        if not (targets.is_file() and json.loads(targets.read_text())):
+            raise EdgeExitError(f"deploy --inventory: no host of {inventory} matched {limit or 'all'} (an empty "
+                                "inventory, or one Ansible cannot parse: `ansible-inventory -i FILE --list` says why)")
         table, failed = report(str(work), unreachable)
     if failed:
         print(table)
@@ -279,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ops = {"prepare": lambda: prepare(args.bundle, json.loads(args.options), args.work or None), "pack": pack,
            "layout": lambda: device_layout(args.path, args.name), "merge": lambda: merge(args.work),
-           "report": lambda: report(args.work)[0]}
+           "report": lambda: _report_json(args.work)}
     return answer(ops[args.op], (EdgeExitError, OSError, ValueError))
 
 

@@ -132,17 +132,20 @@ def _spool(src: BinaryIO, dest: Path, max_bytes: int) -> Path:
     return spool
 
 
-def receive(base: Path | None, dest: Path, src: BinaryIO, max_bytes: int) -> dict[str, Any]:
-    """Unpack the archive on `src` into `dest`, taking unchanged files and engines from `base`."""
+def receive(base: Path | None, dest: Path, src: BinaryIO | Path, max_bytes: int) -> dict[str, Any]:
+    """Unpack the archive on `src` (a stream, spooled first, or a file already on this disk, as
+    the fleet playbook sends it; the caller removes that) into `dest`, taking unchanged files and
+    engines from `base`."""
     from edgeexit.archive import unpack
     from edgeexit.bundle import load_bundle
 
-    spool = _spool(src, dest, max_bytes)
+    spool = src if isinstance(src, Path) else _spool(src, dest, max_bytes)
     try:
         base_bundle = load_bundle(base) if base is not None and base.exists() else None
         bundle = unpack(spool, dest, max_bytes, base=base_bundle, keep_engines=True)
     finally:
-        spool.unlink(missing_ok=True)
+        if spool is not src:
+            spool.unlink(missing_ok=True)
     return {"bundle": str(bundle.path), "files": len(bundle.present), "engines": sorted(bundle.manifest.get("engines") or {})}
 
 
@@ -178,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("dest")
     r.add_argument("--base")
     r.add_argument("--max-size", type=int, default=MAX_ARCHIVE_BYTES)
+    r.add_argument("--archive", help="read this archive file instead of stdin")
     e = sub.add_parser("engine-set")
     e.add_argument("path")
     e.add_argument("--device")
@@ -187,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     ops = {"facts": facts, "state": lambda: state(Path(args.path)),
            "engine-set": lambda: engine_set(Path(args.path), args.device),
-           "receive": lambda: receive(Path(args.base) if args.base else None, Path(args.dest), sys.stdin.buffer,
-                                      args.max_size),
+           "receive": lambda: receive(Path(args.base) if args.base else None, Path(args.dest),
+                                      Path(args.archive) if args.archive else sys.stdin.buffer, args.max_size),
            "switch": lambda: switch(Path(args.new), Path(args.live))}
     return answer(ops[args.op])
 

@@ -258,13 +258,14 @@ def test_preflight_and_connection_failures_are_one_line_naming_the_host(local, d
     assert err[-1].startswith("edgeexit: error: deploy: dev-gone: pre-flight: ssh failed (")
 
 
-def _inventory(path, devices, extra=None) -> Path:
+def _inventory(path, devices, extra=None, **host_vars) -> Path:
     """An Ansible inventory of the loopback devices: ssh reads their ssh_config, each has its own
-    DIR (the edgeexit_path host variable), modules run on this Python."""
+    DIR (the edgeexit_path host variable), modules run on this Python; `host_vars` add to a host's."""
     import yaml
 
     hosts = {name: {"ansible_ssh_common_args": f"-F {d.config}", "edgeexit_path": str(d.home),
-                    "ansible_python_interpreter": sys.executable} for name, d in devices.items()}
+                    "ansible_python_interpreter": sys.executable, **host_vars.get(name.replace("-", "_"), {})}
+             for name, d in devices.items()}
     path.write_text(yaml.safe_dump({"all": {"children": {"jetsons": {"hosts": {**hosts, **(extra or {})}}}}}))
     return path
 
@@ -273,7 +274,8 @@ def _rows(out: str) -> dict[str, str]:
     """The fleet table's rows by host."""
     lines = out.strip().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("host "))
-    return {line.split()[0]: line for line in lines[start + 1:] if line and not line.startswith("thresholds ")}
+    return {line.split()[0]: line for line in lines[start + 1:]
+            if line and not line.startswith(("thresholds calibrated ", "merge and calibration "))}
 
 
 def test_the_fleet_playbook_collects_a_profile_per_device_and_calibrates_for_both(local, devices, tmp_path, capsys):
@@ -325,13 +327,21 @@ def test_the_fleet_playbook_collects_a_profile_per_device_and_calibrates_for_bot
     assert "pip install" not in err  # the runtime was up to date
 
     gone = {"dev-gone": {"ansible_host": "127.0.0.1", "ansible_port": 9, "ansible_python_interpreter": sys.executable}}
-    inventory = _inventory(tmp_path / "hosts.yml", devices, gone)
+    inventory = _inventory(tmp_path / "hosts.yml", devices, gone, dev_a={"edgeexit_engines": False})
     assert main(argv) == 2
     out, err = capsys.readouterr()
     rows = _rows(out)
     assert "0 files (0.00 MiB)" in rows["dev-a"] and rows["dev-a"].endswith("  ok") and rows["dev-b"].endswith("  ok")
+    assert "(kept)" not in rows["dev-a"] and "(kept)" in rows["dev-b"]  # dev-a's own edgeexit_engines: false
     assert "FAILED at connect: " in rows["dev-gone"] and "port 9" in rows["dev-gone"]
     assert "edgeexit: error: deploy: 1 host(s) failed: dev-gone" in err
+
+    before = _live(fleet, devices["dev-b"]).manifest  # a budget no device can hold: nothing is switched
+    assert main([*argv, "--limit", "dev-b", "--budget-ms", "0.0001"]) == 2
+    out, err = capsys.readouterr()
+    assert set(_rows(out)) == {"dev-b"} and _rows(out)["dev-b"].endswith("not switched: merge failed")
+    assert "no device was switched: --budget-ms: 0.0001 ms cannot hold" in out
+    assert _live(fleet, devices["dev-b"]).manifest == before
 
 
 def _wheelhouse(tmp_path) -> Path:
