@@ -168,7 +168,7 @@ def _manifest(spec: Spec, exported: list[ExportedGraph], precisions: list[str], 
         "monolithic_fp32": fp32_copy(mono.path),
         "monolithic_cost": {"flops": mono.flops, "params": mono.params, "parity_max_abs_diff": mono.parity,
                             "precision": mono_precision},
-        "model": {"arch": spec.model.arch, "factory": spec.model.factory, "args": spec.model.args},
+        "model": spec.model.to_manifest(),
         "data": data_record(spec.data),
         "weights": "weights.pt",
         "export": {"opset": spec.export.opset, "batch": asdict(spec.export.batch)},
@@ -248,7 +248,7 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
     for note in data.notes:  # nothing decoded differently without a word
         log(f"      data: {note}")
     trained = None if spec.weights is not None else fit_or_load(model, spec, data, costs, progress)
-    step(f"[2/7] model: {spec.model.arch or spec.model.factory}, {len(model.blocks)} exits, "
+    step(f"[2/7] model: {spec.model.label}, {len(model.blocks)} exits, "
          + ("trained: val accuracy per exit " + ", ".join(f"{a:.1%}" for a in trained["val_accuracy"])
             if trained else f"weights {spec.weights.name}"))
 

@@ -37,6 +37,21 @@ class ModelSpec:
     arch: str | None
     factory: str | None
     args: dict[str, Any]
+    backbone: str | None = None  # torchvision:NAME, timm:NAME or package.module:function (any nn.Module)
+    exits_after: tuple[str, ...] = ()  # with a backbone: the layers to exit after, in forward order
+    exit_head: dict[str, Any] = field(default_factory=dict)  # with a backbone: {kind, width}
+
+    @property
+    def label(self) -> str:
+        """The model as the yaml names it."""
+        return self.arch or self.factory or str(self.backbone)
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The model section a bundle records (what the torch backend rebuilds it from)."""
+        out: dict[str, Any] = {"arch": self.arch, "factory": self.factory, "args": self.args}
+        if self.backbone is not None:
+            out.update(backbone=self.backbone, exits_after=list(self.exits_after), exit_head=self.exit_head)
+        return out
 
 
 @dataclass(frozen=True)
@@ -225,23 +240,48 @@ def _path(value: Any, path: str, base: Path) -> Path:
 # --- sections ----------------------------------------------------------------------------
 
 
+EXIT_HEADS = ("pool-linear", "conv-pool-linear")  # model.exit_head.kind (edgeexit.backbone.make_head)
+_BACKBONE_RE = re.compile(r"^(torchvision|timm):[A-Za-z_]\w*$")
+
+
 def _model(raw: Any) -> ModelSpec:
-    m = _mapping(raw, "model", set(), {"arch", "factory", "args"})
-    if ("arch" in m) == ("factory" in m):
-        raise SpecError("model: give exactly one of 'arch' (a zoo architecture) or 'factory' ('package.module:function')")
+    m = _mapping(raw, "model", set(), {"arch", "factory", "backbone", "exits_after", "exit_head", "args"})
+    if sum(k in m for k in ("arch", "factory", "backbone")) != 1:
+        raise SpecError("model: give exactly one of 'arch' (a zoo architecture), 'factory' ('package.module:function' "
+                        "building a multi-exit model) or 'backbone' (any network, with exits_after)")
     args = m.get("args", {}) or {}
     if not isinstance(args, dict):
         raise SpecError(f"model.args: expected a mapping, got {_type_name(args)}")
-    arch = factory = None
+    if "backbone" not in m:
+        for key in ("exits_after", "exit_head"):
+            if key in m:
+                raise SpecError(f"model.{key}: only with model.backbone")
+    arch = factory = backbone = None
+    exits_after: tuple[str, ...] = ()
+    head: dict[str, Any] = {}
     if "arch" in m:
         from edgeexit.models import ARCHITECTURES
 
         arch = _choice(m["arch"], "model.arch", tuple(sorted(ARCHITECTURES)))
-    else:
+    elif "factory" in m:
         factory = _str(m["factory"], "model.factory")
         if not _FACTORY_RE.match(factory):
             raise SpecError(f"model.factory: {factory!r} is not of the form 'package.module:function'")
-    return ModelSpec(arch=arch, factory=factory, args=dict(args))
+    else:
+        backbone = _str(m["backbone"], "model.backbone")
+        if not (_BACKBONE_RE.match(backbone) or _FACTORY_RE.match(backbone)):
+            raise SpecError(f"model.backbone: {backbone!r} is not torchvision:NAME, timm:NAME or "
+                            "'package.module:function'")
+        if "exits_after" not in m:
+            raise SpecError("model.exits_after: name the layers to exit after (as named_modules() prints them, "
+                            "e.g. [layer1, layer2, layer3])")
+        exits_after = tuple(_str(v, f"model.exits_after[{k}]") for k, v in enumerate(_list(m["exits_after"],
+                                                                                           "model.exits_after")))
+        h = _mapping(m.get("exit_head") or {}, "model.exit_head", set(), {"kind", "width"})
+        head = {"kind": _choice(h.get("kind", "pool-linear"), "model.exit_head.kind", EXIT_HEADS),
+                "width": _int(h.get("width", 128), "model.exit_head.width", 1, 4096)}
+    return ModelSpec(arch=arch, factory=factory, args=dict(args), backbone=backbone, exits_after=exits_after,
+                     exit_head=head)
 
 
 def _input(raw: Any) -> InputSpec:

@@ -132,19 +132,19 @@ def test_a_bundle_never_imports_code_it_carries(factory_bundle, capsys, monkeypa
 
 
 def test_a_missing_factory_module_says_where_it_is_looked_for(tmp_path, monkeypatch):
-    from edgeexit.models.registry import _resolve_factory
+    from edgeexit.models.registry import resolve_factory
 
     hint = "(is it installed, or on PYTHONPATH? the current folder is not searched)"
     with pytest.raises(SpecError, match=r"cannot import 'edgeexit_no_such_net'.*" + re.escape(hint)):
-        _resolve_factory("edgeexit_no_such_net:build", None)  # a bundle's factory: only installed modules
+        resolve_factory("edgeexit_no_such_net:build", None)  # a bundle's factory: only installed modules
     with pytest.raises(SpecError) as exc:
-        _resolve_factory("edgeexit_no_such_net:build", tmp_path)  # a yaml's: its folder is searched
+        resolve_factory("edgeexit_no_such_net:build", tmp_path)  # a yaml's: its folder is searched
     assert "cannot import" in str(exc.value) and hint not in str(exc.value)
     (tmp_path / "edgeexit_needs_dep.py").write_text("import edgeexit_no_such_dep\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
         with pytest.raises(SpecError) as exc:  # found, but a module it imports is not: no hint about paths
-            _resolve_factory("edgeexit_needs_dep:build", None)
+            resolve_factory("edgeexit_needs_dep:build", None)
     finally:
         sys.modules.pop("edgeexit_needs_dep", None)
     assert "No module named 'edgeexit_no_such_dep'" in str(exc.value) and hint not in str(exc.value)

@@ -40,13 +40,14 @@ def _module_origin(module_name: str) -> list[Path]:
     return places + [Path(p) for p in (spec.submodule_search_locations or [])]
 
 
-def _resolve_factory(factory: str, base_dir: Path | None, refuse_under: Path | None = None) -> Callable[..., nn.Module]:
+def resolve_factory(factory: str, base_dir: Path | None, refuse_under: Path | None = None,
+                    field: str = "model.factory") -> Callable[..., nn.Module]:
     """The factory function; `base_dir` (a yaml's folder) is importable while it is looked up,
     and a module that would come from inside `refuse_under` (a bundle) is refused unrun."""
     module_name, fn_name = factory.split(":")
     top = module_name.split(".")[0]
     if top in NOT_FACTORIES:  # os:system, subprocess:run, torch.hub:load ... are not model factories
-        raise SpecError(f"model.factory: {factory!r} names {top!r} ({'the standard library' if top != 'torch' else 'torch itself'}); "
+        raise SpecError(f"{field}: {factory!r} names {top!r} ({'the standard library' if top != 'torch' else 'torch itself'}); "
                         "a factory is a function or class of the user's own (or a model library's) module")
     added = base_dir is not None and str(base_dir) not in sys.path
     if added:  # a user's model file next to their model.yaml is importable
@@ -55,29 +56,29 @@ def _resolve_factory(factory: str, base_dir: Path | None, refuse_under: Path | N
         if refuse_under is not None:
             inside = [p for p in _module_origin(module_name) if p.resolve().is_relative_to(refuse_under.resolve())]
             if inside:
-                raise SpecError(f"model.factory: {module_name!r} would be imported from inside the bundle ({inside[0]}); "
+                raise SpecError(f"{field}: {module_name!r} would be imported from inside the bundle ({inside[0]}); "
                                 "a bundle never runs code it carries: install the module where it runs")
         module = importlib.import_module(module_name)
     except ImportError as exc:
         missing = isinstance(exc, ModuleNotFoundError) and exc.name and (module_name + ".").startswith(exc.name + ".")
         hint = (" (is it installed, or on PYTHONPATH? the current folder is not searched)"
                 if missing and base_dir is None else "")  # the module itself, where only installed ones are found
-        raise SpecError(f"model.factory: cannot import {module_name!r}: {exc}{hint}") from None
+        raise SpecError(f"{field}: cannot import {module_name!r}: {exc}{hint}") from None
     except SystemExit as exc:
-        raise SpecError(f"model.factory: importing {module_name!r} called sys.exit({exc.code})") from None
+        raise SpecError(f"{field}: importing {module_name!r} called sys.exit({exc.code})") from None
     except SpecError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's module failed: say so in one line
-        raise SpecError(f"model.factory: importing {module_name!r} raised {type(exc).__name__}: {exc}") from None
+        raise SpecError(f"{field}: importing {module_name!r} raised {type(exc).__name__}: {exc}") from None
     finally:
         if added:
             sys.path.remove(str(base_dir))
     fn = getattr(module, fn_name, None)
     if not (inspect.isfunction(fn) or inspect.isclass(fn)):
-        raise SpecError(f"model.factory: {module_name!r} has no function or class {fn_name!r}")
+        raise SpecError(f"{field}: {module_name!r} has no function or class {fn_name!r}")
     origin = getattr(fn, "__module__", None) or ""
     if origin.split(".")[0] != top:  # `from os import system` in a user module is not its factory
-        raise SpecError(f"model.factory: {factory!r} is {origin}.{fn_name}, defined outside the {top!r} package; "
+        raise SpecError(f"{field}: {factory!r} is {origin}.{fn_name}, defined outside the {top!r} package; "
                         "name the module that defines it")
     return fn
 
@@ -97,18 +98,22 @@ def build_model(model_spec, input_spec, base_dir: Path | None, refuse_under: Pat
     factory must be installed), and a factory module inside `refuse_under` is refused.
     A factory runs the user's Python code: whatever it raises becomes one line.
     """
+    implied = {"in_channels": input_spec.shape[0], "num_classes": len(input_spec.classes)}
     if model_spec.arch is not None:
         fn, label = ARCHITECTURES[model_spec.arch], model_spec.arch
+    elif model_spec.backbone is not None:
+        from edgeexit.backbone import backbone_constructor
+
+        fn, label, implied = backbone_constructor(model_spec.backbone, implied, base_dir, refuse_under)
     else:
-        fn, label = _resolve_factory(model_spec.factory, base_dir, refuse_under), model_spec.factory
+        fn, label = resolve_factory(model_spec.factory, base_dir, refuse_under), model_spec.factory
     names, takes_any = _accepts(fn)
     kwargs = dict(model_spec.args)
     for key in kwargs:
-        if key in ("in_channels", "num_classes"):
+        if key in ("in_channels", "num_classes", "in_chans"):
             raise SpecError(f"model.args.{key}: set by the input section; remove it here")
         if key not in names and not takes_any:
             raise SpecError(f"model.args.{key}: {label} has no argument {key!r} (accepts: {', '.join(names)})")
-    implied = {"in_channels": input_spec.shape[0], "num_classes": len(input_spec.classes)}
     kwargs.update({k: v for k, v in implied.items() if k in names or takes_any})
     try:
         model = fn(**kwargs)
@@ -122,6 +127,11 @@ def build_model(model_spec, input_spec, base_dir: Path | None, refuse_under: Pat
         raise SpecError(f"model.factory: {label} raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise SpecError(f"model: {label} returned {type(model).__name__}, not a torch.nn.Module")
+    if model_spec.backbone is not None:
+        from edgeexit.backbone import ExitHead, attach_exits
+
+        model = attach_exits(model, model_spec.exits_after, ExitHead(**model_spec.exit_head),
+                             torch.zeros(2, *input_spec.shape), implied["num_classes"], label)
     for attr in ("blocks", "exits"):
         if not isinstance(getattr(model, attr, None), nn.ModuleList):
             raise SpecError(f"model: {label} has no nn.ModuleList '{attr}' (see the multi-exit contract in the README)")

@@ -27,11 +27,13 @@ def torch_model(bundle: Bundle, trust_code: bool = False):
     from edgeexit.spec import InputSpec, ModelSpec
 
     m = bundle.manifest.get("model")
-    if not isinstance(m, dict) or (m.get("arch") is None) == (m.get("factory") is None):
-        raise EdgeExitError("bundle: manifest field model names neither a zoo arch nor a factory; the torch "
-                            "backend cannot rebuild it")
-    if m.get("factory") is not None and not trust_code:
-        raise EdgeExitError(TRUST_CODE_HINT.format(factory=m["factory"]))
+    if not isinstance(m, dict) or sum(m.get(k) is not None for k in ("arch", "factory", "backbone")) != 1:
+        raise EdgeExitError("bundle: manifest field model names none (or several) of a zoo arch, a factory and a "
+                            "backbone; the torch backend cannot rebuild it")
+    backbone = str(m.get("backbone") or "")
+    code = m.get("factory") or (backbone if backbone and backbone.split(":")[0] not in ("torchvision", "timm") else None)
+    if code is not None and not trust_code:  # torchvision's and timm's models are libraries, not the bundle's code
+        raise EdgeExitError(TRUST_CODE_HINT.format(factory=code))
     if m.get("arch") is not None:
         from edgeexit.models import ARCHITECTURES
 
@@ -44,7 +46,8 @@ def torch_model(bundle: Bundle, trust_code: bool = False):
                             "it out); the torch backend needs it: use --backend onnxruntime or tensorrt")
     inp = bundle.input
     model = build_model(
-        ModelSpec(m.get("arch"), m.get("factory"), m.get("args", {})),
+        ModelSpec(m.get("arch"), m.get("factory"), m.get("args", {}), m.get("backbone"),
+                  tuple(m.get("exits_after") or ()), dict(m.get("exit_head") or {})),
         InputSpec(inp["name"], tuple(inp["shape"][1:]), inp["dtype"], tuple(inp["mean"]), tuple(inp["std"]),
                   tuple(bundle.classes)),
         None, refuse_under=bundle.path,

@@ -1,0 +1,405 @@
+"""Exits on any backbone: cut an `nn.Module` after named layers into edgeexit's stages.
+
+A user names the modules to exit after (``model.exits_after: [layer1, layer2, layer3]``, as
+``named_modules()`` prints them). `torch.fx` traces the backbone with those modules kept whole,
+the graph is split after each of them, and every segment becomes a block whose carried tensors
+are exactly the values live across its cut: the main feature map, and also a skip connection
+that spans the cut, or every scale of a multi-scale network. A module that returns a list or
+tuple (MSDNet's blocks pass one tensor per scale) is flattened: its elements are carried one
+by one, and only those a later stage reads. Parameters and buffers are never carried: each
+stage reads its own. The result is the `blocks`/`exits` contract the rest of edgeexit consumes;
+`forward` runs the untouched backbone (with hooks catching the features at the cuts), so the
+staging check compares the split against the original network, not against itself.
+
+A cut that cannot be made is refused in one line naming the node: a layer called twice, a
+non-tensor value (a shape, a Python number) computed before a cut and used after it, a
+backbone fx cannot trace (data-dependent control flow).
+"""
+
+from __future__ import annotations
+
+import difflib
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from edgeexit.errors import SpecError
+
+@dataclass(frozen=True)
+class ExitHead:
+    """`model.exit_head`: the classifier attached at every cut (the backbone's own head is the last exit)."""
+
+    kind: str = "pool-linear"
+    width: int = 128  # conv-pool-linear: the channels of its two convolutions
+
+
+def make_head(spec: ExitHead, channels: int, classes: int) -> nn.Module:
+    """A small classifier on a (B, C, H, W) feature map: global average pool and a linear layer,
+    or, as MSDNet's classifiers, two strided 3x3 convolutions (BN, ReLU) before them."""
+    if spec.kind == "pool-linear":
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes))
+    layers: list[nn.Module] = []
+    for c_in in (channels, spec.width):
+        layers += [nn.Conv2d(c_in, spec.width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(spec.width),
+                   nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(spec.width, classes))
+
+
+class FeatureExit(nn.Module):
+    """Exit k: its head on one of the tensors block k carries (the cut's feature map)."""
+
+    def __init__(self, index: int, head: nn.Module):
+        super().__init__()
+        self.index, self.head = index, head
+
+    def forward(self, *carry: torch.Tensor) -> torch.Tensor:
+        return self.head(carry[self.index])
+
+
+class CutModel(nn.Module):
+    """A backbone with exits after named layers, in the multi-exit contract (`blocks`, `exits`).
+
+    The blocks share their layers with `backbone`; `forward` runs `backbone` itself and returns
+    every exit's logits, the backbone's own output last."""
+
+    def __init__(self, backbone: nn.Module, blocks: Sequence[nn.Module], exits: Sequence[nn.Module],
+                 cuts: Sequence[str]):
+        super().__init__()
+        self.backbone = backbone
+        self.blocks, self.exits = nn.ModuleList(blocks), nn.ModuleList(exits)
+        self.cuts = tuple(cuts)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        seen: dict[str, object] = {}
+        handles = [self.backbone.get_submodule(name).register_forward_hook(
+            lambda _m, _i, out, name=name: seen.setdefault(name, out)) for name in self.cuts]
+        try:
+            out = self.backbone(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        features = [_feature_of(seen[name]) for name in self.cuts]
+        return [exit_head.head(f) for exit_head, f in zip(self.exits, features)] + [out]
+
+
+def _feature_of(value):
+    """What an exit reads from a cut layer's output: the tensor, or a list's last element (the
+    coarsest scale, as MSDNet's classifiers read it)."""
+    return value[-1] if isinstance(value, (list, tuple)) else value
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, keeping the cut layers (and layers fx cannot trace through) whole, so each
+    is one node of the graph; it notes the innermost layer whose tracing failed."""
+
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self.leaves, self.failed = leaves, None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed is None:
+                self.failed = self.path_of_module(m)
+            raise
+
+
+_MAX_OPAQUE = 64  # layers kept whole because fx cannot trace through them, at the most
+
+
+def _trace(backbone: nn.Module, cuts: Sequence[str], sample: torch.Tensor, label: str) -> fx.GraphModule:
+    """The traced backbone with shapes on every node. A layer fx cannot trace through (it
+    iterates over a list it was passed, or branches on data) that lies outside every cut is
+    kept whole and traced again; the first layer it cannot keep whole is named."""
+    leaves = set(cuts)
+    for _ in range(_MAX_OPAQUE):
+        tracer = _Tracer(leaves)
+        try:
+            graph = tracer.trace(backbone)
+            break
+        except Exception as exc:  # noqa: BLE001 - whatever fx says, in one line
+            failed = tracer.failed
+            if failed and failed not in leaves and not any(c.startswith(failed + ".") for c in cuts):
+                leaves.add(failed)
+                continue
+            detail = " ".join(str(exc).split())[:300]
+            where = f" in {failed!r}" if failed else ""
+            raise SpecError(f"model.backbone: torch.fx cannot trace {label}{where} ({type(exc).__name__}: {detail}); "
+                            "data-dependent control flow must sit inside a layer that is cut after or holds no cut") \
+                from None
+    else:
+        raise SpecError(f"model.backbone: torch.fx cannot trace {label}: more than {_MAX_OPAQUE} layers fail")
+    gm = fx.GraphModule(tracer.root, graph)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(sample)
+    except Exception as exc:  # noqa: BLE001
+        detail = " ".join(str(exc).split())[:300]
+        raise SpecError(f"model.backbone: {label} does not run on an input of shape {tuple(sample.shape[1:])} "
+                        f"(input.shape): {type(exc).__name__}: {detail}") from None
+    return gm
+
+
+Item = tuple  # (node, None) for a tensor, (node, i) for element i of a list or tuple of tensors
+
+
+def _items(node: fx.Node) -> list[Item] | None:
+    """How `node`'s value crosses a cut: itself (a tensor), its elements (a flat list or tuple of
+    tensors, e.g. MSDNet's scales), or None (anything else cannot)."""
+    meta = node.meta.get("tensor_meta")
+    if isinstance(meta, TensorMetadata):
+        return [(node, None)]
+    if isinstance(meta, (list, tuple)) and meta and all(isinstance(m, TensorMetadata) for m in meta):
+        return [(node, i) for i in range(len(meta))]
+    return None
+
+
+def _item_meta(item: Item) -> TensorMetadata:
+    meta = item[0].meta["tensor_meta"]
+    return meta if item[1] is None else meta[item[1]]
+
+
+def _cut_nodes(gm: fx.GraphModule, cuts: Sequence[str], backbone: nn.Module) -> list[fx.Node]:
+    """The graph node of every cut layer, in the order the forward runs them."""
+    names = {n for n, _ in backbone.named_modules() if n}
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    found = []
+    for name in cuts:
+        if name not in names:
+            close = difflib.get_close_matches(name, sorted(names), 3)
+            raise SpecError(f"model.exits_after: {name!r} is not a module of the backbone"
+                            + (f" (did you mean {', '.join(close)}?)" if close else
+                               " (names as named_modules() prints them, e.g. layer1, features.3)"))
+        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
+        if len(calls) != 1:
+            raise SpecError(f"model.exits_after: {name!r} is " + ("never called by forward()" if not calls else
+                            f"called {len(calls)} times by forward(); cut after a layer that runs once"))
+        found.append(calls[0])
+    for (a, na), (b, nb) in zip(zip(cuts, found), zip(cuts[1:], found[1:])):
+        if order[nb] <= order[na]:
+            raise SpecError(f"model.exits_after: {b!r} runs before {a!r}; list the layers in the order forward() runs them")
+    return found
+
+
+def _segments(gm: fx.GraphModule, cut_nodes: list[fx.Node]) -> dict[fx.Node, int]:
+    """The segment of every computing node: k for nodes after cut k-1 up to and including cut
+    k. An element taken out of a list or tuple goes with the node that made it, so a cut
+    carries the elements a later stage reads, not the whole container."""
+    cuts, seg, current = {node: k for k, node in enumerate(cut_nodes)}, {}, 0
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        source = node.args[0] if node.args else None
+        if node.target is operator.getitem and isinstance(source, fx.Node) and _items(source) != [(source, None)]:
+            seg[node] = seg.get(source, 0)
+        else:
+            seg[node] = current
+        if node in cuts:
+            current = cuts[node] + 1
+    return seg
+
+
+def _exit_feature(cut: fx.Node, name: str) -> Item:
+    """The tensor exit k reads: the cut layer's output, or the last element of a list it returns
+    (the coarsest scale, as MSDNet's classifiers read it)."""
+    items = _items(cut)
+    if items is None:
+        raise SpecError(f"model.exits_after: {name!r} returns something other than a tensor or a list of tensors; "
+                        "cut after another layer")
+    if items[0][1] is None:
+        return items[0]
+    last = len(items) - 1
+    taken = [u for u in cut.users if u.target is operator.getitem and u.args[1] in (last, -1)]
+    return (taken[0], None) if taken else items[-1]
+
+
+def split_backbone(backbone: nn.Module, cuts: Sequence[str], sample: torch.Tensor,
+                   label: str) -> tuple[list[fx.GraphModule], list[list[Item]], list[Item]]:
+    """Trace `backbone` and split it after each layer in `cuts`: the block of every segment, what
+    each block carries out (exit k's feature first), and the exit features."""
+    backbone = backbone.eval()
+    gm = _trace(backbone, cuts, sample, label)
+    cut_nodes = _cut_nodes(gm, cuts, backbone)
+    seg = _segments(gm, cut_nodes)
+    n = len(cut_nodes) + 1
+    output = next(node for node in gm.graph.nodes if node.op == "output")
+    result = output.args[0]
+    if not (isinstance(result, fx.Node) and _items(result) == [(result, None)]):
+        raise SpecError(f"model.backbone: {label}'s forward() returns {type(result).__name__}; the last exit needs "
+                        "one tensor of logits")
+    features = [_exit_feature(node, name) for node, name in zip(cut_nodes, cuts)]
+
+    def stage_of(node: fx.Node) -> int:
+        return n - 1 if node.op == "output" else seg[node]
+
+    carries: list[list[Item]] = []
+    for k in range(n - 1):
+        live: list[Item] = []
+        for v in gm.graph.nodes:
+            if v.op in ("output", "get_attr") or (v.op != "placeholder" and seg[v] > k):
+                continue
+            if not any(stage_of(u) > k for u in v.users):
+                continue
+            items = _items(v)
+            if items is None:
+                raise SpecError(f"model.exits_after: {v.name} ({v.format_node()[:120]}) is computed before the cut "
+                                f"after {cuts[k]!r} and used after it, but is not a tensor or a list of tensors; only "
+                                "tensors can cross a cut (compute it after the cut, or cut after another layer)")
+            live += items
+        if features[k] not in live:
+            raise SpecError(f"model.exits_after: the output of {cuts[k]!r} is not used after it; cut after a layer whose "
+                            "output the network reads on")
+        carries.append([features[k]] + [item for item in live if item != features[k]])
+    carries.append([(result, None)])
+    blocks = []
+    for k in range(n):
+        inputs = [(node, None) for node in gm.graph.nodes if node.op == "placeholder"] if k == 0 else carries[k - 1]
+        blocks.append(_block(gm, [v for v in gm.graph.nodes if v.op not in ("placeholder", "output", "get_attr")
+                                  and seg[v] == k], inputs, carries[k]))
+    return blocks, carries, features
+
+
+def _block(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[Item], outputs: list[Item]) -> fx.GraphModule:
+    """One segment as a module: `inputs` -> `nodes` -> the tuple of `outputs` (layers and
+    parameters shared with `gm`, never copied). A list carried as its elements is taken in as
+    placeholders and rebuilt as the list its consumers expect."""
+    graph, env = fx.Graph(), {}
+    parts: dict[fx.Node, dict[int, fx.Node]] = {}
+    for i, (value, index) in enumerate(inputs):
+        ph = graph.placeholder(value.name if value.op == "placeholder" else f"carry{i}")
+        if index is None:
+            env[value] = ph
+        else:
+            parts.setdefault(value, {})[index] = ph
+    for value, elements in parts.items():
+        kind = type(value.meta["tensor_meta"])
+        env[value] = kind(elements[i] for i in range(len(value.meta["tensor_meta"])))
+
+    def arg(value: fx.Node) -> fx.Node:
+        if value not in env and value.op == "get_attr":  # parameters and constants: read, never carried
+            env[value] = graph.node_copy(value)
+        return env[value]
+
+    for node in nodes:
+        env[node] = graph.node_copy(node, arg)
+
+    def out(item: Item):
+        value, index = item
+        if index is None:
+            return env[value]
+        held = env[value]
+        return held[index] if isinstance(held, (list, tuple)) else graph.call_function(operator.getitem, (held, index))
+
+    graph.output(tuple(out(item) for item in outputs))
+    graph.lint()
+    return fx.GraphModule(gm, graph)
+
+
+def import_torchvision():
+    """torchvision, also where its compiled operators were built for another torch (a CUDA
+    wheel beside a CPU torch; JetPack's torch beside a pip torchvision): its import then fails
+    registering `torchvision::nms`. Its classification models need none of those operators, so
+    each missing one is declared (a schema, no kernel: calling it still fails) and the import
+    retried, with one warning."""
+    import re
+    import sys
+    import warnings
+
+    declared = []
+    for _ in range(16):
+        try:
+            import torchvision
+        except RuntimeError as exc:
+            missing = re.search(r"operator torchvision::(\w+) does not exist", str(exc))
+            if missing is None or missing[1] in declared:
+                raise
+            if not declared:
+                _TORCHVISION_OPS.append(torch.library.Library("torchvision", "FRAGMENT"))
+            _TORCHVISION_OPS[0].define(f"{missing[1]}(Tensor x) -> Tensor")
+            declared.append(missing[1])
+            for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+                del sys.modules[name]
+            continue
+        if declared:
+            warnings.warn(f"torchvision {torchvision.__version__}'s compiled operators do not load against torch "
+                          f"{torch.__version__}; its models run without them ({', '.join(declared)} would fail)",
+                          stacklevel=2)
+        return torchvision
+    raise SpecError("model.backbone: torchvision cannot be imported with this torch")
+
+
+_TORCHVISION_OPS: list = []  # the library fragment holding the declared operators, kept alive
+
+
+def backbone_constructor(name: str, implied: dict[str, int], base_dir, refuse_under):
+    """The function that builds `model.backbone` (torchvision:NAME, timm:NAME or a factory), its
+    label, and the arguments the input section implies under the names it takes."""
+    from edgeexit.models.registry import resolve_factory
+
+    library, _, model = name.partition(":")
+    if library == "torchvision":
+        try:
+            models = import_torchvision().models
+        except ImportError:
+            raise SpecError("model.backbone: torchvision is not installed (pip install torchvision, the build "
+                            "matching your torch)") from None
+        if model not in models.list_models(models):
+            close = difflib.get_close_matches(model, models.list_models(models), 3)
+            raise SpecError(f"model.backbone: torchvision has no classification model {model!r}"
+                            + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        if implied["in_channels"] != 3:
+            raise SpecError(f"model.backbone: torchvision's {model} takes 3 input channels, input.shape has "
+                            f"{implied['in_channels']}; give RGB data (an image folder decodes to input.shape's "
+                            "channels) or a backbone that takes in_channels")
+        return models.get_model_builder(model), name, {"num_classes": implied["num_classes"]}
+    if library == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise SpecError("model.backbone: timm is not installed (pip install timm)") from None
+        if model not in timm.list_models():
+            raise SpecError(f"model.backbone: timm has no model {model!r} (timm.list_models() lists them)")
+
+        def create(num_classes: int, in_chans: int, **kwargs) -> nn.Module:
+            return timm.create_model(model, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+        return create, name, {"num_classes": implied["num_classes"], "in_chans": implied["in_channels"]}
+    return resolve_factory(name, base_dir, refuse_under, field="model.backbone"), name, implied
+
+
+def attach_exits(backbone: nn.Module, cuts: Sequence[str], head: ExitHead, sample: torch.Tensor, classes: int,
+                 label: str) -> CutModel:
+    """The backbone with an exit after every layer in `cuts` (a `head` each) and its own output as
+    the last exit: edgeexit's multi-exit contract, checked on `sample` (a batch of the input)."""
+    if not cuts:
+        raise SpecError("model.exits_after: name at least one layer to exit after")
+    if len(set(cuts)) != len(cuts):
+        raise SpecError("model.exits_after: a layer is named twice")
+    blocks, _carries, features = split_backbone(backbone, cuts, sample, label)
+    exits = []
+    for feature, name in zip(features, cuts):
+        shape = _item_meta(feature).shape
+        if len(shape) != 4:
+            raise SpecError(f"model.exits_after: {name!r} gives a tensor of shape {tuple(shape[1:])}; an exit head "
+                            "reads a (C, H, W) feature map")
+        exits.append(FeatureExit(0, make_head(head, int(shape[1]), classes)))
+    exits.append(FeatureExit(0, nn.Identity()))
+    return CutModel(backbone, blocks, exits, cuts)
+
+
+def carried_bytes(model: CutModel, sample: torch.Tensor) -> list[int]:
+    """Bytes per sample each stage hands to the next (what a device keeps between stages)."""
+    sizes, carry = [], (sample[:1],)
+    with torch.no_grad():
+        for block in model.blocks[:-1]:
+            carry = tuple(block(*carry))
+            sizes.append(sum(t.numel() * t.element_size() for t in carry))
+    return sizes

@@ -1,0 +1,138 @@
+"""Exits on any backbone (edgeexit.backbone): the automatic cut into stages.
+
+Staged == the untouched backbone (the model's forward runs the original network, the stages
+run the split graph), carries found from the graph (a skip connection across a cut, a list of
+scales passed between blocks), and one-line refusals for cuts that cannot be made.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgeexit.backbone import ExitHead, attach_exits, carried_bytes, import_torchvision
+from edgeexit.errors import SpecError
+from edgeexit.staging import check_staging, make_stages
+from skipnet import MultiScale, SideBranch, SizeAcross, Twice, multiscale, skipnet
+
+X = torch.randn(4, 1, 8, 8)
+
+
+def _carries(model, x) -> list[list[tuple[int, ...]]]:
+    shapes, carry = [], (x,)
+    with torch.no_grad():
+        for block in model.blocks:
+            carry = tuple(block(*carry))
+            shapes.append([tuple(t.shape[1:]) for t in carry])
+    return shapes
+
+
+@pytest.mark.parametrize("head", ["pool-linear", "conv-pool-linear"])
+def test_a_skip_connection_across_a_cut_is_carried_and_the_stages_equal_the_backbone(head):
+    torch.manual_seed(0)
+    model = attach_exits(skipnet(width=16), ["block_a", "block_b"], ExitHead(head, 32), X, 10, "skipnet").eval()
+    assert _carries(model, X) == [[(16, 8, 8)], [(16, 8, 8), (16, 8, 8)], [(10,)]]  # `a` crosses the second cut
+    assert check_staging(model, make_stages(model, "max_softmax"), X) <= 1e-5
+    assert carried_bytes(model, X) == [16 * 64 * 4, 2 * 16 * 64 * 4]
+    assert len(model(X)) == 3 and model(X)[-1].shape == (4, 10)
+
+
+def test_lists_of_scales_are_carried_element_by_element():
+    """MSDNet's reference style: blocks take and return a list, one tensor per scale; block3 iterates
+    over its list, which fx cannot trace through, so it is kept whole."""
+    torch.manual_seed(0)
+    model = attach_exits(multiscale(width=8), ["block1", "block2"], ExitHead("conv-pool-linear", 16), X, 10,
+                         "multiscale").eval()
+    assert _carries(model, X) == [[(16, 4, 4), (8, 8, 8)]] * 2 + [[(10,)]]  # the exit reads the coarsest scale
+    assert check_staging(model, make_stages(model, "max_softmax"), X) <= 1e-5
+    assert isinstance(model.backbone, MultiScale)
+
+
+@pytest.mark.parametrize("make, cuts, message", [
+    (skipnet, ["block_x"], "'block_x' is not a module of the backbone (did you mean ... block_a"),
+    (skipnet, ["block_b", "block_a"], "'block_a' runs before 'block_b'"),
+    (Twice, ["conv"], "'conv' is called 2 times by forward()"),
+    (SizeAcross, ["a"], "size ... is computed before the cut after 'a' and used after it, but is not a tensor"),
+    (SideBranch, ["side"], "the output of 'side' is not used after it"),
+    (skipnet, ["block_a", "block_a"], "a layer is named twice"),
+])
+def test_cuts_that_cannot_be_made_are_refused_in_one_line(make, cuts, message):
+    with pytest.raises(SpecError) as err:
+        attach_exits(make(), cuts, ExitHead(), X, 10, "net")
+    text = str(err.value)
+    assert "\n" not in text and all(part in text for part in message.split(" ... ")), text
+
+
+def test_model_yaml_takes_a_backbone_with_exits_after():
+    from edgeexit.spec import _model
+
+    m = _model({"backbone": "torchvision:resnet18", "exits_after": ["layer1", "layer2"],
+                "exit_head": {"kind": "conv-pool-linear", "width": 64}})
+    assert (m.backbone, m.exits_after, m.exit_head) == ("torchvision:resnet18", ("layer1", "layer2"),
+                                                        {"kind": "conv-pool-linear", "width": 64})
+    assert m.to_manifest()["exits_after"] == ["layer1", "layer2"] and m.label == "torchvision:resnet18"
+    for raw, message in (({"backbone": "torchvision:resnet18"}, "model.exits_after: name the layers"),
+                         ({"arch": "eenet_resnet", "exits_after": ["a"]}, "model.exits_after: only with model.backbone"),
+                         ({"backbone": "resnet18", "exits_after": ["a"]}, "is not torchvision:NAME"),
+                         ({"backbone": "a:b", "arch": "eenet_resnet"}, "give exactly one of"),
+                         ({"backbone": "a:b", "exits_after": ["x"], "exit_head": {"kind": "mlp"}}, "exit_head.kind")):
+        with pytest.raises(SpecError, match=message):
+            _model(raw)
+
+
+@pytest.mark.parametrize("name, cuts", [("resnet18", ["layer1", "layer2", "layer3"]),
+                                        ("mobilenet_v3_small", ["features.3", "features.8"])])
+def test_torchvision_backbones_split_after_named_layers(name, cuts):
+    try:
+        models = import_torchvision().models
+    except ImportError:
+        pytest.skip("torchvision is not installed (the README's test command installs it)")
+    from edgeexit.models import build_model
+    from edgeexit.spec import InputSpec, ModelSpec
+
+    inp = InputSpec("image", (3, 32, 32), "float32", (0.5,) * 3, (0.25,) * 3, tuple("abcde"))
+    model = build_model(ModelSpec(None, None, {}, f"torchvision:{name}", tuple(cuts), {"kind": "pool-linear",
+                                                                                     "width": 64}), inp, None)
+    assert type(model.backbone) is type(models.get_model(name))
+    x = torch.randn(2, 3, 32, 32)
+    assert check_staging(model, make_stages(model, "max_softmax"), x) <= 1e-5
+    assert len(model.blocks) == len(cuts) + 1 and model(x)[-1].shape == (2, 5)
+
+
+@pytest.mark.slow
+def test_a_backbone_yaml_builds_a_bundle_whose_middle_stage_carries_two_tensors(tmp_path):
+    """The whole pipeline from a yaml naming a plain network: the skip connection becomes a
+    second carried tensor in the manifest, every stage is parity-checked against torch, and
+    the torch backend (trusting the factory) rebuilds the same model from the bundle."""
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+    import yaml
+
+    from conftest import EXAMPLE
+    from edgeexit.build import build
+    from edgeexit.runtime.loader import open_backend
+    from edgeexit.spec import load_spec
+    from edgeexit.tracing import split_inputs
+
+    raw = yaml.safe_load(Path(EXAMPLE).read_text())
+    raw.update(name="digits-skipnet", output="build/digits-skipnet",
+               model={"backbone": "skipnet:skipnet", "exits_after": ["block_a", "block_b"],
+                      "exit_head": {"kind": "conv-pool-linear", "width": 32}, "args": {"width": 16}})
+    raw["train"]["epochs"] = 3
+    shutil.copy(Path(__file__).parent / "skipnet.py", tmp_path / "skipnet.py")
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(raw))
+    bundle, _report = build(load_spec(tmp_path / "model.yaml"), tmp_path / "bundle", progress=False)
+    stages = bundle.manifest["stages"]
+    assert [len(s["outputs"]["carry"]) for s in stages] == [1, 2, 0] and stages[2]["inputs"] == ["s1_carry0", "s1_carry1"]
+    assert max(s["parity_max_abs_diff"] for s in stages) < 1e-4
+    assert bundle.manifest["model"]["exits_after"] == ["block_a", "block_b"]
+    x, _ = split_inputs(bundle, "test", None)
+    from edgeexit.runtime.cascade import Cascade
+
+    preds = {}
+    for kind, trust in (("onnxruntime", False), ("torch", True)):
+        with open_backend(bundle, kind, trust_code=trust) as backend:
+            preds[kind] = Cascade(backend, bundle.stage_ios, [0.9, 0.9, None])(x[:64]).pred
+    assert np.array_equal(preds["onnxruntime"], preds["torch"])
