@@ -72,7 +72,10 @@ class StageCost:
 def new_model(spec: Spec) -> torch.nn.Module:
     """The spec's model with its seeded initial weights (the seed fixes them too)."""
     seed_everything(spec.train.seed)
-    return build_model(spec.model, spec.input, spec.base_dir).eval()
+    model = build_model(spec.model, spec.input, spec.base_dir)
+    if spec.model.checkpoint is not None:  # the user's trained backbone; the exit heads stay as initialised
+        load_weights(model.backbone, spec.model.checkpoint, field="model.checkpoint")
+    return model.eval()
 
 
 def check_contract(model: torch.nn.Module, spec: Spec) -> None:

@@ -11,8 +11,8 @@ the papers' budget plots; `count_flops` stays the engine-level figure of one sta
 Counted per leaf module, from the shapes of the tensors it actually sees (so grouped
 convs and convs applied to a channel subset are counted as run): convolutions
 (in * out * kernel * out_spatial / groups multiply-adds), linear layers (in * out
-multiply-adds + out bias adds), ReLU (one op per element), average pooling (kernel
-elements per output; adaptive: one per input element). Like op_counter, everything else
+multiply-adds + out bias adds), ReLU (one op per element), average and max pooling (kernel
+elements per output, as op_counter counts both; adaptive average: one per input element). Like op_counter, everything else
 counts zero: batch norm (folded into the conv when deployed), concatenation, dropout and
 functional ops written inside a module's forward rather than as leaf modules. A module
 with a `count_ops(input, output)` method (a conv written with functional calls) counts
@@ -40,7 +40,7 @@ def _leaf_ops(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
         return rows * (fin * fout + (fout if module.bias is not None else 0))
     if isinstance(module, nn.ReLU):
         return inp.numel()
-    if isinstance(module, nn.modules.pooling._AvgPoolNd):
+    if isinstance(module, (nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd)):
         kernel = module.kernel_size
         return out.numel() * math.prod(kernel if isinstance(kernel, tuple) else (kernel,) * (out.dim() - 2))
     if isinstance(module, nn.modules.pooling._AdaptiveAvgPoolNd):

@@ -40,6 +40,7 @@ class ModelSpec:
     backbone: str | None = None  # torchvision:NAME, timm:NAME or package.module:function (any nn.Module)
     exits_after: tuple[str, ...] = ()  # with a backbone: the layers to exit after, in forward order
     exit_head: dict[str, Any] = field(default_factory=dict)  # with a backbone: {kind, width}
+    checkpoint: Path | None = None  # with a backbone: its own trained weights (a state_dict), loaded before training
 
     @property
     def label(self) -> str:
@@ -134,6 +135,8 @@ class TrainSpec:
     cost_lambda: float
     seed: int
     feature_surgery: float | None = None  # Deep Feature Surgery: share beta of exit-specific channels, or off
+    freeze_backbone: bool = False  # with model.backbone: train the exit heads only (the backbone as loaded)
+    distill: tuple[float, float] | None = None  # self-distillation from the final exit: (temperature, weight)
 
 
 @dataclass(frozen=True)
@@ -244,8 +247,8 @@ EXIT_HEADS = ("pool-linear", "conv-pool-linear")  # model.exit_head.kind (edgeex
 _BACKBONE_RE = re.compile(r"^(torchvision|timm):[A-Za-z_]\w*$")
 
 
-def _model(raw: Any) -> ModelSpec:
-    m = _mapping(raw, "model", set(), {"arch", "factory", "backbone", "exits_after", "exit_head", "args"})
+def _model(raw: Any, base_dir: Path) -> ModelSpec:
+    m = _mapping(raw, "model", set(), {"arch", "factory", "backbone", "exits_after", "exit_head", "checkpoint", "args"})
     if sum(k in m for k in ("arch", "factory", "backbone")) != 1:
         raise SpecError("model: give exactly one of 'arch' (a zoo architecture), 'factory' ('package.module:function' "
                         "building a multi-exit model) or 'backbone' (any network, with exits_after)")
@@ -253,7 +256,7 @@ def _model(raw: Any) -> ModelSpec:
     if not isinstance(args, dict):
         raise SpecError(f"model.args: expected a mapping, got {_type_name(args)}")
     if "backbone" not in m:
-        for key in ("exits_after", "exit_head"):
+        for key in ("exits_after", "exit_head", "checkpoint"):
             if key in m:
                 raise SpecError(f"model.{key}: only with model.backbone")
     arch = factory = backbone = None
@@ -280,8 +283,13 @@ def _model(raw: Any) -> ModelSpec:
         h = _mapping(m.get("exit_head") or {}, "model.exit_head", set(), {"kind", "width"})
         head = {"kind": _choice(h.get("kind", "pool-linear"), "model.exit_head.kind", EXIT_HEADS),
                 "width": _int(h.get("width", 128), "model.exit_head.width", 1, 4096)}
+    checkpoint = None
+    if m.get("checkpoint") is not None:
+        checkpoint = _path(m["checkpoint"], "model.checkpoint", base_dir)
+        if not checkpoint.is_file():
+            raise SpecError(f"model.checkpoint: file not found: {checkpoint}")
     return ModelSpec(arch=arch, factory=factory, args=dict(args), backbone=backbone, exits_after=exits_after,
-                     exit_head=head)
+                     exit_head=head, checkpoint=checkpoint)
 
 
 def _input(raw: Any) -> InputSpec:
@@ -411,9 +419,18 @@ def _budget(raw: Any) -> BudgetSpec:
 
 
 def _train(raw: Any) -> TrainSpec:
-    keys = {"epochs", "batch_size", "lr", "momentum", "weight_decay", "loss", "cost_lambda", "seed", "feature_surgery"}
+    keys = {"epochs", "batch_size", "lr", "momentum", "weight_decay", "loss", "cost_lambda", "seed", "feature_surgery",
+            "freeze_backbone", "distill"}
     t = _mapping(raw, "train", set(), keys)
     surgery = t.get("feature_surgery")
+    freeze = t.get("freeze_backbone", False)
+    if not isinstance(freeze, bool):
+        raise SpecError(f"train.freeze_backbone: expected true or false, got {_type_name(freeze)}")
+    distill = None
+    if t.get("distill") is not None:
+        d = _mapping(t["distill"], "train.distill", set(), {"temperature", "weight"})
+        distill = (_float(d.get("temperature", 4.0), "train.distill.temperature", 0.0, 100.0, lo_open=True),
+                   _float(d.get("weight", 1.0), "train.distill.weight", 0.0, 100.0))
     return TrainSpec(
         epochs=_int(t.get("epochs", 30), "train.epochs", 1),
         batch_size=_int(t.get("batch_size", 64), "train.batch_size", 1),
@@ -424,6 +441,7 @@ def _train(raw: Any) -> TrainSpec:
         cost_lambda=_float(t.get("cost_lambda", 0.1), "train.cost_lambda", 0.0),
         seed=_int(t.get("seed", 0), "train.seed", 0, MAX_SEED),
         feature_surgery=None if surgery is None else _float(surgery, "train.feature_surgery", 0.0, 1.0, lo_open=True),
+        freeze_backbone=freeze, distill=distill,
     )
 
 
@@ -451,7 +469,7 @@ def parse_spec(raw: Any, base_dir: Path, source: Path | None = None, require_wei
     output = _path(top.get("output", f"build/{name}"), "output", base_dir)
     spec = Spec(
         name=name,
-        model=_model(top["model"]),
+        model=_model(top["model"], base_dir),
         weights=weights,
         input=_input(top["input"]),
         data=_data(top["data"], base_dir),
@@ -466,6 +484,10 @@ def parse_spec(raw: Any, base_dir: Path, source: Path | None = None, require_wei
     )
     if spec.budget.batch > spec.export.batch.max:
         raise SpecError(f"budget.batch: {spec.budget.batch} is above export.batch.max ({spec.export.batch.max})")
+    if spec.train.freeze_backbone and (spec.model.backbone is None or spec.model.checkpoint is None):
+        raise SpecError("train.freeze_backbone: trains the exit heads of a model.backbone on its model.checkpoint "
+                        + ("(give the backbone's trained weights there; a frozen random backbone learns nothing)"
+                           if spec.model.backbone is not None else "(this model has no backbone)"))
     _check_device(spec)
     return spec
 

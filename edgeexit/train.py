@@ -106,6 +106,23 @@ def surgery_handoff(beta: float) -> Callable[[tuple[torch.Tensor, ...]], tuple[t
     return handoff
 
 
+def _distill_loss(logits, temperature: float) -> torch.Tensor:
+    """Self-distillation: every earlier exit learns the final exit's softened distribution (the
+    teacher is not trained by it), scaled by T^2 as in Hinton et al."""
+    teacher = F.softmax(logits[-1].detach() / temperature, dim=1)
+    return sum(F.kl_div(F.log_softmax(lg / temperature, dim=1), teacher, reduction="batchmean")
+               for lg in logits[:-1]) * temperature ** 2
+
+
+def _frozen_backbone(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze `model.backbone` (train.freeze_backbone) and return the parameters left to train:
+    the exit heads'. The backbone's batch norms keep their statistics (see `train`)."""
+    frozen = {id(p) for p in model.backbone.parameters()}
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    return [p for p in model.parameters() if id(p) not in frozen]
+
+
 def _all_finite(logits, learned) -> bool:
     """Whether every exit's logits and learned confidence (None: no branch) are finite."""
     return all(bool(torch.isfinite(t).all()) for t in (*logits, *learned) if t is not None)
@@ -125,7 +142,8 @@ def train(model: nn.Module, spec: Spec, data: Dataset, costs: list[float] | None
     seed_everything(cfg.seed)
     x = torch.from_numpy(normalize(data.train.x, spec.input.mean, spec.input.std))
     y = torch.from_numpy(data.train.y)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+    params = _frozen_backbone(model) if cfg.freeze_backbone else list(model.parameters())
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
     steps = cfg.epochs * ((len(x) + cfg.batch_size - 1) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -135,6 +153,8 @@ def train(model: nn.Module, spec: Spec, data: Dataset, costs: list[float] | None
     bar = tqdm(range(cfg.epochs), desc=f"train {spec.name}", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
+        if cfg.freeze_backbone:
+            model.backbone.eval()  # its batch norms (shared with the blocks) keep the checkpoint's statistics
         total, order = 0.0, torch.randperm(len(x), generator=gen)
         start = time.perf_counter()
         for i in range(0, len(x), cfg.batch_size):
@@ -148,6 +168,8 @@ def train(model: nn.Module, spec: Spec, data: Dataset, costs: list[float] | None
                 loss = _eenets_loss(logits, learned, y[idx], costs, cfg.cost_lambda, cfg.loss == "eenets_sum")
             else:
                 loss = _ce_loss(logits, learned, y[idx])
+            if cfg.distill is not None:
+                loss = loss + cfg.distill[1] * _distill_loss(logits, cfg.distill[0])
             if not torch.isfinite(loss):
                 bar.close()
                 raise _diverged(where, f"loss {float(loss.detach())}", cfg.lr)

@@ -63,8 +63,11 @@ def test_cuts_that_cannot_be_made_are_refused_in_one_line(make, cuts, message):
     assert "\n" not in text and all(part in text for part in message.split(" ... ")), text
 
 
-def test_model_yaml_takes_a_backbone_with_exits_after():
-    from edgeexit.spec import _model
+def test_model_yaml_takes_a_backbone_with_exits_after(tmp_path):
+    from edgeexit.spec import _model as parse
+
+    def _model(raw):
+        return parse(raw, tmp_path)
 
     m = _model({"backbone": "torchvision:resnet18", "exits_after": ["layer1", "layer2"],
                 "exit_head": {"kind": "conv-pool-linear", "width": 64}})
@@ -75,7 +78,9 @@ def test_model_yaml_takes_a_backbone_with_exits_after():
                          ({"arch": "eenet_resnet", "exits_after": ["a"]}, "model.exits_after: only with model.backbone"),
                          ({"backbone": "resnet18", "exits_after": ["a"]}, "is not torchvision:NAME"),
                          ({"backbone": "a:b", "arch": "eenet_resnet"}, "give exactly one of"),
-                         ({"backbone": "a:b", "exits_after": ["x"], "exit_head": {"kind": "mlp"}}, "exit_head.kind")):
+                         ({"backbone": "a:b", "exits_after": ["x"], "exit_head": {"kind": "mlp"}}, "exit_head.kind"),
+                         ({"backbone": "a:b", "exits_after": ["x"], "checkpoint": "no.pt"}, "model.checkpoint: file not"),
+                         ({"arch": "eenet_resnet", "checkpoint": "no.pt"}, "model.checkpoint: only with model.backbone")):
         with pytest.raises(SpecError, match=message):
             _model(raw)
 
@@ -123,7 +128,7 @@ def test_a_backbone_yaml_builds_a_bundle_whose_middle_stage_carries_two_tensors(
     raw["train"]["epochs"] = 3
     shutil.copy(Path(__file__).parent / "skipnet.py", tmp_path / "skipnet.py")
     (tmp_path / "model.yaml").write_text(yaml.safe_dump(raw))
-    bundle, _report = build(load_spec(tmp_path / "model.yaml"), tmp_path / "bundle", progress=False)
+    bundle, first = build(load_spec(tmp_path / "model.yaml"), tmp_path / "bundle", progress=False)
     stages = bundle.manifest["stages"]
     assert [len(s["outputs"]["carry"]) for s in stages] == [1, 2, 0] and stages[2]["inputs"] == ["s1_carry0", "s1_carry1"]
     assert max(s["parity_max_abs_diff"] for s in stages) < 1e-4
@@ -136,3 +141,40 @@ def test_a_backbone_yaml_builds_a_bundle_whose_middle_stage_carries_two_tensors(
         with open_backend(bundle, kind, trust_code=trust) as backend:
             preds[kind] = Cascade(backend, bundle.stage_ios, [0.9, 0.9, None])(x[:64]).pred
     assert np.array_equal(preds["onnxruntime"], preds["torch"])
+
+    # its backbone as a checkpoint: a second build trains only new exit heads on it, distilled from the final exit
+    state = torch.load(bundle.path / "weights.pt", weights_only=True)
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    torch.save(backbone, tmp_path / "skipnet.pt")
+    raw["model"]["checkpoint"] = "skipnet.pt"
+    raw["train"].update(freeze_backbone=True, distill={"temperature": 4.0, "weight": 1.0}, seed=1)
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(raw))
+    heads, report = build(load_spec(tmp_path / "model.yaml"), tmp_path / "heads", progress=False)
+    trained = torch.load(heads.path / "weights.pt", weights_only=True)
+    assert all(torch.equal(trained[f"backbone.{k}"], v) for k, v in backbone.items())  # frozen, BN statistics too
+    assert not torch.equal(trained["exits.0.head.0.weight"], state["exits.0.head.0.weight"])
+    assert report["exit_accuracy"][-1] == first["exit_accuracy"][-1]  # the same final exit
+
+
+def test_train_freeze_backbone_needs_a_backbone_checkpoint_and_distill_is_parsed(tmp_path):
+    import yaml
+
+    from conftest import EXAMPLE
+    from edgeexit.spec import load_spec
+
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["data"] = {"source": "digits"}
+    raw["train"].update(freeze_backbone=True)
+    for model, message in (({"arch": "eenet_resnet"}, "this model has no backbone"),
+                           ({"backbone": "skipnet:skipnet", "exits_after": ["block_a"]}, "a frozen random backbone")):
+        raw["model"] = model
+        (tmp_path / "model.yaml").write_text(yaml.safe_dump(raw))
+        with pytest.raises(SpecError, match=f"train.freeze_backbone: .*{message}"):
+            load_spec(tmp_path / "model.yaml")
+    torch.save(skipnet().state_dict(), tmp_path / "ckpt.pt")
+    raw["model"]["checkpoint"] = "ckpt.pt"
+    raw["train"]["distill"] = {"temperature": 3}
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(raw))
+    spec = load_spec(tmp_path / "model.yaml")
+    assert spec.train.freeze_backbone and spec.train.distill == (3.0, 1.0)
+    assert spec.model.checkpoint == tmp_path / "ckpt.pt"

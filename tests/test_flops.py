@@ -34,6 +34,8 @@ def test_each_counted_layer_by_hand():
     assert count_ops(nn.Conv2d(4, 6, 3, padding=1, groups=2), torch.zeros(1, 4, 5, 5)) == 4 * 6 * 9 * 25 // 2
     assert count_ops(nn.Conv2d(2, 4, 3, stride=2, padding=1), x) == 2 * 4 * 9 * 3 * 3
     assert count_ops(nn.AvgPool2d(2), torch.zeros(1, 4, 4, 4)) == 4 * 2 * 2 * 4  # 4 adds per output
+    # max pooling as MSDNet's op_counter counts it (a ResNet stem's): kernel elements per output
+    assert count_ops(nn.MaxPool2d(3, 2, 1), torch.zeros(1, 64, 16, 16)) == 64 * 8 * 8 * 9
     assert count_ops(nn.Linear(4, 3, bias=False), torch.zeros(2, 4)) == 12
 
 

@@ -140,20 +140,20 @@ def build_model(model_spec, input_spec, base_dir: Path | None, refuse_under: Pat
     return model.eval()
 
 
-def load_weights(model: nn.Module, path, data: bytes | None = None) -> None:
+def load_weights(model: nn.Module, path, data: bytes | None = None, field: str = "weights") -> None:
     """Load a plain state_dict (weights_only: never unpickle arbitrary objects) from `path`,
-    or from `data` (its bytes, already checked against a bundle's seal)."""
+    or from `data` (its bytes, already checked against a bundle's seal); errors name `field`."""
     import io
 
     try:
         state = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here is the user's file
         first = (str(exc).splitlines() or [type(exc).__name__])[0].split(". ")[0]
-        raise SpecError(f"weights: cannot read {path}: {first or type(exc).__name__}") from None
+        raise SpecError(f"{field}: cannot read {path}: {first or type(exc).__name__}") from None
     if not isinstance(state, dict):
-        raise SpecError(f"weights: {path} is not a state_dict")
+        raise SpecError(f"{field}: {path} is not a state_dict")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())
-        raise SpecError(f"weights: {path} does not fit the model: {detail[:300]}") from None
+        raise SpecError(f"{field}: {path} does not fit the model: {detail[:300]}") from None
