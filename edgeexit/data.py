@@ -43,7 +43,11 @@ def normalize(x: np.ndarray, mean, std) -> np.ndarray:
 
 def resize_like(x: np.ndarray, shape: tuple[int, ...], enabled: bool) -> np.ndarray:
     """`x` resized to the input shape's H x W where resizing is `enabled` (the bundle or yaml
-    says `data.resize: true`) and the channels already match; otherwise `x` unchanged."""
+    says `data.resize: true`) and the channels match, grey images repeated to the three channels
+    of an RGB input (a network made for colour, e.g. torchvision's, on grey data); otherwise `x`
+    unchanged."""
+    if enabled and x.ndim == 4 and x.shape[1] == 1 and shape[0] == 3:
+        x = np.repeat(x, 3, axis=1)
     if enabled and x.ndim == 4 and x.shape[1] == shape[0]:
         return resize(x, shape[1:])
     return x
@@ -146,7 +150,8 @@ def load_splits(data: DataSpec, inp: InputSpec) -> Dataset:
     before = x.shape
     x = resize_like(x, inp.shape, data.resize)
     if x.shape != before:  # arrays (a folder's files were resized as they were decoded)
-        notes.append(f"{len(x)} images resized {before[3]}x{before[2]} -> {x.shape[3]}x{x.shape[2]} (bilinear)")
+        notes.append(f"{len(x)} images resized {before[3]}x{before[2]} -> {x.shape[3]}x{x.shape[2]} (bilinear)"
+                     + (", grey repeated to RGB" if before[1] != x.shape[1] else ""))
     if tuple(x.shape[1:]) != inp.shape:
         raise SpecError(
             f"input.shape: {list(inp.shape)} does not match the data (images are {list(x.shape[1:])})"

@@ -178,3 +178,25 @@ def test_train_freeze_backbone_needs_a_backbone_checkpoint_and_distill_is_parsed
     spec = load_spec(tmp_path / "model.yaml")
     assert spec.train.freeze_backbone and spec.train.distill == (3.0, 1.0)
     assert spec.model.checkpoint == tmp_path / "ckpt.pt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example, exits", [("resnet18", 4), ("mobilenetv3", 3)])
+def test_the_torchvision_examples_build_from_their_yaml(example, exits, tmp_path):
+    """The shipped torchvision examples, unchanged: exits after named layers of torchvision's own
+    ResNet-18 / MobileNetV3-Small, trained on digits (resized, grey repeated to RGB)."""
+    try:
+        import_torchvision()
+    except ImportError:
+        pytest.skip("torchvision is not installed (the README's test command installs it)")
+    from pathlib import Path
+
+    from edgeexit.build import build
+    from edgeexit.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / example / "model.yaml")
+    bundle, report = build(spec, tmp_path / "bundle", progress=False)
+    assert len(bundle.manifest["stages"]) == exits and bundle.manifest["model"]["backbone"].startswith("torchvision:")
+    assert report["staged_max_abs_diff"] <= 1e-5 and max(report["parity"]) < 1e-3
+    assert report["cascade_accuracy"] >= 0.9 and report["exit_accuracy"][-1] >= 0.9
+    assert report["cascade_flops"] < report["monolithic_flops"]
