@@ -200,3 +200,8 @@ def test_the_torchvision_examples_build_from_their_yaml(example, exits, tmp_path
     assert report["staged_max_abs_diff"] <= 1e-5 and max(report["parity"]) < 1e-3
     assert report["cascade_accuracy"] >= 0.9 and report["exit_accuracy"][-1] >= 0.9
     assert report["cascade_flops"] < report["monolithic_flops"]
+    from edgeexit.export.trt_ops import unsupported
+
+    graphs = [s["onnx"] for s in bundle.manifest["stages"]] + [bundle.manifest["monolithic"]]
+    for version in ("8.5.2", "10.3.0"):  # JetPack 5 and 6: every node parses (MobileNetV3's HardSwish decomposed)
+        assert [(g, unsupported(bundle.path / g, version)) for g in graphs] == [(g, []) for g in graphs]

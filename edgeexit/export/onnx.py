@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from edgeexit.errors import EdgeExitError
+from edgeexit.export.trt_ops import decompose_hardswish
 from edgeexit.stage_io import StageIO
 from edgeexit.staging import per_stage
 
@@ -81,6 +82,7 @@ def export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path,
     model, ok = onnxsim.simplify(onnx.load(str(path)))
     if not ok:
         raise EdgeExitError(f"export: onnxsim could not validate the simplified {path.name}")
+    decompose_hardswish(model)  # TensorRT 8.5 (JetPack 5) cannot parse HardSwish; parity below checks the maths
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
 

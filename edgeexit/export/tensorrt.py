@@ -555,6 +555,17 @@ def plan_engines(bundle, device_name: str, *, precision: str | None = None,
         raise EdgeExitError("target.dla: DLA has no dynamic shapes (min = opt = max); rebuild the bundle with "
                             "export.batch.profiles: buckets, one static profile per batch size")
     precisions, facts = [], tuple(graph_facts(bundle.path / stage["onnx"]) for stage in bundle.manifest["stages"])
+    if shipped:
+        from edgeexit.export.trt_ops import unsupported
+
+        for stage in bundle.manifest["stages"]:
+            missing = unsupported(bundle.path / stage["onnx"], device.jetpack.tensorrt)
+            if missing:
+                raise EdgeExitError(
+                    f"stage {stage['index']}: TensorRT {device.jetpack.tensorrt}'s ONNX parser (JetPack "
+                    f"{device.jetpack.version}) has no importer for {', '.join(sorted({op for _, op in missing}))} "
+                    f"(node {missing[0][0]} of {stage['onnx']}); rebuild the bundle with this edgeexit, which writes "
+                    "portable graphs, or target a newer JetPack")
     for stage, stage_facts in zip(bundle.manifest["stages"], facts):
         p = precision or stage.get("precision") or stage_facts.precision
         where = "--precision" if precision else f"stage {stage['index']}"
