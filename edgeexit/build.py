@@ -67,6 +67,7 @@ class StageCost:
     flops: int  # per sample
     activation_bytes: int  # per sample, all intermediates (upper bound)
     weight_bytes: int
+    carry_in_bytes: int = 0  # per sample, what the stage receives (the image for stage 0; kept between stages)
 
 
 def new_model(spec: Spec) -> torch.nn.Module:
@@ -105,7 +106,8 @@ def stage_costs(model: torch.nn.Module, spec: Spec) -> list[StageCost]:
     """Per-stage compute, activation and weight size at one sample (independent of the weights' values)."""
     def measure(_k, stage, carry):
         weights = sum(p.numel() * p.element_size() for p in stage.parameters())
-        return StageCost(count_flops(stage, carry), activation_bytes(stage, carry), weights)
+        return StageCost(count_flops(stage, carry), activation_bytes(stage, carry), weights,
+                         sum(t.numel() * t.element_size() for t in carry))
 
     return per_stage(make_stages(model, "max_softmax"), torch.zeros(1, *spec.input.shape), measure)
 
@@ -284,7 +286,8 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
                        "monolithic_parity": mono.parity, "pred_agreement": [g.pred_agreement for g in exported],
                        "training": trained, "precision": precision.report,
                        "paper_cumulative_ops": exit_flops(model, spec.input.shape),
-                       "monolithic_precision": mono_precision})
+                       "monolithic_precision": mono_precision,
+                       "input_bytes": costs[0].carry_in_bytes, "carried_bytes": [c.carry_in_bytes for c in costs[1:]]})
         step(f"[6/7] evaluated on {report['samples']} test samples (onnxruntime CPU)")
         (root / "report.json").write_text(dumps(report) + "\n")
         if not plot_tradeoff(report, root / "tradeoff.png"):
@@ -362,6 +365,11 @@ def early_exit_verdicts(report: dict[str, Any], n_classes: int) -> list[str]:
             shown = describe_thresholds(report["thresholds"])[k]
             out.append(f"exit {k} is never taken at threshold {shown} on the test split: its head runs for every "
                        f"sample for nothing; lower its threshold or remove the exit")
+    heavy = [(k, b) for k, b in enumerate(report.get("carried_bytes", [])) if b > report["input_bytes"]]
+    if heavy:
+        out.append(f"stages hand on more per sample than the input image ({report['input_bytes'] / 1024:.1f} KiB): "
+                   + ", ".join(f"stage {k} {b / 1024:.1f} KiB" for k, b in heavy)
+                   + "; a device keeps that between stages, and a later, narrower cut carries less")
     if lat["ratio"] >= 1.0:
         out.append(f"early exit does not pay on this machine: the cascade takes {lat['ratio']:.2f}x the monolithic "
                    f"graph's time (full depth {lat['full_depth_ratio']:.2f}x: every stage is a call of its own); "
@@ -406,6 +414,10 @@ def format_summary(bundle: Bundle, report: dict[str, Any]) -> str:
         f"interleaved rounds): cascade {lat['cascade']:.4f} ms, monolithic {lat['monolithic']:.4f} ms -> "
         f"{lat['ratio']:.2f}x (rounds {lo:.2f}-{hi:.2f}x); full depth {lat['full_depth_ratio']:.2f}x",
     ]
+    if report.get("carried_bytes"):
+        lines.append("carried per sample between stages: "
+                     + ", ".join(f"{b / 1024:.1f} KiB" for b in report["carried_bytes"])
+                     + f" (input {report['input_bytes'] / 1024:.1f} KiB)")
     if mixed:
         int8 = "int8" in prec["stages"] or report["monolithic_precision"] == "int8"
         lines.append(f"precision: final exit {prec['final_drop_pt']:.2f} pt below fp32 (tolerance {prec['tolerance_pt']:g} pt)"

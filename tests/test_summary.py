@@ -36,11 +36,24 @@ def test_a_cascade_slower_than_monolithic_is_said_with_what_to_do(example_build)
 
 
 def test_an_exit_never_taken_or_near_chance_is_named(example_build):
-    never = early_exit_verdicts(_report(example_build, exit_share=[0.0, 0.8, 0.2], ratio=0.9), 10)
+    never = early_exit_verdicts(_report(example_build, exit_share=[0.0, 0.8, 0.2], ratio=0.9, carried_bytes=[]), 10)
     assert never == ["exit 0 is never taken at threshold 0.95 on the test split: its head runs for every sample "
                      "for nothing; lower its threshold or remove the exit"]
-    weak = early_exit_verdicts(_report(example_build, exit_accuracy=[0.446, 0.97, 0.985], ratio=0.9), 10)
+    weak = early_exit_verdicts(_report(example_build, exit_accuracy=[0.446, 0.97, 0.985], ratio=0.9,
+                                       carried_bytes=[]), 10)
     assert len(weak) == 1 and weak[0].startswith("exit 0 is barely better than chance (44.6% with 10 classes")
+
+
+def test_what_stages_hand_on_is_shown_and_more_than_the_image_is_named(example_build):
+    bundle, report = example_build
+    # the example's 8x8 grey digit is 256 bytes; its first stage hands on 32 maps of 8x8 float32
+    assert report["input_bytes"] == 1 * 8 * 8 * 4 and report["carried_bytes"][0] == 32 * 8 * 8 * 4
+    assert "carried per sample between stages: 8.0 KiB, " in format_summary(bundle, report)
+    lines = early_exit_verdicts(_report(example_build, ratio=0.9), 10)
+    assert any(v.startswith("stages hand on more per sample than the input image (0.2 KiB): stage 0 8.0 KiB")
+               for v in lines)
+    assert not any("hand on" in v for v in early_exit_verdicts(_report(example_build, ratio=0.9,
+                                                                        input_bytes=1 << 20), 10))
 
 
 def test_verdicts_print_in_the_summary(example_build):
