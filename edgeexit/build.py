@@ -75,7 +75,9 @@ def new_model(spec: Spec) -> torch.nn.Module:
     seed_everything(spec.train.seed)
     model = build_model(spec.model, spec.input, spec.base_dir)
     if spec.model.checkpoint is not None:  # the user's trained backbone; the exit heads stay as initialised
-        load_weights(model.backbone, spec.model.checkpoint, field="model.checkpoint")
+        note = load_weights(model.backbone, spec.model.checkpoint, field="model.checkpoint", by_position=True)
+        if note:
+            log(f"      {note}")
     return model.eval()
 
 
@@ -93,7 +95,7 @@ def fit_or_load(model: torch.nn.Module, spec: Spec, data: Dataset, costs: list[S
 
     `costs` (from `check_device`) give the EENets loss each exit's cumulative FLOPs share."""
     if spec.weights is not None:
-        load_weights(model, spec.weights)
+        load_weights(model, spec.weights, by_position=True)
         return None
     cum = np.cumsum([c.flops for c in costs])
     result = train(model, spec, data, costs=list(cum / cum[-1]), progress=progress)
@@ -246,7 +248,9 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
     gate_thresholds(thresholds, len(model.blocks))  # before training: a wrong count costs no minutes
     costs = check_device(spec, model)
     if spec.weights is not None:
-        load_weights(model, spec.weights)
+        note = load_weights(model, spec.weights, by_position=True)
+        if note:
+            log(f"      {note}")
     data = load_dataset(spec)
     step(f"[1/7] data: {spec.data.kind}, train/val/calibration/test = "
          f"{len(data.train.y)}/{len(data.val.y)}/{len(data.calibration.y)}/{len(data.test.y)}")

@@ -205,3 +205,27 @@ def test_the_torchvision_examples_build_from_their_yaml(example, exits, tmp_path
     graphs = [s["onnx"] for s in bundle.manifest["stages"]] + [bundle.manifest["monolithic"]]
     for version in ("8.5.2", "10.3.0"):  # JetPack 5 and 6: every node parses (MobileNetV3's HardSwish decomposed)
         assert [(g, unsupported(bundle.path / g, version)) for g in graphs] == [(g, []) for g in graphs]
+
+
+def test_a_checkpoint_with_other_key_names_loads_by_position_when_every_shape_matches(tmp_path):
+    """An official checkpoint of the same network, written by other code (here: other names and
+    a DataParallel prefix), loads by position and says so; one shape off is refused by name."""
+    from edgeexit.models import load_weights
+
+    source, target = skipnet(width=8), skipnet(width=8)
+    renamed = {f"module.layer{i}.{k.rsplit('.', 1)[-1]}": v for i, (k, v) in enumerate(source.state_dict().items())}
+    torch.save(renamed, tmp_path / "official.pt")
+    with pytest.raises(SpecError, match="does not fit the model: .*Missing key"):
+        load_weights(target, tmp_path / "official.pt")
+    note = load_weights(target, tmp_path / "official.pt", field="model.checkpoint", by_position=True)
+    assert note.startswith("model.checkpoint: the keys of ") and "loaded by position, every shape equal" in note
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    assert load_weights(target, tmp_path / "official.pt", by_position=True) is not None
+    torch.save(source.state_dict(), tmp_path / "same.pt")
+    assert load_weights(target, tmp_path / "same.pt", by_position=True) is None  # same names: loaded by name
+    bad = dict(renamed)
+    first = next(iter(bad))
+    bad[first] = torch.zeros(3)
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(SpecError, match="model.checkpoint: .* does not fit the model"):
+        load_weights(target, tmp_path / "bad.pt", field="model.checkpoint", by_position=True)

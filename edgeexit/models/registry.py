@@ -140,9 +140,15 @@ def build_model(model_spec, input_spec, base_dir: Path | None, refuse_under: Pat
     return model.eval()
 
 
-def load_weights(model: nn.Module, path, data: bytes | None = None, field: str = "weights") -> None:
+def load_weights(model: nn.Module, path, data: bytes | None = None, field: str = "weights",
+                 by_position: bool = False) -> str | None:
     """Load a plain state_dict (weights_only: never unpickle arbitrary objects) from `path`,
-    or from `data` (its bytes, already checked against a bundle's seal); errors name `field`."""
+    or from `data` (its bytes, already checked against a bundle's seal); errors name `field`.
+
+    With `by_position` (the user's own file, not a bundle's), a state_dict whose keys differ
+    from the model's but whose tensors have the model's shapes one for one, in order (an
+    official checkpoint of the same network written by other code, a DataParallel `module.`
+    prefix), is loaded by position; the returned line says so (None: loaded by name)."""
     import io
 
     try:
@@ -154,6 +160,14 @@ def load_weights(model: nn.Module, path, data: bytes | None = None, field: str =
         raise SpecError(f"{field}: {path} is not a state_dict")
     try:
         model.load_state_dict(state)
+        return None
     except RuntimeError as exc:
+        mine = model.state_dict()
+        if by_position and len(state) == len(mine) and all(
+                tuple(getattr(v, "shape", ())) == tuple(w.shape) for v, w in zip(state.values(), mine.values())):
+            model.load_state_dict(dict(zip(mine, state.values())))
+            moved = [(a, b) for a, b in zip(state, mine) if a != b]
+            return (f"{field}: the keys of {path} are not the model's; loaded by position, every shape equal "
+                    f"({len(moved)} of {len(mine)} renamed, e.g. {moved[0][0]!r} -> {moved[0][1]!r})")
         detail = " ".join(str(exc).split())
         raise SpecError(f"{field}: {path} does not fit the model: {detail[:300]}") from None
