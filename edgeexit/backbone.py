@@ -222,9 +222,9 @@ def _exit_feature(cut: fx.Node, name: str) -> Item:
 
 
 def split_backbone(backbone: nn.Module, cuts: Sequence[str], sample: torch.Tensor,
-                   label: str) -> tuple[list[fx.GraphModule], list[list[Item]], list[Item]]:
-    """Trace `backbone` and split it after each layer in `cuts`: the block of every segment, what
-    each block carries out (exit k's feature first), and the exit features."""
+                   label: str) -> tuple[list[fx.GraphModule], list[Item]]:
+    """Trace `backbone` and split it after each layer in `cuts`: the block of every segment (each
+    returning what it carries out, exit k's feature first) and the exit features."""
     backbone = backbone.eval()
     gm = _trace(backbone, cuts, sample, label)
     cut_nodes = _cut_nodes(gm, cuts, backbone)
@@ -264,7 +264,7 @@ def split_backbone(backbone: nn.Module, cuts: Sequence[str], sample: torch.Tenso
         inputs = [(node, None) for node in gm.graph.nodes if node.op == "placeholder"] if k == 0 else carries[k - 1]
         blocks.append(_block(gm, [v for v in gm.graph.nodes if v.op not in ("placeholder", "output", "get_attr")
                                   and seg[v] == k], inputs, carries[k]))
-    return blocks, carries, features
+    return blocks, features
 
 
 def _block(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[Item], outputs: list[Item]) -> fx.GraphModule:
@@ -383,7 +383,7 @@ def attach_exits(backbone: nn.Module, cuts: Sequence[str], head: ExitHead, sampl
         raise SpecError("model.exits_after: name at least one layer to exit after")
     if len(set(cuts)) != len(cuts):
         raise SpecError("model.exits_after: a layer is named twice")
-    blocks, _carries, features = split_backbone(backbone, cuts, sample, label)
+    blocks, features = split_backbone(backbone, cuts, sample, label)
     exits = []
     for feature, name in zip(features, cuts):
         shape = _item_meta(feature).shape
@@ -394,12 +394,3 @@ def attach_exits(backbone: nn.Module, cuts: Sequence[str], head: ExitHead, sampl
     exits.append(FeatureExit(0, nn.Identity()))
     return CutModel(backbone, blocks, exits, cuts)
 
-
-def carried_bytes(model: CutModel, sample: torch.Tensor) -> list[int]:
-    """Bytes per sample each stage hands to the next (what a device keeps between stages)."""
-    sizes, carry = [], (sample[:1],)
-    with torch.no_grad():
-        for block in model.blocks[:-1]:
-            carry = tuple(block(*carry))
-            sizes.append(sum(t.numel() * t.element_size() for t in carry))
-    return sizes

@@ -42,7 +42,7 @@ from edgeexit.runtime.cascade import NEVER, Cascade, full_depth, gate_thresholds
 from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from edgeexit.spec import Spec
 from edgeexit.stage_io import StageIO
-from edgeexit.staging import Monolithic, check_staging, make_stages, per_stage, stage_io
+from edgeexit.staging import Monolithic, carry_bytes, check_staging, make_stages, per_stage, stage_io
 from edgeexit.train import seed_everything, train
 
 PARITY_SAMPLES = 64  # real samples used for the ONNX-vs-torch parity check
@@ -108,8 +108,7 @@ def stage_costs(model: torch.nn.Module, spec: Spec) -> list[StageCost]:
     """Per-stage compute, activation and weight size at one sample (independent of the weights' values)."""
     def measure(_k, stage, carry):
         weights = sum(p.numel() * p.element_size() for p in stage.parameters())
-        return StageCost(count_flops(stage, carry), activation_bytes(stage, carry), weights,
-                         sum(t.numel() * t.element_size() for t in carry))
+        return StageCost(count_flops(stage, carry), activation_bytes(stage, carry), weights, carry_bytes(carry))
 
     return per_stage(make_stages(model, "max_softmax"), torch.zeros(1, *spec.input.shape), measure)
 

@@ -8,7 +8,7 @@ connection settings, ``become``, forks and ``--limit`` all apply. What runs here
 module, called by the playbook on localhost:
 
 - ``prepare``: check the bundle, build the runtime wheel, write the test split for profiling,
-  and hand the playbook the facts it needs (digests, paths, the probe and install commands);
+  and hand the playbook the facts it needs (digests, the wheels, the probe and install commands);
 - ``pack``: the archive of what one device's bundle lacks (its `remote state` on stdin);
 - ``merge``: every device's profile into the bundle under its own key, then, with a budget,
   one calibration on the worst of those profiles, so the thresholds hold on every device;
@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,10 @@ def _option(field: dataclasses.Field, value: Any) -> Any:
             raise EdgeExitError(f"edgeexit_{field.name}: {value!r} is not true or false")
         return value.lower() in ("true", "yes", "1")
     try:
-        if kind == "int" or kind == "bool":
-            return int(value) if kind == "int" else bool(value)
+        if kind == "bool":
+            return bool(value)
+        if kind == "int":
+            return int(value)
         if kind == "float | None":
             return float(value)
     except (TypeError, ValueError):
@@ -81,14 +84,13 @@ def fleet_options(given: dict[str, Any]) -> Options:
 
 def prepare(bundle_path: str, given: dict[str, Any], work: str | None = None) -> dict[str, Any]:
     """Everything the playbook needs from here, also written to WORK/run.json for `merge` and
-    `report`: the bundle's digest and size, the wheel, the device layout, the commands."""
-    from edgeexit import __version__
+    `report`: the bundle's digest and size, the wheels, the options, the commands."""
     from edgeexit.bundle import load_bundle
     from edgeexit.wheel import code_digest
 
     bundle = load_bundle(bundle_path)
     opts = fleet_options(given)
-    layout = device_layout(opts.path, bundle.name)
+    device_layout(opts.path, bundle.name)  # refuses a relative or '$' path; each host's own comes from `layout`
     folder = Path(work) if work else Path(tempfile.mkdtemp(prefix="edgeexit-fleet-"))
     for sub in ("profiles", "hosts"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -97,10 +99,10 @@ def prepare(bundle_path: str, given: dict[str, Any], work: str | None = None) ->
     run = {
         "bundle": str(bundle.path.resolve()), "name": bundle.name, "digest": manifest_digest(bundle)[0],
         "bundle_bytes": sum((bundle.path / rel).stat().st_size for rel in bundle.present),
-        "install_bytes": INSTALL_BYTES, "code": code_digest(), "version": __version__, "wheel": str(wheel.resolve()),
+        "install_bytes": INSTALL_BYTES, "code": code_digest(), "wheel": str(wheel.resolve()),
         "wheelhouse": [str(p.resolve()) for p in extra],
         "work": str(folder.resolve()), "owns_work": work is None, "local_python": sys.executable,
-        "probe": probe_source(), "install": INSTALL_RUNTIME, "layout": layout, "options": dataclasses.asdict(opts),
+        "probe": probe_source(), "install": INSTALL_RUNTIME, "options": dataclasses.asdict(opts),
         "profile_data": str((folder / "test.npz").resolve()),
         "batches": ",".join(map(str, profile_sizes(bundle, opts.batch))),
     }
@@ -127,8 +129,8 @@ def merge(work: str) -> dict[str, Any]:
             if record.is_file() and not json.loads(record.read_text()).get("failed"):
                 profiles[path.stem] = json.loads(path.read_text())
         plain = {host: profile_key(e["backend"], e["device"]) for host, e in profiles.items()}
-        shared = {key for key in plain.values() if list(plain.values()).count(key) > 1}
-        keys = {host: f"{key} [{host}]" if key in shared else key for host, key in plain.items()}  # one per device
+        count = Counter(plain.values())
+        keys = {host: f"{key} [{host}]" if count[key] > 1 else key for host, key in plain.items()}  # one per device
         entries = {keys[host]: entry for host, entry in profiles.items()}
         record = None
         if entries:

@@ -18,8 +18,8 @@ import re
 import shutil
 import signal
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from edgeexit.errors import EdgeExitError
@@ -71,21 +71,20 @@ def engine_set(path: Path, device: str | None) -> dict[str, Any]:
 
     from edgeexit.bundle import load_bundle
     from edgeexit.devices import detect_device
-    from edgeexit.doctor import gather
-    from edgeexit.export.tensorrt import engine_key, parse_version
+    from edgeexit.export.tensorrt import engine_key, trt_available, trt_version
 
-    trt = gather().get("tensorrt")
-    if not trt:
+    if not trt_available():
         return {"tensorrt": None, "device": None, "key": None, "have": False}
+    version = trt_version()
     bundle = load_bundle(path)
     if device is None:
         try:
             device = detect_device().name
         except EdgeExitError:
             device = bundle.manifest["target"]["device"]
-    key = engine_key(device, parse_version(trt))
+    key = engine_key(device, version)
     entry = (bundle.manifest.get("engines") or {}).get(key)
-    out = {"tensorrt": trt, "device": device, "key": key, "have": entry is not None}
+    out = {"tensorrt": ".".join(map(str, version)), "device": device, "key": key, "have": entry is not None}
     if entry is not None:
         meta = json.loads((bundle.path / entry["metadata"]).read_text())
         out.update(stages=len(entry["stages"]), from_cache=sum(1 for m in meta["stages"] if m.get("from_cache")))

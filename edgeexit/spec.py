@@ -244,7 +244,8 @@ def _path(value: Any, path: str, base: Path) -> Path:
 
 
 EXIT_HEADS = ("pool-linear", "conv-pool-linear")  # model.exit_head.kind (edgeexit.backbone.make_head)
-_BACKBONE_RE = re.compile(r"^(torchvision|timm):[A-Za-z_]\w*$")
+BACKBONE_LIBRARIES = ("torchvision", "timm")  # model.backbone LIBRARY:NAME; model libraries, not a bundle's code
+_BACKBONE_RE = re.compile(rf"^({'|'.join(BACKBONE_LIBRARIES)}):[A-Za-z_]\w*$")
 
 
 def _model(raw: Any, base_dir: Path) -> ModelSpec:

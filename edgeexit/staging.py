@@ -130,6 +130,11 @@ def stage_io(stages: list[Stage], sample: torch.Tensor, input_name: str) -> list
     return ios
 
 
+def carry_bytes(carry: tuple[torch.Tensor, ...]) -> int:
+    """Bytes of the tensors one stage hands the next (what a device keeps between stages)."""
+    return sum(t.numel() * t.element_size() for t in carry)
+
+
 def per_stage(stages: list[Stage], x: torch.Tensor, measure: Callable[[int, Stage, tuple], T]) -> list[T]:
     """`measure(k, stage, carry)` for every stage, each fed the real carry of the stages before."""
     results, carry = [], (x,)

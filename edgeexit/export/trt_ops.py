@@ -34,7 +34,8 @@ _TRT85 = frozenset({
 })
 
 _ADDED_IN_10 = frozenset({
-    "CastLike", "DeformConv", "Gelu", "GroupNormalization", "HardSwish", "Hardmax", "IsInf", "LayerNormalization", "Mish", "Mod", "OneHot",
+    "CastLike", "DeformConv", "Gelu", "GroupNormalization", "HardSwish", "Hardmax", "IsInf", "LayerNormalization",
+    "Mish", "Mod", "OneHot",
 })
 SUPPORTED = {"8.5": _TRT85, "10": _TRT85 | _ADDED_IN_10}  # 8.6 parses as 8.5 does, 10.x as 10.1
 
@@ -47,13 +48,19 @@ def _release(version: str) -> str:
     return "8.5" if major == 8 else "10"
 
 
+def _subgraphs(node) -> Iterator[tuple[str, object]]:
+    """(attribute name, graph) of a node's subgraphs: If's branches, Loop's and Scan's bodies."""
+    for attr in node.attribute:
+        for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            yield attr.name, graph
+
+
 def _nodes(graph, where: str = "") -> Iterator[tuple[str, str]]:
     for node in graph.node:
         name = f"{where}{node.name or node.op_type}"
         yield name, node.op_type
-        for attr in node.attribute:  # If's branches, Loop's and Scan's bodies
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _nodes(sub, f"{name}/{attr.name}/")
+        for attr, sub in _subgraphs(node):
+            yield from _nodes(sub, f"{name}/{attr}/")
 
 
 def unsupported(model_or_path, version: str) -> list[tuple[str, str]]:
@@ -76,9 +83,7 @@ def decompose_hardswish(model) -> int:
     def rewrite(graph) -> int:
         count, nodes = 0, []
         for node in graph.node:
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    count += rewrite(sub)
+            count += sum(rewrite(sub) for _attr, sub in _subgraphs(node))
             if node.op_type != "HardSwish":
                 kept = NodeProto()
                 kept.CopyFrom(node)

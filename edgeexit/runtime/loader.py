@@ -9,7 +9,7 @@ from calibration.policy import ExitPolicy
 from edgeexit.bundle import Bundle
 from edgeexit.errors import EdgeExitError
 from edgeexit.runtime.backend import Backend
-from edgeexit.spec import BACKENDS
+from edgeexit.spec import BACKBONE_LIBRARIES, BACKENDS
 
 
 TRUST_CODE_HINT = ("the torch backend would import and run model.factory {factory!r}, Python code named by the "
@@ -31,7 +31,7 @@ def torch_model(bundle: Bundle, trust_code: bool = False):
         raise EdgeExitError("bundle: manifest field model names none (or several) of a zoo arch, a factory and a "
                             "backbone; the torch backend cannot rebuild it")
     backbone = str(m.get("backbone") or "")
-    code = m.get("factory") or (backbone if backbone and backbone.split(":")[0] not in ("torchvision", "timm") else None)
+    code = m.get("factory") or (backbone if backbone and backbone.split(":")[0] not in BACKBONE_LIBRARIES else None)
     if code is not None and not trust_code:  # torchvision's and timm's models are libraries, not the bundle's code
         raise EdgeExitError(TRUST_CODE_HINT.format(factory=code))
     if m.get("arch") is not None:
