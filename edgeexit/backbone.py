@@ -362,6 +362,7 @@ def backbone_constructor(name: str, implied: dict[str, int], base_dir, refuse_un
         return models.get_model_builder(model), name, {"num_classes": implied["num_classes"]}
     if library == "timm":
         try:
+            import_torchvision()  # timm imports it: the same declared operators on a CPU torch
             import timm
         except ImportError:
             raise SpecError("model.backbone: timm is not installed (pip install timm)") from None

@@ -75,7 +75,8 @@ def new_model(spec: Spec) -> torch.nn.Module:
     seed_everything(spec.train.seed)
     model = build_model(spec.model, spec.input, spec.base_dir)
     if spec.model.checkpoint is not None:  # the user's trained backbone; the exit heads stay as initialised
-        note = load_weights(model.backbone, spec.model.checkpoint, field="model.checkpoint", by_position=True)
+        note = load_weights(model.backbone, spec.model.checkpoint, field="model.checkpoint", by_position=True,
+                            keys=spec.model.checkpoint_keys)
         if note:
             log(f"      {note}")
     return model.eval()
@@ -95,7 +96,7 @@ def fit_or_load(model: torch.nn.Module, spec: Spec, data: Dataset, costs: list[S
 
     `costs` (from `check_device`) give the EENets loss each exit's cumulative FLOPs share."""
     if spec.weights is not None:
-        load_weights(model, spec.weights, by_position=True)
+        load_weights(model, spec.weights, by_position=True, keys=spec.weights_keys)
         return None
     cum = np.cumsum([c.flops for c in costs])
     result = train(model, spec, data, costs=list(cum / cum[-1]), progress=progress)
@@ -247,7 +248,7 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
     gate_thresholds(thresholds, len(model.blocks))  # before training: a wrong count costs no minutes
     costs = check_device(spec, model)
     if spec.weights is not None:
-        note = load_weights(model, spec.weights, by_position=True)
+        note = load_weights(model, spec.weights, by_position=True, keys=spec.weights_keys)
         if note:
             log(f"      {note}")
     data = load_dataset(spec)

@@ -41,6 +41,7 @@ class ModelSpec:
     exits_after: tuple[str, ...] = ()  # with a backbone: the layers to exit after, in forward order
     exit_head: dict[str, Any] = field(default_factory=dict)  # with a backbone: {kind, width}
     checkpoint: Path | None = None  # with a backbone: its own trained weights (a state_dict), loaded before training
+    checkpoint_keys: tuple[tuple[str, str | None], ...] = ()  # model.checkpoint.keys: file prefix -> model prefix
 
     @property
     def label(self) -> str:
@@ -153,6 +154,7 @@ class Spec:
     train: TrainSpec
     output: Path
     source: Path | None = None  # the yaml file this spec came from
+    weights_keys: tuple[tuple[str, str | None], ...] = ()  # weights.keys: file prefix -> model prefix (None: skip)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -240,6 +242,27 @@ def _path(value: Any, path: str, base: Path) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
+def _weights_file(value: Any, path: str, base: Path) -> tuple[Path, tuple[tuple[str, str | None], ...]]:
+    """A weights file: its path, or {path, keys} where `keys` maps key prefixes of the file to
+    the model's (an official checkpoint's names; a `module.` prefix to ''), null skipping a
+    prefix on both sides (a classifier of another class count keeps its initial weights)."""
+    if not isinstance(value, dict):
+        return _path(value, path, base), ()
+    w = _mapping(value, path, {"path"}, {"keys"})
+    keys = w.get("keys") or {}
+    if not isinstance(keys, dict):
+        raise SpecError(f"{path}.keys: expected a mapping of key prefixes (file: model, null to skip), "
+                        f"got {_type_name(keys)}")
+    pairs = []
+    for old, new in keys.items():
+        old = _str(old, f"{path}.keys")
+        if new is not None and not isinstance(new, str):
+            raise SpecError(f"{path}.keys.{old}: expected the model's key prefix (a string, '' to strip) or null "
+                            f"(skip), got {_type_name(new)}")
+        pairs.append((old, new))
+    return _path(w["path"], f"{path}.path", base), tuple(pairs)
+
+
 # --- sections ----------------------------------------------------------------------------
 
 
@@ -276,6 +299,10 @@ def _model(raw: Any, base_dir: Path) -> ModelSpec:
         if not (_BACKBONE_RE.match(backbone) or _FACTORY_RE.match(backbone)):
             raise SpecError(f"model.backbone: {backbone!r} is not torchvision:NAME, timm:NAME or "
                             "'package.module:function'")
+        for key in ("weights", "pretrained", "weights_backbone", "pretrained_cfg_overlay"):
+            if _BACKBONE_RE.match(backbone) and args.get(key):
+                raise SpecError(f"model.args.{key}: edgeexit downloads nothing at run time; save the pretrained "
+                                "weights to a file once and name it in model.checkpoint")
         if "exits_after" not in m:
             raise SpecError("model.exits_after: name the layers to exit after (as named_modules() prints them, "
                             "e.g. [layer1, layer2, layer3])")
@@ -284,13 +311,13 @@ def _model(raw: Any, base_dir: Path) -> ModelSpec:
         h = _mapping(m.get("exit_head") or {}, "model.exit_head", set(), {"kind", "width"})
         head = {"kind": _choice(h.get("kind", "pool-linear"), "model.exit_head.kind", EXIT_HEADS),
                 "width": _int(h.get("width", 128), "model.exit_head.width", 1, 4096)}
-    checkpoint = None
+    checkpoint, checkpoint_keys = None, ()
     if m.get("checkpoint") is not None:
-        checkpoint = _path(m["checkpoint"], "model.checkpoint", base_dir)
+        checkpoint, checkpoint_keys = _weights_file(m["checkpoint"], "model.checkpoint", base_dir)
         if not checkpoint.is_file():
             raise SpecError(f"model.checkpoint: file not found: {checkpoint}")
     return ModelSpec(arch=arch, factory=factory, args=dict(args), backbone=backbone, exits_after=exits_after,
-                     exit_head=head, checkpoint=checkpoint)
+                     exit_head=head, checkpoint=checkpoint, checkpoint_keys=checkpoint_keys)
 
 
 def _input(raw: Any) -> InputSpec:
@@ -460,9 +487,9 @@ def parse_spec(raw: Any, base_dir: Path, source: Path | None = None, require_wei
     name = _str(top["name"], "name")
     if not _NAME_RE.match(name):
         raise SpecError(f"name: {name!r} must be letters, digits, '_', '.' or '-' (it names files)")
-    weights = None
+    weights, weights_keys = None, ()
     if top.get("weights") is not None:
-        weights = _path(top["weights"], "weights", base_dir)
+        weights, weights_keys = _weights_file(top["weights"], "weights", base_dir)
         if require_weights and not weights.is_file():
             raise SpecError(
                 f"weights: file not found: {weights} (run `edgeexit train` to create it, or drop `weights` to train during build)"
@@ -481,6 +508,7 @@ def parse_spec(raw: Any, base_dir: Path, source: Path | None = None, require_wei
         train=_train(top.get("train", {}) or {}),
         output=output,
         source=source,
+        weights_keys=weights_keys,
         raw=raw,
     )
     if spec.budget.batch > spec.export.batch.max:

@@ -81,7 +81,11 @@ def test_model_yaml_takes_a_backbone_with_exits_after(tmp_path):
                          ({"backbone": "a:b", "arch": "eenet_resnet"}, "give exactly one of"),
                          ({"backbone": "a:b", "exits_after": ["x"], "exit_head": {"kind": "mlp"}}, "exit_head.kind"),
                          ({"backbone": "a:b", "exits_after": ["x"], "checkpoint": "no.pt"}, "model.checkpoint: file not"),
-                         ({"arch": "eenet_resnet", "checkpoint": "no.pt"}, "model.checkpoint: only with model.backbone")):
+                         ({"arch": "eenet_resnet", "checkpoint": "no.pt"}, "model.checkpoint: only with model.backbone"),
+                         ({"backbone": "torchvision:resnet18", "exits_after": ["layer1"],
+                           "args": {"weights": "IMAGENET1K_V1"}}, "model.args.weights: edgeexit downloads nothing"),
+                         ({"backbone": "timm:resnet18", "exits_after": ["layer1"], "args": {"pretrained": True}},
+                          "model.args.pretrained: .*name it in model.checkpoint")):
         with pytest.raises(SpecError, match=message):
             _model(raw)
 
@@ -157,6 +161,28 @@ def test_a_backbone_yaml_builds_a_bundle_whose_middle_stage_carries_two_tensors(
     assert report["exit_accuracy"][-1] == first["exit_accuracy"][-1]  # the same final exit
 
 
+@pytest.mark.parametrize("name, cuts", [("mobilenetv3_small_050", ["blocks.1", "blocks.3"]),
+                                        ("efficientnet_b0", ["blocks.2", "blocks.4"]),
+                                        ("convnext_atto", ["stages.0", "stages.1", "stages.2"])])
+def test_timm_backbones_split_after_named_layers(name, cuts):
+    """timm's own networks (random init: nothing is downloaded), cut where their stages end."""
+    try:
+        import_torchvision()
+        import timm
+    except ImportError:
+        pytest.skip("timm is not installed (the dev extra installs it)")
+    from edgeexit.models import build_model
+    from edgeexit.spec import InputSpec, ModelSpec
+
+    inp = InputSpec("image", (3, 64, 64), "float32", (0.5,) * 3, (0.25,) * 3, tuple("abcde"))
+    model = build_model(ModelSpec(None, None, {}, f"timm:{name}", tuple(cuts), {"kind": "pool-linear", "width": 64}),
+                        inp, None)
+    assert type(model.backbone) is type(timm.create_model(name, pretrained=False))
+    x = torch.randn(2, 3, 64, 64)
+    assert check_staging(model, make_stages(model, "max_softmax"), x) <= 1e-5
+    assert len(model.blocks) == len(cuts) + 1 and model(x)[-1].shape == (2, 5)
+
+
 def test_train_freeze_backbone_needs_a_backbone_checkpoint_and_distill_is_parsed(tmp_path):
     import yaml
 
@@ -216,7 +242,7 @@ def test_a_checkpoint_with_other_key_names_loads_by_position_when_every_shape_ma
     source, target = skipnet(width=8), skipnet(width=8)
     renamed = {f"module.layer{i}.{k.rsplit('.', 1)[-1]}": v for i, (k, v) in enumerate(source.state_dict().items())}
     torch.save(renamed, tmp_path / "official.pt")
-    with pytest.raises(SpecError, match="does not fit the model: .*Missing key"):
+    with pytest.raises(SpecError, match="does not fit the model: keys missing 26 \\(stem.0.weight, .*; unexpected 26 \\(module.layer0.weight, module.layer1"):
         load_weights(target, tmp_path / "official.pt")
     note = load_weights(target, tmp_path / "official.pt", field="model.checkpoint", by_position=True)
     assert note.startswith("model.checkpoint: the keys of ") and "loaded by position, every shape equal" in note
@@ -228,5 +254,52 @@ def test_a_checkpoint_with_other_key_names_loads_by_position_when_every_shape_ma
     first = next(iter(bad))
     bad[first] = torch.zeros(3)
     torch.save(bad, tmp_path / "bad.pt")
-    with pytest.raises(SpecError, match="model.checkpoint: .* does not fit the model"):
+    with pytest.raises(SpecError, match="model.checkpoint: .* does not fit the model.*map them with"):
         load_weights(target, tmp_path / "bad.pt", field="model.checkpoint", by_position=True)
+
+
+def test_a_key_map_renames_prefixes_skips_a_classifier_and_unwraps_a_training_checkpoint(tmp_path):
+    """An official training checkpoint ({'state_dict': ..., 'epoch': ...}, DataParallel's
+    'module.' prefix, a classifier for another class count): `keys` strips the prefix and skips
+    the classifier, which keeps its initial weights; everything else loads by name."""
+    from edgeexit.models import load_weights
+
+    source, target = skipnet(width=8), skipnet(width=8)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    last = [k for k in source.state_dict()][-2:]  # the final linear layer's weight and bias
+    prefix = last[0].rsplit(".", 1)[0] + "."
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}
+    state[f"module.{last[0]}"] = torch.zeros(1000, state[f"module.{last[0]}"].shape[1])  # ImageNet's head
+    state[f"module.{last[1]}"] = torch.zeros(1000)
+    torch.save({"state_dict": state, "epoch": 90, "arch": "skipnet", "best_prec1": 71.2}, tmp_path / "official.pth")
+    with pytest.raises(SpecError, match="other shape 2"):  # the shapes differ: no load by position either
+        load_weights(target, tmp_path / "official.pth", field="model.checkpoint", by_position=True,
+                     keys=(("module.", ""),))
+    note = load_weights(target, tmp_path / "official.pth", field="model.checkpoint", by_position=True,
+                        keys=(("module.", ""), ("module." + prefix, None)))
+    assert "under 'state_dict' of a training checkpoint" in note and "renamed by model.checkpoint.keys, 2 skipped" in note
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, before[k] if k.startswith(prefix) else source.state_dict()[k]), k
+
+
+def test_checkpoint_and_weights_take_a_path_or_a_path_with_keys(tmp_path):
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from edgeexit.spec import _model, parse_spec
+
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    m = _model({"backbone": "a:b", "exits_after": ["x"],
+                "checkpoint": {"path": "ckpt.pt", "keys": {"module.": "", "fc.": None}}}, tmp_path)
+    assert m.checkpoint == tmp_path / "ckpt.pt" and m.checkpoint_keys == (("module.", ""), ("fc.", None))
+    raw = yaml.safe_load((Path(__file__).parent.parent / "examples" / "resnet18" / "model.yaml").read_text())
+    raw["weights"] = {"path": "w.pt", "keys": {"blocks.": "blocks."}}
+    spec = parse_spec(raw, tmp_path, require_weights=False)
+    assert spec.weights == tmp_path / "w.pt" and spec.weights_keys == (("blocks.", "blocks."),)
+    for bad, message in (({"path": "ckpt.pt", "keys": ["a"]}, "model.checkpoint.keys: expected a mapping"),
+                         ({"path": "ckpt.pt", "keys": {"a.": 3}}, "model.checkpoint.keys.a.: expected the model's"),
+                         ({"keys": {}}, "model.checkpoint.path: required field is missing")):
+        with pytest.raises(SpecError, match=re.escape(message)):
+            _model({"backbone": "a:b", "exits_after": ["x"], "checkpoint": bad}, tmp_path)

@@ -141,14 +141,16 @@ def build_model(model_spec, input_spec, base_dir: Path | None, refuse_under: Pat
 
 
 def load_weights(model: nn.Module, path, data: bytes | None = None, field: str = "weights",
-                 by_position: bool = False) -> str | None:
+                 by_position: bool = False, keys: tuple[tuple[str, str | None], ...] = ()) -> str | None:
     """Load a plain state_dict (weights_only: never unpickle arbitrary objects) from `path`,
     or from `data` (its bytes, already checked against a bundle's seal); errors name `field`.
 
-    With `by_position` (the user's own file, not a bundle's), a state_dict whose keys differ
-    from the model's but whose tensors have the model's shapes one for one, in order (an
-    official checkpoint of the same network written by other code, a DataParallel `module.`
-    prefix), is loaded by position; the returned line says so (None: loaded by name)."""
+    With `by_position` (the user's own file, not a bundle's), a training checkpoint holding its
+    state_dict under 'state_dict' or 'model' is unwrapped; `keys` (file prefix -> model prefix,
+    None: skipped on both sides, those layers keep their initial weights) renames the file's
+    keys; and a state_dict whose keys still differ but whose tensors have the model's shapes
+    one for one, in order (an official checkpoint of the same network written by other code),
+    is loaded by position. The returned line says what was done (None: loaded by name as is)."""
     import io
 
     try:
@@ -158,16 +160,68 @@ def load_weights(model: nn.Module, path, data: bytes | None = None, field: str =
         raise SpecError(f"{field}: cannot read {path}: {first or type(exc).__name__}") from None
     if not isinstance(state, dict):
         raise SpecError(f"{field}: {path} is not a state_dict")
-    try:
-        model.load_state_dict(state)
-        return None
-    except RuntimeError as exc:
-        mine = model.state_dict()
-        if by_position and len(state) == len(mine) and all(
-                tuple(getattr(v, "shape", ())) == tuple(w.shape) for v, w in zip(state.values(), mine.values())):
-            model.load_state_dict(dict(zip(mine, state.values())))
-            moved = [(a, b) for a, b in zip(state, mine) if a != b]
-            return (f"{field}: the keys of {path} are not the model's; loaded by position, every shape equal "
-                    f"({len(moved)} of {len(mine)} renamed, e.g. {moved[0][0]!r} -> {moved[0][1]!r})")
-        detail = " ".join(str(exc).split())
-        raise SpecError(f"{field}: {path} does not fit the model: {detail[:300]}") from None
+    notes = []
+    if by_position:
+        state, note = _unwrap(state)
+        notes += [note] if note else []
+    skipped: list[str] = []
+    if keys:
+        count = len(state)
+        state, renamed, skipped = _map_keys(state, keys)
+        notes.append(f"{renamed} keys renamed by {field}.keys" + (f", {count - len(state)} skipped (the model keeps "
+                                                                   f"its own {', '.join(skipped)})" if skipped else ""))
+    mine = {k: v for k, v in model.state_dict().items() if not _under(k, skipped)}
+    bad_shape = [k for k, v in state.items() if k in mine and tuple(getattr(v, "shape", ())) != tuple(mine[k].shape)]
+    if set(state) == set(mine) and not bad_shape:
+        model.load_state_dict(state, strict=not skipped)
+    elif by_position and len(state) == len(mine) and all(
+            tuple(getattr(v, "shape", ())) == tuple(w.shape) for v, w in zip(state.values(), mine.values())):
+        model.load_state_dict(dict(zip(mine, state.values())), strict=not skipped)
+        moved = [(a, b) for a, b in zip(state, mine) if a != b]
+        notes.append(f"the keys of {path} are not the model's; loaded by position, every shape equal "
+                     f"({len(moved)} of {len(mine)} renamed, e.g. {moved[0][0]!r} -> {moved[0][1]!r})")
+    else:
+        missing, unexpected = [k for k in mine if k not in state], [k for k in state if k not in mine]
+        parts = [f"{what} {len(names)} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+                 for what, names in (("missing", missing), ("unexpected", unexpected), ("other shape", bad_shape))
+                 if names]
+        hint = "; map them with {path, keys: {file_prefix: model_prefix}}, null to skip" if by_position else ""
+        raise SpecError(f"{field}: {path} does not fit the model: keys {'; '.join(parts)}{hint}")
+    return f"{field}: " + "; ".join(notes) if notes else None
+
+
+def _unwrap(state: dict) -> tuple[dict, str | None]:
+    """The state_dict inside a training checkpoint ({'state_dict': ..., 'epoch': ...}), as the
+    seeds' reference code saves them; a plain state_dict as it is."""
+    if all(isinstance(v, torch.Tensor) for v in state.values()):
+        return state, None
+    for name in ("state_dict", "model", "model_state_dict"):
+        inner = state.get(name)
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner, f"the state_dict under {name!r} of a training checkpoint"
+    return state, None
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key.startswith(p) for p in prefixes)
+
+
+def _map_keys(state: dict, keys) -> tuple[dict, int, list[str]]:
+    """`state` with each key's longest matching prefix in `keys` replaced (or the key dropped,
+    for None); how many were renamed; the skipped prefixes, as the model's keys start."""
+    out, renamed = {}, 0
+    ordered = sorted(keys, key=lambda pair: -len(pair[0]))
+    for key, value in state.items():
+        match = next(((old, new) for old, new in ordered if key.startswith(old)), None)
+        if match is None:
+            out[key] = value
+        elif match[1] is not None:
+            out[match[1] + key[len(match[0]):]] = value
+            renamed += 1
+    renames = [(old, new) for old, new in ordered if new is not None]
+
+    def model_side(prefix: str) -> str:  # a skipped prefix as the model names it ('module.fc.' -> 'fc.')
+        match = next(((old, new) for old, new in renames if prefix.startswith(old)), None)
+        return prefix if match is None else match[1] + prefix[len(match[0]):]
+
+    return out, renamed, [model_side(old) for old, new in keys if new is None]
