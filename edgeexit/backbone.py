@@ -259,22 +259,64 @@ def split_backbone(backbone: nn.Module, cuts: Sequence[str], sample: torch.Tenso
                             "output the network reads on")
         carries.append([features[k]] + [item for item in live if item != features[k]])
     carries.append([(result, None)])
-    blocks = []
-    for k in range(n):
-        inputs = [(node, None) for node in gm.graph.nodes if node.op == "placeholder"] if k == 0 else carries[k - 1]
-        blocks.append(_block(gm, [v for v in gm.graph.nodes if v.op not in ("placeholder", "output", "get_attr")
-                                  and seg[v] == k], inputs, carries[k]))
-    return blocks, features
+    placeholders = [(node, None) for node in gm.graph.nodes if node.op == "placeholder"]
+    segments = [[v for v in gm.graph.nodes if v.op not in ("placeholder", "output", "get_attr") and seg[v] == k]
+                for k in range(n)]
+
+    received = [placeholders] + [list(c) for c in carries[:-1]]  # what each block's graph takes in
+
+    def blocks_of(zeroed: list[list[Item]]) -> list[fx.GraphModule]:
+        return [_block(gm, segments[k], received[k], carries[k], zeroed[k]) for k in range(n)]
+
+    zeroed: list[list[Item]] = [[] for _ in range(n)]
+    blocks = blocks_of(zeroed)
+    while True:  # a layer kept whole reads a value only to compute what nothing uses: carry it no more
+        unread = _unread_carries(blocks, received, zeroed, sample)
+        if not any(unread):
+            return blocks, features
+        for k in range(1, n):
+            zeroed[k] += unread[k]
+            carries[k - 1] = [item for item in carries[k - 1] if item not in unread[k]]
+        blocks = blocks_of(zeroed)  # the block before may now compute that value for nothing too: probe again
 
 
-def _block(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[Item], outputs: list[Item]) -> fx.GraphModule:
+def _unread_carries(blocks: list[fx.GraphModule], received: list[list[Item]], zeroed: list[list[Item]],
+                    sample: torch.Tensor) -> list[list[Item]]:
+    """Per block, the carried values it takes in but none of its outputs depends on: inside a
+    layer kept whole (fx cannot see in), a scale computed only to be dropped. The ONNX exporter
+    would drop such an input; the block is fed zeros in its place instead, and the check
+    against the untouched backbone proves the outputs unchanged."""
+    from edgeexit.staging import unread_inputs
+
+    unread, carry = [[]], (sample,)
+    with torch.no_grad():
+        for k, block in enumerate(blocks):
+            if k:
+                taken = [item for item in received[k] if item not in zeroed[k]]
+                unread.append([taken[i] for i in unread_inputs(block, carry) if i > 0])  # 0: the exit's feature
+            carry = tuple(block(*carry))
+    return unread
+
+
+def _block(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[Item], outputs: list[Item],
+           zeroed: Sequence[Item] = ()) -> fx.GraphModule:
     """One segment as a module: `inputs` -> `nodes` -> the tuple of `outputs` (layers and
     parameters shared with `gm`, never copied). A list carried as its elements is taken in as
-    placeholders and rebuilt as the list its consumers expect."""
+    placeholders and rebuilt as the list its consumers expect; an input in `zeroed` is not
+    taken in: zeros of its shape stand for it (its value reaches no output)."""
     graph, env = fx.Graph(), {}
     parts: dict[fx.Node, dict[int, fx.Node]] = {}
-    for i, (value, index) in enumerate(inputs):
-        ph = graph.placeholder(value.name if value.op == "placeholder" else f"carry{i}")
+    taken = [item for item in inputs if item not in zeroed]
+    phs = {item: graph.placeholder(item[0].name if item[0].op == "placeholder" else f"carry{i}")
+           for i, item in enumerate(taken)}
+    batch = graph.call_method("size", (phs[taken[0]], 0)) if zeroed else None
+    for item in inputs:
+        value, index = item
+        if item in phs:
+            ph = phs[item]
+        else:
+            meta = _item_meta(item)
+            ph = graph.call_function(torch.zeros, ((batch, *meta.shape[1:]),), {"dtype": meta.dtype})
         if index is None:
             env[value] = ph
         else:

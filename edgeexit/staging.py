@@ -155,11 +155,56 @@ def run_stages(stages: list[Stage], x: torch.Tensor) -> list[tuple[torch.Tensor,
     return results
 
 
+def unread_inputs(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[int]:
+    """Positions of the floating-point `inputs` that none of `module`'s floating-point outputs
+    depends on (autograd finds no path): values the ONNX exporter would drop as unused graph
+    inputs. Empty when the module cannot be probed this way (an in-place op on an input)."""
+    probe = tuple(t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs)
+    floats = [i for i, t in enumerate(probe) if t.requires_grad]
+    try:
+        with torch.enable_grad():
+            outputs = [t for t in as_tuple(module(*probe)) if t.is_floating_point() and t.requires_grad]
+            if not outputs:
+                return floats
+            grads = torch.autograd.grad(sum(t.sum() for t in outputs), [probe[i] for i in floats], allow_unused=True)
+    except RuntimeError:
+        return []
+    return [i for i, grad in zip(floats, grads) if grad is None]
+
+
+def check_carries(stages: list[Stage], x: torch.Tensor) -> None:
+    """Refuse, in one line naming the block and the value, carried values that ONNX cannot
+    pass between stages: None or a non-tensor, one tensor returned twice (the exporter then
+    has fewer outputs than names), and a tensor the next stage never reads (the exporter drops
+    unused graph inputs, and the runtime's feed by name then fails)."""
+    carry: tuple = (x,)
+    for k, stage in enumerate(stages[:-1]):
+        with torch.inference_mode():
+            out = stage(*carry)[:-3]
+        for i, value in enumerate(out):
+            if not isinstance(value, torch.Tensor):
+                raise SpecError(f"model: block {k} returns {type(value).__name__} as carried value {i}; a block returns "
+                                "tensors only (leave out what the next block does not need)")
+            twin = next((j for j in range(i) if out[j] is value), None)
+            if twin is not None:
+                raise SpecError(f"model: block {k} returns the same tensor as carried values {twin} and {i}; return it "
+                                "once (ONNX cannot give one value two output names)")
+        unread = unread_inputs(stages[k + 1], out)
+        if unread:
+            i = unread[0]
+            raise SpecError(f"model: block {k + 1} never reads carried value {i} of block {k} (shape "
+                            f"{tuple(out[i].shape[1:])}); the ONNX exporter drops an unused input, so block {k} "
+                            "must not return it")
+        carry = out
+
+
 def check_staging(model: nn.Module, stages: list[Stage], x: torch.Tensor, atol: float = 1e-5) -> float:
     """Max abs difference between the chained stages' exit logits and the model's own forward.
 
-    Raises when it exceeds `atol`: a stage split that changes the maths must not ship.
+    Raises when it exceeds `atol`: a stage split that changes the maths must not ship. Carried
+    values ONNX cannot pass between stages are refused first (`check_carries`).
     """
+    check_carries(stages, x)
     with torch.inference_mode():
         reference = model(x)
         staged = run_stages(stages, x)

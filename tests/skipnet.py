@@ -37,23 +37,28 @@ def skipnet(in_channels: int = 1, num_classes: int = 10, width: int = 16) -> Ski
 
 
 class ScaleBlock(nn.Module):
-    """One MSDNet-style block: a list of feature maps in (fine to coarse), a list out."""
+    """One MSDNet-style block: a list of feature maps in (fine to coarse), a list out; with `mix`,
+    as MSDNet's layers, each coarser scale also reads the finer one (a strided convolution)."""
 
-    def __init__(self, widths: list[int]):
+    def __init__(self, widths: list[int], mix: bool = True):
         super().__init__()
         self.layers = nn.ModuleList(_conv(w, w) for w in widths)
+        self.down = nn.ModuleList(_conv(a, b, 2) for a, b in zip(widths, widths[1:])) if mix else None
 
     def forward(self, xs):
-        return [layer(x) for layer, x in zip(self.layers, xs)]
+        out = [layer(x) for layer, x in zip(self.layers, xs)]
+        if self.down is None:
+            return out
+        return out[:1] + [o + down(fine) for o, down, fine in zip(out[1:], self.down, out)]
 
 
 class MultiScale(nn.Module):
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 8):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 8, mix: bool = True):
         super().__init__()
         self.fine, self.coarse = _conv(in_channels, width), _conv(in_channels, 2 * width, 2)
-        self.block1 = ScaleBlock([width, 2 * width])
-        self.block2 = ScaleBlock([width, 2 * width])
-        self.block3 = ScaleBlock([width, 2 * width])
+        self.block1 = ScaleBlock([width, 2 * width], mix)
+        self.block2 = ScaleBlock([width, 2 * width], mix)
+        self.block3 = ScaleBlock([width, 2 * width], mix)
         self.fc = nn.Linear(2 * width, num_classes)
 
     def forward(self, x):
@@ -63,8 +68,8 @@ class MultiScale(nn.Module):
         return self.fc(xs[-1].mean(dim=(2, 3)))
 
 
-def multiscale(in_channels: int = 1, num_classes: int = 10, width: int = 8) -> MultiScale:
-    return MultiScale(in_channels, num_classes, width)
+def multiscale(in_channels: int = 1, num_classes: int = 10, width: int = 8, mix: bool = True) -> MultiScale:
+    return MultiScale(in_channels, num_classes, width, mix)
 
 
 class Twice(nn.Module):

@@ -7,8 +7,11 @@ scales passed between blocks), and one-line refusals for cuts that cannot be mad
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+from torch import nn
 
 from edgeexit.backbone import ExitHead, attach_exits, import_torchvision
 from edgeexit.errors import SpecError
@@ -47,6 +50,74 @@ def test_lists_of_scales_are_carried_element_by_element():
     assert _carries(model, X) == [[(16, 4, 4), (8, 8, 8)]] * 2 + [[(10,)]]  # the exit reads the coarsest scale
     assert check_staging(model, make_stages(model, "max_softmax"), X) <= 1e-5
     assert isinstance(model.backbone, MultiScale)
+
+
+def test_a_scale_computed_only_to_be_dropped_is_not_carried():
+    """Without mixing, nothing the network returns depends on the fine scale, but fx sees only
+    that the blocks (kept whole) take it in. Probing finds it unread: no cut carries it (the
+    blocks are fed zeros in its place), and the ONNX exporter's dropped input cannot break a feed."""
+    torch.manual_seed(0)
+    model = attach_exits(multiscale(width=8, mix=False), ["block1", "block2"], ExitHead(), X, 10, "multiscale").eval()
+    assert _carries(model, X) == [[(16, 4, 4)], [(16, 4, 4)], [(10,)]]
+    assert check_staging(model, make_stages(model, "max_softmax"), X) <= 1e-5
+
+
+@pytest.mark.parametrize("mix, inputs", [(True, [("image",), ("s0_carry0", "s0_carry1"), ("s1_carry0", "s1_carry1")]),
+                                         (False, [("image",), ("s0_carry0",), ("s1_carry0",)])])
+def test_every_stage_of_a_list_passing_backbone_exports_with_parity(tmp_path, mix, inputs):
+    from edgeexit.export.onnx import export_stages
+    from edgeexit.staging import stage_io
+
+    torch.manual_seed(0)
+    model = attach_exits(multiscale(width=8, mix=mix), ["block1", "block2"], ExitHead("conv-pool-linear", 16), X, 10,
+                         "multiscale").eval()
+    stages = make_stages(model, "max_softmax")
+    graphs = export_stages(stages, stage_io(stages, X, "image"), X, tmp_path, 17, 1e-4)
+    assert [g.io.inputs for g in graphs] == inputs
+    assert max(g.parity for g in graphs) <= 1e-4 and min(g.pred_agreement for g in graphs) == 1.0
+
+
+def test_a_factory_model_whose_block_returns_what_the_next_never_reads_is_refused_before_training():
+    """The rules the RANet adapter met only at export, now refused by the contract check in one
+    line naming the block and the value: unread, None, and one tensor twice."""
+    from edgeexit.staging import check_carries
+
+    class Unread(nn.Module):
+        def forward(self, x):
+            return x, x * 2
+
+    class Twin(nn.Module):
+        def forward(self, x):
+            y = x + 1
+            return y, y
+
+    class NoneCarry(nn.Module):
+        def forward(self, x):
+            return x + 1, None
+
+    class Reads(nn.Module):
+        def forward(self, a, b=None):
+            return a.mean(dim=(2, 3))
+
+    class Reads2(nn.Module):
+        def forward(self, a, b):
+            return (a + b).mean(dim=(2, 3))
+
+    class Model(nn.Module):
+        def __init__(self, first, second):
+            super().__init__()
+            self.blocks = nn.ModuleList([first, second])
+            self.exits = nn.ModuleList([Head(), nn.Identity()])
+
+    class Head(nn.Module):
+        def forward(self, *carry):
+            return carry[0].mean(dim=(2, 3))
+
+    for first, second, message in ((Unread(), Reads(), "block 1 never reads carried value 1 of block 0 (shape (1, 8, 8))"),
+                                   (Twin(), Reads2(), "block 0 returns the same tensor as carried values 0 and 1"),
+                                   (NoneCarry(), Reads(), "block 0 returns NoneType as carried value 1")):
+        with pytest.raises(SpecError, match=re.escape(message)):
+            check_carries(make_stages(Model(first, second), "max_softmax"), X)
 
 
 @pytest.mark.parametrize("make, cuts, message", [

@@ -70,3 +70,43 @@ def test_monolithic_graph_matches_final_exit(tmp_path):
                                                      stage_io(make_stages(model, "max_softmax"), x, "image"),
                                                      x, tmp_path / "st", 17, 1e-4))
     assert g.flops < stage_flops  # the monolithic graph skips the early exit heads
+
+
+class _FFT(torch.nn.Module):  # aten::fft_rfft2 has no ONNX symbolic
+    def forward(self, x):
+        return torch.fft.rfft2(x).abs().mean(dim=(2, 3))
+
+
+class _Noise(torch.nn.Module):  # exports, but its output is not torch's
+    def forward(self, x):
+        return x.mean(dim=(2, 3)) + torch.randn(x.shape[0], 3)
+
+
+class _Unused(torch.nn.Module):  # reads one of its two inputs: the exporter drops the other
+    def forward(self, a, b):
+        return a.mean(dim=(2, 3)) * 2
+
+
+@pytest.mark.parametrize("module, inputs, message", [
+    (_FFT(), ("image",), "export: stage1: torch.onnx.export failed: operator aten::fft_rfft2 has no ONNX form at opset 17"),
+    (_Noise(), ("image",), "export: stage1: tensor s1_logits differs from torch by up to"),
+    (_Unused(), ("s0_carry0", "s0_carry1"), "export: stage1: input tensor s0_carry1 is not read by the graph"),
+])
+def test_an_export_failure_is_one_line_naming_the_stage_and_the_tensor(tmp_path, module, inputs, message):
+    from edgeexit.errors import EdgeExitError
+
+    x = torch.randn(2, 3, 8, 8)
+    io = StageIO(1, inputs, (), "s1_logits", "s1_conf", "s1_pred")
+
+    class Outputs(torch.nn.Module):  # logits, conf, pred as a stage returns them
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, *args):
+            logits = self.inner(*args)
+            return logits, logits.softmax(1).max(1).values, logits.argmax(1)
+
+    with pytest.raises(EdgeExitError) as err:
+        export_checked(Outputs(), (x,) * len(inputs), tmp_path / "stage1.onnx", io, 17, 1e-5)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value), err.value

@@ -7,6 +7,7 @@ TensorRT 8.5 on JetPack 5 parses; the graphs are small and static apart from the
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,20 +77,54 @@ def export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path,
                  input_names: tuple[str, ...], output_names: tuple[str, ...], opset: int) -> None:
     """Export `module` to `path` with a dynamic batch axis on every tensor, then simplify and check."""
     axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
-    with torch.inference_mode():
-        torch.onnx.export(module, args, str(path), input_names=list(input_names), output_names=list(output_names),
-                          dynamic_axes=axes, opset_version=opset, do_constant_folding=True, **_export_kwargs())
-    model, ok = onnxsim.simplify(onnx.load(str(path)))
+    try:
+        with torch.inference_mode():
+            torch.onnx.export(module, args, str(path), input_names=list(input_names), output_names=list(output_names),
+                              dynamic_axes=axes, opset_version=opset, do_constant_folding=True, **_export_kwargs())
+    except Exception as exc:  # noqa: BLE001 - whatever the exporter raises, in one line naming the graph
+        raise EdgeExitError(f"export: {path.stem}: torch.onnx.export failed{_culprit(exc, output_names)}") from None
+    exported = onnx.load(str(path))
+    got_in, got_out = [v.name for v in exported.graph.input], [v.name for v in exported.graph.output]
+    for name in input_names:
+        if name not in got_in:
+            raise EdgeExitError(f"export: {path.stem}: input tensor {name} is not read by the graph (the exporter drops "
+                                "unused inputs); the stage before must not carry it")
+    if got_out != list(output_names):
+        raise EdgeExitError(f"export: {path.stem}: outputs {got_out} are not {list(output_names)}")
+    try:
+        model, ok = onnxsim.simplify(exported)
+    except Exception as exc:  # noqa: BLE001
+        raise EdgeExitError(f"export: {path.stem}: onnxsim failed: {_one_line(exc)}") from None
     if not ok:
-        raise EdgeExitError(f"export: onnxsim could not validate the simplified {path.name}")
+        raise EdgeExitError(f"export: {path.stem}: onnxsim could not validate the simplified {path.name}")
     decompose_hardswish(model)  # TensorRT 8.5 (JetPack 5) cannot parse HardSwish; parity below checks the maths
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def _culprit(exc: BaseException, output_names: tuple[str, ...]) -> str:
+    """What the exporter refused, said in edgeexit's terms where it can be: an operator with no
+    ONNX symbolic, or outputs that are not one distinct tensor each (None, a number, a twin)."""
+    text = str(exc)
+    op = re.search(r"operator '?([\w:.]+)'? to ONNX opset version (\d+)", text)
+    if op:
+        return f": operator {op[1]} has no ONNX form at opset {op[2]} (export.opset, or replace the layer)"
+    count = re.search(r"number of output names provided \((\d+)\) exceeded number of outputs \((\d+)\)", text)
+    if count:
+        return (f": it returns {count[2]} distinct tensors for {count[1]} output names ({', '.join(output_names)}); "
+                "a carried value is None, not a tensor, or the same tensor twice")
+    return f": {_one_line(exc)}"
+
+
 def parity(path: Path, module: nn.Module, args: tuple[torch.Tensor, ...], input_names: tuple[str, ...],
            output_names: tuple[str, ...], atol: float, rtol: float) -> tuple[float, float, bool]:
-    """(max abs diff of float outputs, share of equal `pred`, all within atol + rtol*|torch|).
+    """(max abs diff of float outputs, share of equal `pred`, the first output beyond
+    atol + rtol*|torch| or None).
 
     The relative term matters for badly scaled models (logits in the hundreds), where
     float32 rounding alone exceeds any fixed absolute tolerance.
@@ -99,23 +134,27 @@ def parity(path: Path, module: nn.Module, args: tuple[torch.Tensor, ...], input_
     with torch.inference_mode():
         expected = [t.numpy() for t in module(*args)]
     got = make_session(path).run(list(output_names), {n: a.numpy() for n, a in zip(input_names, args)})
-    worst, agree, close = 0.0, 1.0, True
-    for want, have in zip(expected, got):
+    worst, agree, off = 0.0, 1.0, None
+    for name, want, have in zip(output_names, expected, got):
         if np.issubdtype(want.dtype, np.integer):
             agree = float(np.mean(want == have))
         else:
             worst = max(worst, float(np.abs(want.astype(np.float64) - have).max()))
-            close = close and bool(np.allclose(have, want, rtol=rtol, atol=atol))
-    return worst, agree, close
+            if off is None and not np.allclose(have, want, rtol=rtol, atol=atol):
+                off = name
+    return worst, agree, off
 
 
 def export_checked(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, io: StageIO,
                    opset: int, atol: float, rtol: float = PARITY_RTOL) -> ExportedGraph:
     """Export one graph and prove it: parity with torch on the given real inputs."""
     export_graph(module, args, path, io.inputs, io.outputs, opset)
-    diff, agree, close = parity(path, module, args, io.inputs, io.outputs, atol, rtol)
-    if not close:
-        raise EdgeExitError(f"export: {path.name} differs from torch by {diff:.3g} "
+    try:
+        diff, agree, off = parity(path, module, args, io.inputs, io.outputs, atol, rtol)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime refusing the graph, in one line
+        raise EdgeExitError(f"export: {path.stem}: onnxruntime cannot run {path.name}: {_one_line(exc)}") from None
+    if off is not None:
+        raise EdgeExitError(f"export: {path.stem}: tensor {off} differs from torch by up to {diff:.3g} "
                             f"(beyond export.parity_atol {atol:g} + {rtol:g} x |value|)")
     one = tuple(a[:1] for a in args)
     params = sum(p.numel() for p in module.parameters())
