@@ -72,6 +72,7 @@ class CutModel(nn.Module):
         self.backbone = backbone
         self.blocks, self.exits = nn.ModuleList(blocks), nn.ModuleList(exits)
         self.cuts = tuple(cuts)
+        self.cut_note: str | None = None  # how the cuts were chosen, for the build log (exits_after: {auto: N})
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         seen: dict[str, object] = {}

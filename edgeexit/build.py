@@ -74,6 +74,8 @@ def new_model(spec: Spec) -> torch.nn.Module:
     """The spec's model with its seeded initial weights (the seed fixes them too)."""
     seed_everything(spec.train.seed)
     model = build_model(spec.model, spec.input, spec.base_dir)
+    if getattr(model, "cut_note", None):
+        log(f"      {model.cut_note}")
     if spec.model.checkpoint is not None:  # the user's trained backbone; the exit heads stay as initialised
         note = load_weights(model.backbone, spec.model.checkpoint, field="model.checkpoint", by_position=True,
                             keys=spec.model.checkpoint_keys)
@@ -175,7 +177,7 @@ def _manifest(spec: Spec, exported: list[ExportedGraph], precisions: list[str], 
         "monolithic_fp32": fp32_copy(mono.path),
         "monolithic_cost": {"flops": mono.flops, "params": mono.params, "parity_max_abs_diff": mono.parity,
                             "precision": mono_precision},
-        "model": spec.model.to_manifest(),
+        "model": spec.model.to_manifest(getattr(model, "cuts", ())),
         "data": data_record(spec.data),
         "weights": "weights.pt",
         "export": {"opset": spec.export.opset, "batch": asdict(spec.export.batch)},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,17 +43,19 @@ class ModelSpec:
     exit_head: dict[str, Any] = field(default_factory=dict)  # with a backbone: {kind, width}
     checkpoint: Path | None = None  # with a backbone: its own trained weights (a state_dict), loaded before training
     checkpoint_keys: tuple[tuple[str, str | None], ...] = ()  # model.checkpoint.keys: file prefix -> model prefix
+    exits_auto: tuple[int, str] | None = None  # exits_after: {auto: N, cost}: N cuts chosen by cost (cut_points)
 
     @property
     def label(self) -> str:
         """The model as the yaml names it."""
         return self.arch or self.factory or str(self.backbone)
 
-    def to_manifest(self) -> dict[str, Any]:
-        """The model section a bundle records (what the torch backend rebuilds it from)."""
+    def to_manifest(self, cuts: Sequence[str] = ()) -> dict[str, Any]:
+        """The model section a bundle records (what the torch backend rebuilds it from); `cuts`:
+        the layers a backbone was cut after (chosen by `exits_after: {auto: N}`, recorded by name)."""
         out: dict[str, Any] = {"arch": self.arch, "factory": self.factory, "args": self.args}
         if self.backbone is not None:
-            out.update(backbone=self.backbone, exits_after=list(self.exits_after), exit_head=self.exit_head)
+            out.update(backbone=self.backbone, exits_after=list(cuts or self.exits_after), exit_head=self.exit_head)
         return out
 
 
@@ -283,7 +286,7 @@ def _model(raw: Any, base_dir: Path) -> ModelSpec:
         for key in ("exits_after", "exit_head", "checkpoint"):
             if key in m:
                 raise SpecError(f"model.{key}: only with model.backbone")
-    arch = factory = backbone = None
+    arch = factory = backbone = exits_auto = None
     exits_after: tuple[str, ...] = ()
     head: dict[str, Any] = {}
     if "arch" in m:
@@ -305,9 +308,16 @@ def _model(raw: Any, base_dir: Path) -> ModelSpec:
                                 "weights to a file once and name it in model.checkpoint")
         if "exits_after" not in m:
             raise SpecError("model.exits_after: name the layers to exit after (as named_modules() prints them, "
-                            "e.g. [layer1, layer2, layer3])")
-        exits_after = tuple(_str(v, f"model.exits_after[{k}]") for k, v in enumerate(_list(m["exits_after"],
-                                                                                           "model.exits_after")))
+                            "e.g. [layer1, layer2, layer3]), or {auto: N}")
+        if isinstance(m["exits_after"], dict):
+            from edgeexit.cut_points import COSTS
+
+            a = _mapping(m["exits_after"], "model.exits_after", {"auto"}, {"cost"})
+            exits_auto = (_int(a["auto"], "model.exits_after.auto", 1, 16),
+                          _choice(a.get("cost", "flops"), "model.exits_after.cost", COSTS))
+        else:
+            exits_after = tuple(_str(v, f"model.exits_after[{k}]")
+                                for k, v in enumerate(_list(m["exits_after"], "model.exits_after")))
         h = _mapping(m.get("exit_head") or {}, "model.exit_head", set(), {"kind", "width"})
         head = {"kind": _choice(h.get("kind", "pool-linear"), "model.exit_head.kind", EXIT_HEADS),
                 "width": _int(h.get("width", 128), "model.exit_head.width", 1, 4096)}
@@ -317,7 +327,7 @@ def _model(raw: Any, base_dir: Path) -> ModelSpec:
         if not checkpoint.is_file():
             raise SpecError(f"model.checkpoint: file not found: {checkpoint}")
     return ModelSpec(arch=arch, factory=factory, args=dict(args), backbone=backbone, exits_after=exits_after,
-                     exit_head=head, checkpoint=checkpoint, checkpoint_keys=checkpoint_keys)
+                     exits_auto=exits_auto, exit_head=head, checkpoint=checkpoint, checkpoint_keys=checkpoint_keys)
 
 
 def _input(raw: Any) -> InputSpec:

@@ -232,6 +232,54 @@ def test_a_backbone_yaml_builds_a_bundle_whose_middle_stage_carries_two_tensors(
     assert report["exit_accuracy"][-1] == first["exit_accuracy"][-1]  # the same final exit
 
 
+def test_auto_cut_points_are_blocks_whose_cut_carries_only_their_output():
+    """skipnet: the skip connection from block_a spans block_b, so block_b is no clean cut; the
+    stem, block_a and block_c are. Single layers (fc) are no candidates."""
+    from edgeexit.backbone import _trace
+    from edgeexit.cut_points import choose_cuts, clean_cuts
+
+    net = skipnet()
+    assert sorted(clean_cuts(_trace(net, (), X[:1], "skipnet"), net)) == ["block_a", "block_c", "stem"]
+    chosen = choose_cuts(net, 2, "flops", X, "skipnet")
+    assert [c.module for c in chosen] == ["block_a", "block_c"] and 0 < chosen[0].share < chosen[1].share < 1
+    with pytest.raises(SpecError, match="auto: skipnet has 3 places where a cut carries only one feature map, fewer than 4"):
+        choose_cuts(net, 4, "flops", X, "skipnet")
+
+
+@pytest.mark.parametrize("cost", ["flops", "measured"])
+def test_auto_exits_on_resnet18_are_spread_by_cost_and_carry_one_tensor(cost):
+    from edgeexit.models import build_model
+    from edgeexit.spec import InputSpec, ModelSpec
+
+    try:
+        import_torchvision()
+    except ImportError:
+        pytest.skip("torchvision is not installed (the README's test command installs it)")
+    inp = InputSpec("image", (3, 64, 64), "float32", (0.5,) * 3, (0.25,) * 3, tuple("abcde"))
+    spec = ModelSpec(None, None, {}, "torchvision:resnet18", (), {"kind": "pool-linear", "width": 64},
+                     exits_auto=(3, cost))
+    model = build_model(spec, inp, None)
+    shares = [int(share) / 100 for share in re.findall(r"\((\d+)%\)", model.cut_note)]
+    assert model.cut_note.startswith(f"model.exits_after: auto ({cost}): ") and len(model.cuts) == 3
+    assert all(abs(share - k / 4) <= 0.15 for k, share in zip((1, 2, 3), shares)), model.cut_note
+    x = torch.randn(2, 3, 64, 64)
+    assert [len(c) for c in _carries(model, x)] == [1, 1, 1, 1]  # clean cuts: no skip connection spans them
+    assert check_staging(model, make_stages(model, "max_softmax"), x) <= 1e-5
+    assert spec.to_manifest(model.cuts)["exits_after"] == list(model.cuts)  # the bundle records names
+
+
+def test_exits_after_auto_is_parsed_and_checked(tmp_path):
+    from edgeexit.spec import _model
+
+    m = _model({"backbone": "a:b", "exits_after": {"auto": 3, "cost": "measured"}}, tmp_path)
+    assert m.exits_auto == (3, "measured") and m.exits_after == ()
+    assert _model({"backbone": "a:b", "exits_after": {"auto": 2}}, tmp_path).exits_auto == (2, "flops")
+    for bad, message in (({"auto": 0}, "model.exits_after.auto"), ({"auto": 2, "cost": "time"}, "model.exits_after.cost"),
+                         ({"count": 2}, "model.exits_after")):
+        with pytest.raises(SpecError, match=re.escape(message)):
+            _model({"backbone": "a:b", "exits_after": bad}, tmp_path)
+
+
 @pytest.mark.parametrize("name, cuts", [("mobilenetv3_small_050", ["blocks.1", "blocks.3"]),
                                         ("efficientnet_b0", ["blocks.2", "blocks.4"]),
                                         ("convnext_atto", ["stages.0", "stages.1", "stages.2"])])
