@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import platform
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -177,7 +177,7 @@ def _manifest(spec: Spec, exported: list[ExportedGraph], precisions: list[str], 
         "monolithic_fp32": fp32_copy(mono.path),
         "monolithic_cost": {"flops": mono.flops, "params": mono.params, "parity_max_abs_diff": mono.parity,
                             "precision": mono_precision},
-        "model": spec.model.to_manifest(getattr(model, "cuts", ())),
+        "model": spec.model.to_manifest(),
         "data": data_record(spec.data),
         "weights": "weights.pt",
         "export": {"opset": spec.export.opset, "batch": asdict(spec.export.batch)},
@@ -245,6 +245,8 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
     # everything that can be refused without data comes first: the output, the model, the weights
     check_output(dest)
     model = new_model(spec)
+    if spec.model.exits_auto is not None:  # from here on (and in the bundle) the cuts chosen, by name
+        spec = replace(spec, model=replace(spec.model, exits_after=model.cuts, exits_auto=None))
     check_contract(model, spec)
     thresholds = list(spec.gating.thresholds or default_thresholds(spec.gating.confidence, len(model.blocks)))
     gate_thresholds(thresholds, len(model.blocks))  # before training: a wrong count costs no minutes

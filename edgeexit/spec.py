@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,12 +49,11 @@ class ModelSpec:
         """The model as the yaml names it."""
         return self.arch or self.factory or str(self.backbone)
 
-    def to_manifest(self, cuts: Sequence[str] = ()) -> dict[str, Any]:
-        """The model section a bundle records (what the torch backend rebuilds it from); `cuts`:
-        the layers a backbone was cut after (chosen by `exits_after: {auto: N}`, recorded by name)."""
+    def to_manifest(self) -> dict[str, Any]:
+        """The model section a bundle records (what the torch backend rebuilds it from)."""
         out: dict[str, Any] = {"arch": self.arch, "factory": self.factory, "args": self.args}
         if self.backbone is not None:
-            out.update(backbone=self.backbone, exits_after=list(cuts or self.exits_after), exit_head=self.exit_head)
+            out.update(backbone=self.backbone, exits_after=list(self.exits_after), exit_head=self.exit_head)
         return out
 
 

@@ -223,9 +223,14 @@ def test_a_backbone_yaml_builds_a_bundle_whose_middle_stage_carries_two_tensors(
     backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     torch.save(backbone, tmp_path / "skipnet.pt")
     raw["model"]["checkpoint"] = "skipnet.pt"
+    raw["model"]["exits_after"] = {"auto": 2}  # cut where no skip connection spans: after block_a and block_c
     raw["train"].update(freeze_backbone=True, distill={"temperature": 4.0, "weight": 1.0}, seed=1)
     (tmp_path / "model.yaml").write_text(yaml.safe_dump(raw))
     heads, report = build(load_spec(tmp_path / "model.yaml"), tmp_path / "heads", progress=False)
+    assert heads.manifest["model"]["exits_after"] == ["block_a", "block_c"]
+    assert [len(s["outputs"]["carry"]) for s in heads.manifest["stages"]] == [1, 1, 0]
+    with open_backend(heads, "torch", trust_code=True) as backend:  # rebuilt from the names the bundle records
+        assert len(backend.ios) == 3
     trained = torch.load(heads.path / "weights.pt", weights_only=True)
     assert all(torch.equal(trained[f"backbone.{k}"], v) for k, v in backbone.items())  # frozen, BN statistics too
     assert not torch.equal(trained["exits.0.head.0.weight"], state["exits.0.head.0.weight"])
@@ -261,11 +266,12 @@ def test_auto_exits_on_resnet18_are_spread_by_cost_and_carry_one_tensor(cost):
     model = build_model(spec, inp, None)
     shares = [int(share) / 100 for share in re.findall(r"\((\d+)%\)", model.cut_note)]
     assert model.cut_note.startswith(f"model.exits_after: auto ({cost}): ") and len(model.cuts) == 3
-    assert all(abs(share - k / 4) <= 0.15 for k, share in zip((1, 2, 3), shares)), model.cut_note
+    assert shares == sorted(shares) and len(set(shares)) == 3 and 0 < shares[0] and shares[-1] < 1, model.cut_note
+    if cost == "flops":  # counted, so exact: nearest the quarters (measured times move with the machine's load)
+        assert all(abs(share - k / 4) <= 0.1 for k, share in zip((1, 2, 3), shares)), model.cut_note
     x = torch.randn(2, 3, 64, 64)
     assert [len(c) for c in _carries(model, x)] == [1, 1, 1, 1]  # clean cuts: no skip connection spans them
     assert check_staging(model, make_stages(model, "max_softmax"), x) <= 1e-5
-    assert spec.to_manifest(model.cuts)["exits_after"] == list(model.cuts)  # the bundle records names
 
 
 def test_exits_after_auto_is_parsed_and_checked(tmp_path):
