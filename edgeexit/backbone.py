@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import difflib
 import operator
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,17 +64,20 @@ class CutModel(nn.Module):
     """A backbone with exits after named layers, in the multi-exit contract (`blocks`, `exits`).
 
     The blocks share their layers with `backbone`; `forward` runs `backbone` itself and returns
-    every exit's logits, the backbone's own output last."""
+    every exit's logits, the backbone's own output last (all its outputs, when its forward
+    returns one per exit: `own_exits`)."""
 
     def __init__(self, backbone: nn.Module, blocks: Sequence[nn.Module], exits: Sequence[nn.Module],
-                 cuts: Sequence[str]):
+                 cuts: Sequence[str], own_exits: bool = False):
         super().__init__()
         self.backbone = backbone
         self.blocks, self.exits = nn.ModuleList(blocks), nn.ModuleList(exits)
-        self.cuts = tuple(cuts)
+        self.cuts, self.own_exits = tuple(cuts), own_exits
         self.cut_note: str | None = None  # how the cuts were chosen, for the build log (exits_after: {auto: N})
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.own_exits:
+            return list(self.backbone(x))
         seen: dict[str, object] = {}
         handles = [self.backbone.get_submodule(name).register_forward_hook(
             lambda _m, _i, out, name=name: seen.setdefault(name, out)) for name in self.cuts]
@@ -215,54 +218,82 @@ def _exit_feature(cut: fx.Node, name: str) -> Item:
     if items is None:
         raise SpecError(f"model.exits_after: {name!r} returns something other than a tensor or a list of tensors; "
                         "cut after another layer")
-    if items[0][1] is None:
-        return items[0]
-    last = len(items) - 1
-    taken = [u for u in cut.users if u.target is operator.getitem and u.args[1] in (last, -1)]
-    return (taken[0], None) if taken else items[-1]
+    return items[-1]
+
+
+def _element(node: fx.Node) -> Item | None:
+    """(list, i) for a node taking element i out of a list (or tuple) of tensors, else None."""
+    if node.target is not operator.getitem or not isinstance(node.args[0], fx.Node):
+        return None
+    source, index = node.args[0], node.args[1]
+    items = _items(source)
+    if not isinstance(index, int) or items is None or items[0][1] is None:
+        return None
+    return source, index % len(items)
 
 
 def split_backbone(backbone: nn.Module, cuts: Sequence[str], sample: torch.Tensor,
-                   label: str) -> tuple[list[fx.GraphModule], list[Item]]:
+                   label: str) -> tuple[list[fx.GraphModule], list[Item], list[OwnExit]]:
     """Trace `backbone` and split it after each layer in `cuts`: the block of every segment (each
-    returning what it carries out, exit k's feature first) and the exit features."""
+    returning what it carries out, exit k's feature first), the exit features, and the
+    backbone's own early exits when its forward returns one logits tensor per exit."""
     backbone = backbone.eval()
     gm = _trace(backbone, cuts, sample, label)
     cut_nodes = _cut_nodes(gm, cuts, backbone)
     seg = _segments(gm, cut_nodes)
     n = len(cut_nodes) + 1
     output = next(node for node in gm.graph.nodes if node.op == "output")
-    result = output.args[0]
-    if not (isinstance(result, fx.Node) and _items(result) == [(result, None)]):
-        raise SpecError(f"model.backbone: {label}'s forward() returns {type(result).__name__}; the last exit needs "
-                        "one tensor of logits")
+    result, own = _own_exits(output.args[0], len(cuts), label)
+    cones = _cones(own, set(cut_nodes))
+    for k, cone in enumerate(cones):
+        for node in cone:
+            for w in node.all_input_nodes:
+                if w not in cone and w.op not in ("placeholder", "get_attr") and seg[w] > k:
+                    raise SpecError(f"model.exits_after: {label}'s exit {k} reads {w.name}, computed after the cut "
+                                    f"after {cuts[k]!r}; cut after a later layer")
+    in_cone = {node: k for k, cone in enumerate(cones) for node in cone}
     features = [_exit_feature(node, name) for node, name in zip(cut_nodes, cuts)]
 
-    def stage_of(node: fx.Node) -> int:
-        return n - 1 if node.op == "output" else seg[node]
+    def read_after(node: fx.Node, k: int) -> bool:  # does stage k+1 on, or exit k, need `node`?
+        if node in in_cone:
+            return in_cone[node] >= k
+        return node.op == "output" or seg[node] > k
 
     carries: list[list[Item]] = []
     for k in range(n - 1):
         live: list[Item] = []
         for v in gm.graph.nodes:
-            if v.op in ("output", "get_attr") or (v.op != "placeholder" and seg[v] > k):
+            if v.op in ("output", "get_attr") or v in in_cone or (v.op != "placeholder" and seg[v] > k):
                 continue
-            if not any(stage_of(u) > k for u in v.users):
-                continue
+            if _element(v) is not None:
+                continue  # an element taken out of a list crosses as that list's item
             items = _items(v)
             if items is None:
-                raise SpecError(f"model.exits_after: {v.name} ({v.format_node()[:120]}) is computed before the cut "
-                                f"after {cuts[k]!r} and used after it, but is not a tensor or a list of tensors; only "
-                                "tensors can cross a cut (compute it after the cut, or cut after another layer)")
-            live += items
+                if any(read_after(u, k) for u in v.users):
+                    raise SpecError(f"model.exits_after: {v.name} ({v.format_node()[:120]}) is computed before the cut "
+                                    f"after {cuts[k]!r} and used after it, but is not a tensor or a list of tensors; "
+                                    "only tensors can cross a cut (compute it after the cut, or cut after another layer)")
+            elif items == [(v, None)]:
+                live += items if any(read_after(u, k) for u in v.users) else []
+            else:  # a list: the elements read after the cut, taken out there or passed on whole
+                for u in v.users:
+                    element = _element(u)
+                    if element is None:
+                        live += items if read_after(u, k) else []
+                    elif read_after(u, k) or any(read_after(w, k) for w in u.users):
+                        live.append(element)
+        live = list(dict.fromkeys(live))  # one element taken out twice is carried once
         if features[k] not in live:
             raise SpecError(f"model.exits_after: the output of {cuts[k]!r} is not used after it; cut after a layer whose "
                             "output the network reads on")
         carries.append([features[k]] + [item for item in live if item != features[k]])
     carries.append([(result, None)])
     placeholders = [(node, None) for node in gm.graph.nodes if node.op == "placeholder"]
-    segments = [[v for v in gm.graph.nodes if v.op not in ("placeholder", "output", "get_attr") and seg[v] == k]
-                for k in range(n)]
+    segments = [[v for v in gm.graph.nodes if v.op not in ("placeholder", "output", "get_attr") and seg[v] == k
+                 and v not in in_cone] for k in range(n)]
+    heads = [OwnExit(_block(gm, [v for v in gm.graph.nodes if v in cone], carries[k], [(own[k], None)]))
+             for k, cone in enumerate(cones)]
+    read_by_head = [{item for item in carries[k] if _reads(cones[k], item)} for k in range(len(cones))]
 
     received = [placeholders] + [list(c) for c in carries[:-1]]  # what each block's graph takes in
 
@@ -273,12 +304,74 @@ def split_backbone(backbone: nn.Module, cuts: Sequence[str], sample: torch.Tenso
     blocks = blocks_of(zeroed)
     while True:  # a layer kept whole reads a value only to compute what nothing uses: carry it no more
         unread = _unread_carries(blocks, received, zeroed, sample)
+        for k in range(1, n):
+            for item in unread[k]:
+                if k - 1 < len(read_by_head) and item in read_by_head[k - 1]:
+                    raise SpecError(f"model.exits_after: {label}'s exit {k - 1} reads {item[0].name} but the network "
+                                    f"after {cuts[k - 1]!r} does not; a stage passes on all it carries, so cut "
+                                    "after a layer whose outputs the next block reads")
         if not any(unread):
-            return blocks, features
+            return blocks, features, heads
         for k in range(1, n):
             zeroed[k] += unread[k]
             carries[k - 1] = [item for item in carries[k - 1] if item not in unread[k]]
         blocks = blocks_of(zeroed)  # the block before may now compute that value for nothing too: probe again
+
+
+class OwnExit(nn.Module):
+    """One of the backbone's own classifiers (its forward returns one logits tensor per exit),
+    run on what its block carries: the nodes only that exit needs, cut out of the traced graph."""
+
+    def __init__(self, graph: fx.GraphModule):
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, *carry: torch.Tensor) -> torch.Tensor:
+        return self.graph(*carry)[0]
+
+
+def _own_exits(result, cuts: int, label: str) -> tuple[fx.Node, list[fx.Node]]:
+    """The network's final logits and its own earlier exits: forward() returns one tensor, or a
+    list of them (the seeds' reference code: MSDNet, RANet return one per classifier), the last
+    the final exit; then each earlier one follows a cut, in order."""
+    if isinstance(result, fx.Node) and _items(result) == [(result, None)]:
+        return result, []
+    if isinstance(result, (list, tuple)) and len(result) > 1 and all(
+            isinstance(r, fx.Node) and _items(r) == [(r, None)] for r in result):
+        if len(result) - 1 != cuts:
+            raise SpecError(f"model.exits_after: {label}'s forward() returns {len(result)} exits (its own "
+                            f"classifiers); name {len(result) - 1} layers, the one each earlier exit follows")
+        return result[-1], list(result[:-1])
+    raise SpecError(f"model.backbone: {label}'s forward() returns {type(result).__name__}; the last exit needs "
+                    "one tensor of logits (or a list of them, one per exit)")
+
+
+def _reads(nodes: Container[fx.Node], item: Item) -> bool:
+    """Whether `nodes` read `item`: the value itself, or that element of a list (or the whole list)."""
+    value, index = item
+    for user in value.users:
+        if user not in nodes:
+            continue
+        if index is None or user.target is not operator.getitem or not isinstance(user.args[1], int):
+            return True
+        if user.args[1] % len(value.meta["tensor_meta"]) == index:
+            return True
+    return False
+
+
+def _cones(own: list[fx.Node], cut_nodes: set[fx.Node]) -> list[set[fx.Node]]:
+    """Per own exit, the nodes computed only for it (its classifier), which run in its stage
+    after the block instead of in the next block."""
+    cones = []
+    for head in own:
+        cone = {head}
+        for node in reversed(list(head.graph.nodes)):
+            if node in cone or node in cut_nodes or node.op in ("placeholder", "get_attr", "output"):
+                continue
+            if node.users and all(u in cone for u in node.users):
+                cone.add(node)
+        cones.append(cone)
+    return cones
 
 
 def _unread_carries(blocks: list[fx.GraphModule], received: list[list[Item]], zeroed: list[list[Item]],
@@ -322,22 +415,28 @@ def _block(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[Item], outputs
             env[value] = ph
         else:
             parts.setdefault(value, {})[index] = ph
-    for value, elements in parts.items():
-        kind = type(value.meta["tensor_meta"])
-        env[value] = kind(elements[i] for i in range(len(value.meta["tensor_meta"])))
+    for value, elements in parts.items():  # a list taken in whole is rebuilt for the layer that reads it
+        if len(elements) == len(value.meta["tensor_meta"]):
+            env[value] = type(value.meta["tensor_meta"])(elements[i] for i in range(len(elements)))
 
     def arg(value: fx.Node) -> fx.Node:
+        element = _element(value)
+        if value not in env and element is not None and element[0] in parts:  # an element carried in
+            env[value] = parts[element[0]][element[1]]
         if value not in env and value.op == "get_attr":  # parameters and constants: read, never carried
             env[value] = graph.node_copy(value)
         return env[value]
 
     for node in nodes:
-        env[node] = graph.node_copy(node, arg)
+        element = _element(node)
+        env[node] = arg(node) if element is not None and element[0] in parts else graph.node_copy(node, arg)
 
     def out(item: Item):
         value, index = item
         if index is None:
             return env[value]
+        if value in parts:  # an element carried in and passed on
+            return parts[value][index]
         held = env[value]
         return held[index] if isinstance(held, (list, tuple)) else graph.call_function(operator.getitem, (held, index))
 
@@ -427,7 +526,9 @@ def attach_exits(backbone: nn.Module, cuts: Sequence[str], head: ExitHead, sampl
         raise SpecError("model.exits_after: name at least one layer to exit after")
     if len(set(cuts)) != len(cuts):
         raise SpecError("model.exits_after: a layer is named twice")
-    blocks, features = split_backbone(backbone, cuts, sample, label)
+    blocks, features, own = split_backbone(backbone, cuts, sample, label)
+    if own:  # the network's own classifiers are its exits; model.exit_head is not used
+        return CutModel(backbone, blocks, [*own, FeatureExit(0, nn.Identity())], cuts, own_exits=True)
     exits = []
     for feature, name in zip(features, cuts):
         shape = _item_meta(feature).shape

@@ -109,3 +109,52 @@ class SideBranch(nn.Module):
         a = self.a(x)
         self.side(a)
         return self.fc(self.b(a).mean(dim=(2, 3)))
+
+
+class Classifier(nn.Module):
+    """MSDNet's ClassifierModule, in its style: reads the coarsest scale of the list it is given."""
+
+    def __init__(self, width: int, num_classes: int):
+        super().__init__()
+        self.m = _conv(width, width, 2)
+        self.linear = nn.Linear(width, num_classes)
+
+    def forward(self, xs):
+        res = self.m(xs[-1]).mean(dim=(2, 3))
+        return self.linear(res.view(res.size(0), -1))
+
+
+class OwnExits(nn.Module):
+    """The official MSDNet's way of passing: `self.blocks[i]` take and return lists of scales,
+    `self.classifier[i]` read the coarsest, and forward returns the list of every classifier's
+    logits (the network has its exits already). The last block drops the fine scale, as
+    MSDNet's later blocks drop their finer scales."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        self.first = nn.ModuleList([_conv(in_channels, width), _conv(in_channels, 2 * width, 2)])
+        self.blocks = nn.ModuleList([ScaleBlock([width, 2 * width]) for _ in range(2)] + [Coarsest(width)])
+        self.classifier = nn.ModuleList(Classifier(2 * width, num_classes) for _ in range(3))
+
+    def forward(self, x):
+        x = [layer(x) for layer in self.first]
+        res = []
+        for i in range(len(self.blocks)):
+            x = self.blocks[i](x)
+            res.append(self.classifier[i](x))
+        return res
+
+
+class Coarsest(nn.Module):
+    """A block that keeps only the coarsest scale (mixing the fine one in on the way)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.down, self.conv = _conv(width, 2 * width, 2), _conv(2 * width, 2 * width)
+
+    def forward(self, xs):
+        return [self.conv(xs[1] + self.down(xs[0]))]
+
+
+def own_exits(in_channels: int = 1, num_classes: int = 10, width: int = 8) -> OwnExits:
+    return OwnExits(in_channels, num_classes, width)

@@ -52,6 +52,33 @@ def test_lists_of_scales_are_carried_element_by_element():
     assert isinstance(model.backbone, MultiScale)
 
 
+def test_a_network_with_its_own_classifiers_keeps_them_as_its_exits(tmp_path):
+    """MSDNet's official style (tests/skipnet.OwnExits): forward returns every classifier's
+    logits. Cut after blocks.0 and blocks.1, each classifier runs in its block's stage (not in
+    the next one), the stages carry each scale once (the classifier and the next block take the
+    coarsest out separately), exit_head is not used, and every stage exports with parity."""
+    from edgeexit.backbone import OwnExit
+    from edgeexit.export.onnx import export_stages
+    from edgeexit.staging import stage_io
+    from skipnet import own_exits
+
+    torch.manual_seed(0)
+    net = own_exits(width=8)
+    model = attach_exits(net, ["blocks.0", "blocks.1"], ExitHead("conv-pool-linear", 99), X, 10, "own").eval()
+    assert [type(e) for e in model.exits[:2]] == [OwnExit, OwnExit] and model.own_exits
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(X), net(X)))
+    assert _carries(model, X) == [[(16, 4, 4), (8, 8, 8)]] * 2 + [[(10,)]]
+    stages = make_stages(model, "max_softmax")
+    assert check_staging(model, stages, X) == 0.0
+    own_params = {id(p) for p in net.classifier.parameters()}
+    assert own_params <= {id(p) for e in model.exits[:2] for p in e.parameters()} | {id(p) for p in model.blocks[-1].parameters()}
+    graphs = export_stages(stages, stage_io(stages, X, "image"), X, tmp_path, 17, 1e-4)
+    assert max(g.parity for g in graphs) <= 1e-4
+    with pytest.raises(SpecError, match=re.escape("own's forward() returns 3 exits (its own classifiers); name 2 layers")):
+        attach_exits(own_exits(width=8), ["blocks.0"], ExitHead(), X, 10, "own")
+
+
 def test_a_scale_computed_only_to_be_dropped_is_not_carried():
     """Without mixing, nothing the network returns depends on the fine scale, but fx sees only
     that the blocks (kept whole) take it in. Probing finds it unread: no cut carries it (the
