@@ -122,12 +122,14 @@ _MAX_OPAQUE = 64  # layers kept whole because fx cannot trace through them, at t
 def _trace(backbone: nn.Module, cuts: Sequence[str], sample: torch.Tensor, label: str) -> fx.GraphModule:
     """The traced backbone with shapes on every node. A layer fx cannot trace through (it
     iterates over a list it was passed, or branches on data) that lies outside every cut is
-    kept whole and traced again; the first layer it cannot keep whole is named."""
+    kept whole and traced again; where that cannot help (the failure is in forward itself, or
+    in a layer holding a cut), torch.export captures the graph instead."""
     leaves = set(cuts)
     for _ in range(_MAX_OPAQUE):
         tracer = _Tracer(leaves)
         try:
             graph = tracer.trace(backbone)
+            gm = fx.GraphModule(tracer.root, graph)
             break
         except Exception as exc:  # noqa: BLE001 - whatever fx says, in one line
             failed = tracer.failed
@@ -136,12 +138,11 @@ def _trace(backbone: nn.Module, cuts: Sequence[str], sample: torch.Tensor, label
                 continue
             detail = " ".join(str(exc).split())[:300]
             where = f" in {failed!r}" if failed else ""
-            raise SpecError(f"model.backbone: torch.fx cannot trace {label}{where} ({type(exc).__name__}: {detail}); "
-                            "data-dependent control flow must sit inside a layer that is cut after or holds no cut") \
-                from None
+            gm = _export(backbone, sample, label,
+                         f"torch.fx cannot trace {label}{where} ({type(exc).__name__}: {detail})")
+            break
     else:
         raise SpecError(f"model.backbone: torch.fx cannot trace {label}: more than {_MAX_OPAQUE} layers fail")
-    gm = fx.GraphModule(tracer.root, graph)
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(sample)
@@ -150,6 +151,53 @@ def _trace(backbone: nn.Module, cuts: Sequence[str], sample: torch.Tensor, label
         raise SpecError(f"model.backbone: {label} does not run on an input of shape {tuple(sample.shape[1:])} "
                         f"(input.shape): {type(exc).__name__}: {detail}") from None
     return gm
+
+
+def _export(backbone: nn.Module, sample: torch.Tensor, label: str, why: str) -> fx.GraphModule:
+    """The backbone as `torch.export` captures it, where fx's symbolic tracing fails (Python
+    control flow on shapes or sizes, which export resolves for the input shape): a graph of
+    aten operators whose nodes name the modules they run in, which `_cut_nodes` cuts by span."""
+    try:
+        try:  # any batch size, as the cascade runs partial batches
+            ep = torch.export.export(backbone, (sample,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), strict=False)
+        except Exception:  # noqa: BLE001 - forward specialises on the batch size: the export then
+            ep = torch.export.export(backbone, (sample,), strict=False)  # fixes it, and parity at another fails
+        gm = ep.module()
+    except Exception as exc:  # noqa: BLE001 - both tracers failed: say both, in one line
+        detail = " ".join(str(exc).split())[:200]
+        raise SpecError(f"model.backbone: {why}; torch.export fails too ({type(exc).__name__}: {detail}); "
+                        "data-dependent control flow must sit inside a layer that is cut after or holds no cut") \
+            from None
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and not node.users and node.target.startswith("_guards"):
+            gm.graph.erase_node(node)  # export's check of the input shape: the cascade feeds any batch
+    gm.recompile()
+    gm.meta["exported"] = True
+    return gm
+
+
+def _module_paths(node: fx.Node) -> list[str]:
+    """The modules a node of an exported graph runs in, outermost first."""
+    return [path for path, _type in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def _span_end(gm: fx.GraphModule, name: str) -> fx.Node | None:
+    """In an exported graph, the node holding module `name`'s output: the last of its nodes,
+    provided they run as one stretch and nothing else of theirs is read outside it."""
+    nodes = list(gm.graph.nodes)
+    at = [i for i, node in enumerate(nodes) if name in _module_paths(node)]
+    if not at:
+        return None
+    stretch = set(nodes[at[0]:at[-1] + 1])
+    if len(at) != len(stretch):
+        raise SpecError(f"model.exits_after: {name!r} does not run as one stretch in the exported graph "
+                        "(called twice, or interleaved with other code); cut after another layer")
+    last = nodes[at[-1]]
+    leaks = [n for n in stretch if n is not last and any(u not in stretch for u in n.users)]
+    if leaks:
+        raise SpecError(f"model.exits_after: {name!r} hands on more than one value ({leaks[0].name}); in a graph "
+                        "torch.export captured, cut after a layer that returns one tensor")
+    return last
 
 
 Item = tuple  # (node, None) for a tensor, (node, i) for element i of a list or tuple of tensors
@@ -183,6 +231,9 @@ def _cut_nodes(gm: fx.GraphModule, cuts: Sequence[str], backbone: nn.Module) -> 
                             + (f" (did you mean {', '.join(close)}?)" if close else
                                " (names as named_modules() prints them, e.g. layer1, features.3)"))
         calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
+        if gm.meta.get("exported"):
+            end = _span_end(gm, name)
+            calls = [end] if end is not None else []
         if len(calls) != 1:
             raise SpecError(f"model.exits_after: {name!r} is " + ("never called by forward()" if not calls else
                             f"called {len(calls)} times by forward(); cut after a layer that runs once"))
@@ -243,7 +294,10 @@ def split_backbone(backbone: nn.Module, cuts: Sequence[str], sample: torch.Tenso
     seg = _segments(gm, cut_nodes)
     n = len(cut_nodes) + 1
     output = next(node for node in gm.graph.nodes if node.op == "output")
-    result, own = _own_exits(output.args[0], len(cuts), label)
+    returned = output.args[0]
+    if gm.meta.get("exported") and isinstance(returned, (tuple, list)) and len(returned) == 1:
+        returned = returned[0]  # export flattens what forward returns into a tuple
+    result, own = _own_exits(returned, len(cuts), label)
     cones = _cones(own, set(cut_nodes))
     for k, cone in enumerate(cones):
         for node in cone:

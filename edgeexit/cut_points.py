@@ -63,10 +63,9 @@ def clean_cuts(gm: fx.GraphModule, backbone: nn.Module) -> dict[str, int]:
     spans: dict[str, list[int]] = {}
     repeated = set()
     for i, node in enumerate(nodes):
-        for key in (node.meta.get("nn_module_stack") or {}):
-            name, _, again = key.partition("@")
-            spans.setdefault(name, []).append(i)
-            if again:
+        for key, (name, _type) in (node.meta.get("nn_module_stack") or {}).items():
+            spans.setdefault(name, []).append(i)  # fx's and torch.export's graphs both: {key: (path, type)}
+            if "@" in key:  # a later call of the same module
                 repeated.add(name)
     last_use = {node: max((index[u] for u in node.users), default=-1) for node in nodes}
     found: dict[int, str] = {}

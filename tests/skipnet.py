@@ -158,3 +158,35 @@ class Coarsest(nn.Module):
 
 def own_exits(in_channels: int = 1, num_classes: int = 10, width: int = 8) -> OwnExits:
     return OwnExits(in_channels, num_classes, width)
+
+
+class ShapeBranch(nn.Module):
+    """Python control flow on the input's size in forward itself: fx cannot trace it (a Proxy in
+    an `if`), torch.export resolves it for the input shape; a skip connection spans `b`."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.a, self.b, self.c = _conv(in_channels, 8), _conv(8, 8), _conv(8, 16, 2)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        if x.shape[-1] > 16:  # large inputs are pooled first
+            x = nn.functional.avg_pool2d(x, 2)
+        a = self.a(x)
+        c = self.c(self.b(a) + a)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(c, 1), 1))
+
+
+class ValueBranch(nn.Module):
+    """Control flow on the data itself in forward: neither fx nor torch.export can capture it."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.a, self.b = _conv(in_channels, 8), _conv(8, 8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        a = self.a(x)
+        if a.mean() > 0:
+            a = -a
+        return self.fc(self.b(a).mean(dim=(2, 3)))

@@ -79,6 +79,30 @@ def test_a_network_with_its_own_classifiers_keeps_them_as_its_exits(tmp_path):
         attach_exits(own_exits(width=8), ["blocks.0"], ExitHead(), X, 10, "own")
 
 
+def test_torch_export_captures_what_fx_cannot_trace(tmp_path):
+    """forward branches on the input's size: fx refuses, torch.export resolves it for input.shape
+    (with any batch); the cut after `a` then still carries the skip connection, and the stages
+    export with parity at a batch other than the one traced."""
+    from edgeexit.export.onnx import export_stages
+    from edgeexit.staging import stage_io
+    from skipnet import ShapeBranch, ValueBranch
+
+    torch.manual_seed(0)
+    big = torch.randn(4, 1, 32, 32)
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.symbolic_trace(ShapeBranch())
+    model = attach_exits(ShapeBranch(), ["a", "b"], ExitHead(), big[:2], 10, "shapebranch").eval()
+    assert _carries(model, big) == [[(8, 16, 16)], [(8, 16, 16), (8, 16, 16)], [(10,)]]
+    stages = make_stages(model, "max_softmax")
+    assert check_staging(model, stages, big) <= 1e-5 and check_staging(model, stages, big[:1]) <= 1e-5
+    graphs = export_stages(stages, stage_io(stages, big, "image"), big, tmp_path, 17, 1e-4)
+    assert max(g.parity for g in graphs) <= 1e-4
+    with pytest.raises(SpecError) as err:
+        attach_exits(ValueBranch(), ["a"], ExitHead(), X, 10, "valuebranch")
+    assert "torch.fx cannot trace valuebranch" in str(err.value) and "torch.export fails too" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def test_a_scale_computed_only_to_be_dropped_is_not_carried():
     """Without mixing, nothing the network returns depends on the fine scale, but fx sees only
     that the blocks (kept whole) take it in. Probing finds it unread: no cut carries it (the
