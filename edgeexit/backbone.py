@@ -37,12 +37,19 @@ class ExitHead:
     width: int = 128  # conv-pool-linear: the channels of its two convolutions
 
 
-def make_head(spec: ExitHead, channels: int, classes: int) -> nn.Module:
-    """A small classifier on a (B, C, H, W) feature map: global average pool and a linear layer,
-    or, as MSDNet's classifiers, two strided 3x3 convolutions (BN, ReLU) before them."""
+HEAD_MAP = 8  # conv-pool-linear: larger feature maps are average-pooled to about this size first
+
+
+def make_head(spec: ExitHead, channels: int, classes: int, size: int = HEAD_MAP) -> nn.Module:
+    """A small classifier on a (B, C, H, W) feature map (`size`: min(H, W)): global average pool
+    and a linear layer, or, as MSDNet's classifiers, two strided 3x3 convolutions (BN, ReLU)
+    before them. MSDNet's classifiers read its coarsest scale (8x8 on CIFAR, 7x7 on ImageNet),
+    so a larger map is average-pooled by a whole factor to about 8x8 first: the head then costs
+    the same at 224x224 as at 32x32 (a whole factor: ONNX and TensorRT pool it exactly)."""
     if spec.kind == "pool-linear":
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes))
-    layers: list[nn.Module] = []
+    factor = size // HEAD_MAP
+    layers: list[nn.Module] = [nn.AvgPool2d(factor)] if factor > 1 else []
     for c_in in (channels, spec.width):
         layers += [nn.Conv2d(c_in, spec.width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(spec.width),
                    nn.ReLU(inplace=True)]
@@ -589,7 +596,7 @@ def attach_exits(backbone: nn.Module, cuts: Sequence[str], head: ExitHead, sampl
         if len(shape) != 4:
             raise SpecError(f"model.exits_after: {name!r} gives a tensor of shape {tuple(shape[1:])}; an exit head "
                             "reads a (C, H, W) feature map")
-        exits.append(FeatureExit(0, make_head(head, int(shape[1]), classes)))
+        exits.append(FeatureExit(0, make_head(head, int(shape[1]), classes, int(min(shape[2:])))))
     exits.append(FeatureExit(0, nn.Identity()))
     return CutModel(backbone, blocks, exits, cuts)
 

@@ -28,13 +28,14 @@ from tqdm import tqdm
 from calibration.gating import describe_thresholds
 from calibration.latency import SOURCES, LatencyModel, WorstOf, estimate, from_profile
 from calibration.policy import ExitPolicy, PolicyFit, fit_policy, policy_point
+from calibration.risk import certify, losses
 from calibration.solvers import SOLVERS, Budget, Scorer, best_feasible, geometric, optimise, tail_seconds
 from calibration.traces import Traces, load_traces
 from edgeexit.bundle import Bundle, Change, update_bundle
 from edgeexit.errors import EdgeExitError
 from edgeexit.jsonio import dumps
-from edgeexit.profile import (PROFILE, device_id, interleaved_calls, machine_facts, profile_bundle, profile_key,
-                              read_profiles, with_profiles)
+from edgeexit.profile import (PROFILE, device_id, interleaved_calls, machine_facts, merged_entry, profile_bundle,
+                              profile_key, read_profiles, with_profiles)
 from edgeexit.runtime.backend import Backend
 from edgeexit.runtime.cascade import Cascade
 from edgeexit.tracing import record_traces, split_inputs
@@ -79,6 +80,15 @@ def estimated_latency(bundle: Bundle, batches: Sequence[int]) -> LatencyModel:
                     f"estimate: {device.name} peak figures, {LAUNCH_S * 1e6:g} us per call", batches)
 
 
+@dataclass(frozen=True)
+class Risk:
+    """`--risk KIND --epsilon E --delta D`: what Learn-then-Test certifies (calibration.risk)."""
+
+    kind: str  # consistency | accuracy
+    epsilon: float
+    delta: float
+
+
 @dataclass
 class LatencySource:
     model: LatencyModel | WorstOf
@@ -86,13 +96,28 @@ class LatencySource:
     new_profile: dict[str, Any] | None = None  # a profile taken now, to store in the bundle
 
 
-def _stored_entry(profiles: dict[str, Any], key: str, wanted: Sequence[int]) -> LatencyModel:
-    """The latency model of profile.json entry `key`, refused in one line when it lacks a batch size."""
+def covers(entry: dict[str, Any], batch: int) -> bool:
+    """Whether a profile entry prices every call of a budget at `batch`: it has batch 1 (the
+    floor) and a size at or above `batch`; the sizes between are interpolated (the cost model)."""
+    sizes = {int(b) for b in entry["batches"]}
+    return 1 in sizes and max(sizes) >= batch
+
+
+def _model_of(entry: dict[str, Any], key: str, say: Callable[[str], None]) -> LatencyModel:
+    noisy = [b for b, row in entry["batches"].items() if row.get("noisy")]
+    if noisy:
+        say(f"latency: profile.json[{key}] batch {', '.join(noisy)} is flagged noisy (p99/p50 of a call above the "
+            "bound twice); the budget may not hold: profile again on a quiet machine")
+    return from_profile(entry, f"profile.json[{key}]")
+
+
+def _stored_entry(profiles: dict[str, Any], key: str, batch: int, say: Callable[[str], None]) -> LatencyModel:
+    """The latency model of profile.json entry `key`, refused in one line when it cannot price `batch`."""
     stored = profiles.get(key)
-    if stored is None or not set(map(str, wanted)) <= set(stored["batches"]):
-        raise EdgeExitError(f"--profile-key: profile.json has no entry {key!r} with batch sizes {wanted}"
-                            + ("" if stored is None else f" (it has {', '.join(stored['batches'])})"))
-    return from_profile(stored, f"profile.json[{key}]")
+    if stored is None or not covers(stored, batch):
+        raise EdgeExitError(f"--profile-key: profile.json has no entry {key!r} with batch 1 and a batch size of at "
+                            f"least {batch}" + ("" if stored is None else f" (it has {', '.join(stored['batches'])})"))
+    return _model_of(stored, key, say)
 
 
 def latency_source(bundle: Bundle, backend: Backend, kind: str, batch: int, x: np.ndarray,
@@ -111,30 +136,32 @@ def latency_source(bundle: Bundle, backend: Backend, kind: str, batch: int, x: n
     profiles = read_profiles(bundle.path)["profiles"]
     keys = [key] if isinstance(key, str) else list(key or [])
     if len(keys) > 1:
-        return LatencySource(WorstOf(tuple(_stored_entry(profiles, k, wanted) for k in keys)), False)
+        return LatencySource(WorstOf(tuple(_stored_entry(profiles, k, batch, say) for k in keys)), False)
     if keys:
-        return LatencySource(_stored_entry(profiles, keys[0], wanted), keys[0] == here)
+        return LatencySource(_stored_entry(profiles, keys[0], batch, say), keys[0] == here)
     stored = profiles.get(here)
-    if stored is not None and set(map(str, wanted)) <= set(stored["batches"]):
-        return LatencySource(from_profile(stored, f"profile.json[{here}]"), True)
+    if stored is not None and covers(stored, batch):
+        return LatencySource(_model_of(stored, here, say), True)
     key = here
+    missing = [b for b in wanted if stored is None or str(b) not in stored["batches"]]
     if kind == "profile":
-        raise EdgeExitError(f"latency: profile.json has no entry {key!r} with batch sizes {wanted}; run "
-                            f"`edgeexit profile {bundle.path} --backend {backend.name} --batch "
-                            f"{','.join(map(str, wanted))}` first")
+        raise EdgeExitError(f"latency: profile.json has no entry {key!r} with batch 1 and a batch size of at least "
+                            f"{batch}; run `edgeexit profile {bundle.path} --backend {backend.name} --batch "
+                            f"{','.join(map(str, missing))}` first")
     from edgeexit.devices import load_device
 
     target = load_device(bundle.manifest["target"]["device"])
     if target.kind != "host" and backend.name == "onnxruntime":
         say(f"latency: the bundle targets {target.name} and this is not it: estimating from its peak figures")
         return LatencySource(estimated_latency(bundle, wanted), False)
-    say(f"latency: no profile for {key}; profiling batch sizes {wanted} now")
+    say(f"latency: no profile for {key}; profiling batch sizes {missing} now" if stored is None else
+        f"latency: profile.json[{key}] has batch sizes {', '.join(stored['batches'])}; adding {missing} now")
     from edgeexit.runtime.loader import bundle_policy, open_monolithic, opened
 
     with opened(open_monolithic(bundle, backend.name, threads=threads)) as mono:
-        entry = profile_bundle(backend, bundle.stage_ios, mono, bundle.monolithic_io, x, wanted, bundle.thresholds,
+        entry = profile_bundle(backend, bundle.stage_ios, mono, bundle.monolithic_io, x, missing, bundle.thresholds,
                                iters=iters, threads=threads, policy=bundle_policy(bundle))
-    return LatencySource(from_profile(entry, f"profile.json[{key}]"), True, {key: entry})
+    return LatencySource(_model_of(merged_entry(stored, entry), key, say), True, {key: entry})
 
 
 def measure_calls(backend: Backend, bundle: Bundle, x: np.ndarray, batch: int,
@@ -215,15 +242,23 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
               val_traces: str | Path | None = None, test_traces: str | Path | None = None,
               data: dict[str, str | None] | None = None, threads: int | None = 1, iters: int = 200,
               measure: bool = True, curve_points: int = 16, progress: bool = True,
-              latency_key: str | Sequence[str] | None = None) -> tuple[Bundle, dict[str, Any]]:
+              latency_key: str | Sequence[str] | None = None, accept_miss: bool = False,
+              risk: Risk | None = None) -> tuple[Bundle, dict[str, Any]]:
     """Fit thresholds for `budget` on the validation split, prove them on the test split and
     write them into the bundle; returns the updated bundle and the calibration record.
     `latency_key` calibrates against another machine's profile.json entry, or against the worst
-    of several (a fleet: the record then scores the thresholds on each; see `latency_source`)."""
+    of several (a fleet: the record then scores the thresholds on each; see `latency_source`).
+    A budget the re-measured cascade does not hold (record["held"] False) writes nothing but a
+    profile taken now, unless `accept_miss`: the bundle keeps the thresholds it had. With
+    `risk`, the thresholds are certified by Learn-then-Test instead (`calibration.risk`): risk
+    and mean latency within bounds with probability >= 1 - delta over the validation draw."""
     if solver not in SOLVERS:
         raise EdgeExitError(f"--solver: {solver!r} is not one of {', '.join(SOLVERS)}")
     if latency not in SOURCES:
         raise EdgeExitError(f"--latency: {latency!r} is not one of {', '.join(SOURCES)}")
+    if risk is not None and (budget.batch != 1 or budget.tail is not None or solver != "optimise"):
+        raise EdgeExitError("--risk: certifies the mean call latency at batch 1 on the shared-threshold path; "
+                            "drop --batch, --tail and --solver")
     data = data or {}
     x_test, y_test = split_inputs(bundle, "test", data.get("test"))
     say = log if progress else (lambda _message: None)  # --quiet: errors only
@@ -251,6 +286,10 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
         bar.refresh()
 
     chosen = base if solver == "geometric" else optimise(sv, start=base, progress=tick)
+    certified = None  # with --risk: Learn-then-Test's thresholds replace the optimiser's (kept for the price)
+    if risk is not None:
+        certified = certify(traces["val"], lat.exit_seconds(), budget.seconds, risk.kind, risk.epsilon, risk.delta)
+        unguarded, chosen = chosen, sv.point(certified.thresholds)
     fitted = None  # with --solver policy: the trained policy, deployed when it beats `chosen` significantly
     if solver == "policy" and chosen is not None:
         bar.set_description("policy")
@@ -276,6 +315,11 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
             part.source: {k: v for k, v in Scorer(traces["test"], part, budget).point(chosen.thresholds).to_dict().items()
                           if k in ("mean_ms", "p95_ms")} for part in lat.parts},
         "deployed": "thresholds" if policy is None else "policy",  # what `edgeexit run` gates on
+        "risk": None if certified is None else {
+            **certified.to_dict(),
+            "test_risk": float(losses(traces["test"], st.taken(chosen.thresholds), risk.kind).mean()),
+            # the price of the guarantee: the optimiser's thresholds at the same budget, on the same test split
+            "optimise_test": None if unguarded is None else st.point(unguarded.thresholds).to_dict()},
     }
     if measure and source.measured_here:
         gatings = ({"chosen": chosen.thresholds} | ({"baseline": base.thresholds} if base is not None else {})
@@ -293,12 +337,20 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
     if png is None:
         say("calibrate: no pareto.png: matplotlib is not installed (pip install 'edgeexit[plot]')")
 
+    missed = record["held"] is False and not accept_miss
+    if missed:
+        record["deployed"] = None  # nothing written: the bundle keeps its thresholds
+
     def change(current: Bundle) -> Change:  # computed under the bundle's lock, from its state then
-        files = {CALIBRATION: (dumps(record) + "\n").encode()}
-        updates: dict[str, Any] = {"calibration": CALIBRATION}
-        if source.new_profile:
+        files: dict[str, bytes] = {}
+        updates: dict[str, Any] = {}
+        if source.new_profile:  # a measurement: kept even when the budget is missed
             files.update(with_profiles(current.path, source.new_profile))
             updates["profile"] = PROFILE
+        if missed:
+            return Change(files, updates)
+        files[CALIBRATION] = (dumps(record) + "\n").encode()
+        updates["calibration"] = CALIBRATION
         if png is not None:
             files[PARETO_PNG] = png
         gating = {k: v for k, v in current.manifest["gating"].items() if k != "policy"}  # a stale policy goes
@@ -307,6 +359,8 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
             gating["policy"] = policy.to_dict()
         return Change(files, {**updates, "gating": gating})
 
+    if missed and not source.new_profile:
+        return bundle, record
     return update_bundle(bundle, change), record
 
 
@@ -324,10 +378,18 @@ def format_calibration(record: dict[str, Any], curve: bool = True) -> str:
     """What `edgeexit calibrate` (and a build with a budget) prints: the outcome and the curve."""
     b, test = record["budget"], record["test"]
     shown = ", ".join(describe_thresholds(record["thresholds"]))
+    r = record.get("risk")
     lines = [f"budget: {b['metric']} call latency <= {b['ms']:.4g} ms at batch {b['batch']} "
              f"({record['latency']['source']})",
+             *([f"certified (Learn-then-Test, {r['samples']} validation samples): with probability >= "
+                f"{1 - r['delta']:g}, {r['risk']} risk <= {r['risk_bound']:.4g} (asked {r['epsilon']:g}; "
+                f"{r['risk_mean']:.4g} on validation, {r['test_risk']:.4g} on test) and mean latency <= "
+                f"{r['latency_bound_ms']:.4g} ms"] if r else []),
+             *([f"price of the guarantee: the optimiser's thresholds at this budget score "
+                f"{r['optimise_test']['accuracy']:.2%} on the test split"] if r and r["optimise_test"] else []),
              # with --solver policy the thresholds are the optimise solver's (the policy starts from them)
-             f"thresholds ({'optimise' if record['solver'] == 'policy' else record['solver']}): {shown}",
+             f"thresholds ({'risk-controlled' if r else 'optimise' if record['solver'] == 'policy' else record['solver']}):"
+             f" {shown}",
              f"test split ({record['splits']['report']['samples']} samples): accuracy {test['accuracy']:.2%}, "
              f"modelled mean {test['mean_ms']:.4g} ms, p95 {test['p95_ms']:.4g} ms, exit shares "
              + " / ".join(f"{s:.1%}" for s in test["exit_shares"])]
@@ -343,6 +405,9 @@ def format_calibration(record: dict[str, Any], curve: bool = True) -> str:
 
     if m:
         lines.append(measured(m["chosen"], not on_policy))
+        if record.get("deployed") is None:
+            lines.append("NOT WRITTEN: the budget did not hold on re-measurement; the bundle keeps its thresholds "
+                         "(calibrate again on a quieter machine, raise --budget-ms, or --accept-miss to write them)")
     else:
         lines.append("not measured: the latency is an estimate for another device; profile on the device to check")
     base = record["baseline"]

@@ -16,11 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from calibration.latency import SOURCES
+from calibration.risk import RISKS
 from calibration.solvers import SOLVERS, TAILS, Budget
 from edgeexit.archive import MAX_ARCHIVE_BYTES
 from edgeexit.errors import EdgeExitError
 from edgeexit.jsonio import dumps
 from edgeexit.spec import BACKENDS, PRECISIONS
+
+MISSED = 3  # exit status of `calibrate` when the re-measured cascade misses its budget
 
 
 def _cmd_build(args) -> int:
@@ -360,7 +363,7 @@ def _cmd_profile(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    from edgeexit.calibrate import calibrate, format_calibration
+    from edgeexit.calibrate import Risk, calibrate, format_calibration
     from edgeexit.runtime.loader import max_batch, open_backend
 
     bundle = _open_bundle(args)
@@ -373,9 +376,10 @@ def _cmd_calibrate(args) -> int:
         bundle, record = calibrate(bundle, backend, budget, args.solver, args.latency, args.val_traces,
                                    args.test_traces, {"val": args.data_val, "test": args.data_test}, args.threads,
                                    args.iters, measure=not args.no_measure, progress=not args.quiet,
-                                   latency_key=args.profile_key)
+                                   latency_key=args.profile_key, accept_miss=args.accept_miss,
+                                   risk=None if args.risk is None else Risk(args.risk, args.epsilon, args.delta))
     print(dumps(record) if args.json else format_calibration(record) + f"\nbundle: {bundle.path}")
-    return 0
+    return MISSED if record["deployed"] is None else 0
 
 
 def _text(value) -> str:
@@ -713,6 +717,14 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--data-val", help=".npz (x, y) to fit on instead of the bundle's val split")
     c.add_argument("--data-test", help=".npz (x, y) to report on instead of the bundle's test split")
     c.add_argument("--no-measure", action="store_true", help="skip re-running the cascade to check the budget")
+    c.add_argument("--risk", choices=RISKS, help="certify the thresholds by Learn-then-Test: this risk (disagreement "
+                   "with the final exit, or accuracy lost against it) <= --epsilon and the mean latency within the "
+                   "budget, with probability >= 1 - --delta (batch 1, mean)")
+    c.add_argument("--epsilon", type=float, default=0.05, help="--risk: the risk bound (default 0.05)")
+    c.add_argument("--delta", type=float, default=0.1, help="--risk: the failure probability (default 0.1)")
+    c.add_argument("--accept-miss", action="store_true",
+                   help=f"write the thresholds even when the re-measured cascade misses the budget (else nothing is "
+                        f"written and the exit status is {MISSED})")
     c.add_argument("--json", action="store_true")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(fn=_cmd_calibrate)

@@ -288,6 +288,21 @@ def test_a_backbone_yaml_builds_a_bundle_whose_middle_stage_carries_two_tensors(
     assert report["exit_accuracy"][-1] == first["exit_accuracy"][-1]  # the same final exit
 
 
+def test_a_conv_head_on_a_large_map_pools_it_to_about_8x8_first():
+    """MSDNet's classifiers read its coarsest scale (8x8 on CIFAR); on a 56x56 map (ResNet's
+    layer1 at 224x224) the head pools by 7 first, so it costs what it costs at 32x32."""
+    from edgeexit.backbone import make_head
+    from edgeexit.export.onnx import count_flops
+
+    head = ExitHead("conv-pool-linear", 16)
+    big, small = make_head(head, 32, 10, 56), make_head(head, 32, 10, 8)
+    assert isinstance(big[0], nn.AvgPool2d) and big[0].kernel_size == 7 and not isinstance(small[0], nn.AvgPool2d)
+    assert big(torch.randn(2, 32, 56, 56)).shape == (2, 10)
+    convs = [m for m in big if isinstance(m, nn.Conv2d)]
+    assert count_flops(nn.Sequential(*big[1:]), (torch.randn(1, 32, 8, 8),)) == \
+        count_flops(nn.Sequential(*small), (torch.randn(1, 32, 8, 8),)) and len(convs) == 2
+
+
 def test_auto_cut_points_are_blocks_whose_cut_carries_only_their_output():
     """skipnet: the skip connection from block_a spans block_b, so block_b is no clean cut; the
     stem, block_a and block_c are. Single layers (fc) are no candidates."""

@@ -187,7 +187,8 @@ def test_cli_calibrate_policy_writes_it_and_other_solvers_remove_it(bundle_copy,
     budget_ms = float(from_profile(next(iter(profiles.values())), "p").exit_seconds()[1] * 1e3)
     save_traces(tmp_path / "val.npz", agreeing(2000, 4))
     assert main(["calibrate", str(bundle_copy), "--budget-ms", f"{budget_ms:.6f}", "--solver", "policy",
-                 "--latency", "profile", "--val-traces", str(tmp_path / "val.npz"), "--quiet", "--json"]) == 0
+                 "--latency", "profile", "--val-traces", str(tmp_path / "val.npz"), "--quiet", "--json",
+                 "--accept-miss"]) == 0  # written whatever this busy machine measures
     record = json.loads(capsys.readouterr().out)
     bundle = load_bundle(bundle_copy)
     pol = record["policy"]

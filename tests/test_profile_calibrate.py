@@ -91,7 +91,7 @@ def test_cli_profile_then_calibrate_writes_into_the_bundle(bundle_copy, capsys, 
     assert val.conf.shape == (270, 3) and val.meta["split"] == "val"
 
     assert main(["calibrate", str(bundle_copy), "--budget-ms", repr(budget_ms), "--latency", "profile",
-                 "--val-traces", str(tmp_path / "val.npz"), "--quiet", "--json"]) == 0
+                 "--val-traces", str(tmp_path / "val.npz"), "--quiet", "--json", "--accept-miss"]) == 0
     record = json.loads(capsys.readouterr().out)
     bundle = load_bundle(bundle_copy)
     assert bundle.thresholds == record["thresholds"] and bundle.manifest["calibration"] == "calibration.json"
@@ -104,6 +104,107 @@ def test_cli_profile_then_calibrate_writes_into_the_bundle(bundle_copy, capsys, 
     assert len(record["pareto"]) == 16 and record["latency"]["estimate"] is False
     pytest.importorskip("matplotlib")
     assert (bundle_copy / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_missed_budget_is_a_failure_and_writes_no_thresholds(bundle_copy, capsys, tmp_path):
+    """A profile 50x faster than this machine (as if taken on another device, stored under this
+    machine's key): the model says the budget holds, the re-measured cascade misses it by far.
+    calibrate exits 3 and the bundle keeps its thresholds; --accept-miss writes them."""
+    assert main(["profile", str(bundle_copy), "--batch", "1", "--iters", "20", "--quiet"]) == 0
+    capsys.readouterr()
+    profiles = json.loads((bundle_copy / "profile.json").read_text())
+    key, entry = next(iter(profiles["profiles"].items()))
+
+    def faster(value):
+        if isinstance(value, dict):
+            return {k: (v / 50 if k.endswith("_ms") and isinstance(v, float) else faster(v)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [v / 50 if isinstance(v, float) else faster(v) for v in value]
+        return value
+
+    fake = dict(entry, batches=faster(entry["batches"]))
+    from edgeexit.profile import PROFILE
+
+    update_bundle(load_bundle(bundle_copy), lambda b: Change(
+        {PROFILE: (json.dumps({**profiles, "profiles": {key: fake}}) + "\n").encode()}, {"profile": PROFILE}))
+    model = from_profile(fake, "fake")
+    budget_ms = repr(round(float(model.exit_seconds()[-1] * 1e3), 6))  # full depth, on the fake profile
+    before = load_bundle(bundle_copy).thresholds
+    args = ["calibrate", str(bundle_copy), "--budget-ms", budget_ms, "--latency", "profile", "--json", "--quiet"]
+    assert main(args) == 3
+    record = json.loads(capsys.readouterr().out)
+    assert record["held"] is False and record["measured"]["chosen"]["ratio"] > 5 and record["deployed"] is None
+    bundle = load_bundle(bundle_copy)
+    assert bundle.thresholds == before and "calibration" not in bundle.manifest
+    assert main(args + ["--accept-miss"]) == 0
+    accepted = json.loads(capsys.readouterr().out)
+    bundle = load_bundle(bundle_copy)
+    assert accepted["held"] is False and accepted["deployed"] == "thresholds"
+    assert bundle.manifest["calibration"] == "calibration.json" and bundle.thresholds == accepted["thresholds"]
+
+
+def test_calibrate_with_risk_control_certifies_and_reports_the_price(bundle_copy, capsys):
+    """--risk consistency: Learn-then-Test's shared threshold, its certified bounds, the test
+    split's risk, and the optimiser's accuracy at the same budget beside it."""
+    assert main(["profile", str(bundle_copy), "--batch", "1", "--iters", "20", "--quiet"]) == 0
+    capsys.readouterr()
+    profiles = json.loads((bundle_copy / "profile.json").read_text())["profiles"]
+    budget_ms = repr(round(float(from_profile(next(iter(profiles.values())), "p").exit_seconds()[-1] * 1e3), 6))
+    args = ["calibrate", str(bundle_copy), "--budget-ms", budget_ms, "--latency", "profile", "--risk", "consistency",
+            "--epsilon", "0.1", "--delta", "0.2", "--accept-miss", "--quiet"]
+    assert main(args + ["--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    r = record["risk"]
+    assert r["risk"] == "consistency" and r["samples"] == 270 and r["risk_bound"] <= 0.1
+    assert r["latency_bound_ms"] <= float(budget_ms) and len(set(record["thresholds"][:-1])) == 1
+    assert r["risk_mean"] <= r["risk_bound"] and 0 <= r["test_risk"] <= 1 and r["optimise_test"]["accuracy"] > 0
+    assert load_bundle(bundle_copy).thresholds == record["thresholds"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "certified (Learn-then-Test, 270 validation samples): with probability >= 0.8, consistency risk <=" in out
+    assert "price of the guarantee: the optimiser's thresholds at this budget score" in out
+    assert main(args + ["--batch", "8"]) == 2
+    assert "--risk: certifies the mean call latency at batch 1" in capsys.readouterr().err
+
+
+def test_calibration_profiles_only_the_batch_sizes_missing_and_interpolates_between(bundle_copy, capsys):
+    """Profiled at 1 and 8, a budget at batch 4 is priced by interpolation (nothing measured);
+    one at batch 16 profiles 4 and 16 and adds them: 1 and 8 are kept."""
+    assert main(["profile", str(bundle_copy), "--batch", "1,8", "--iters", "20", "--quiet"]) == 0
+    capsys.readouterr()
+    bundle = load_bundle(bundle_copy)
+    backend = open_backend(bundle, "onnxruntime", threads=1)
+    x, _ = split_inputs(bundle, "test")
+    said = []
+    source = latency_source(bundle, backend, "auto", 4, x, 1, 20, said.append)
+    assert source.new_profile is None and source.model.batches == (1, 8) and said == []
+    source = latency_source(bundle, backend, "auto", 16, x, 1, 20, said.append)
+    assert source.model.batches == (1, 4, 8, 16) and list(next(iter(source.new_profile.values()))["batches"]) == ["4", "16"]
+    assert "has batch sizes 1, 8; adding [4, 16] now" in said[0]
+    from edgeexit.profile import with_profiles
+
+    merged = json.loads(with_profiles(bundle.path, source.new_profile)["profile.json"])["profiles"]
+    assert sorted(next(iter(merged.values()))["batches"], key=int) == ["1", "4", "8", "16"]
+    with pytest.raises(Exception, match="no entry .* with batch 1 and a batch size of at least 32"):
+        latency_source(bundle, backend, "profile", 32, x, 1, 20, said.append)
+
+
+def test_a_noisy_profile_row_is_measured_again_then_flagged(monkeypatch):
+    import edgeexit.profile as prof
+
+    rows = iter([{"exit_calls": [{"p50_ms": 1.0, "p99_ms": 9.0}]}, {"exit_calls": [{"p50_ms": 1.0, "p99_ms": 7.0}]},
+                 {"exit_calls": [{"p50_ms": 1.0, "p99_ms": 2.0}]}, {"exit_calls": [{"p50_ms": 1.0, "p99_ms": 8.0}]}])
+    calls = []
+    monkeypatch.setattr(prof, "profile_batch", lambda *a, **k: calls.append(a[5]) or next(rows))
+    monkeypatch.setattr(prof, "machine_facts", lambda *a: {"cpu": "c", "threads": 1})
+    monkeypatch.setattr(prof, "device_id", lambda facts: "c")
+    said = []
+    entry = prof.profile_bundle(type("B", (), {"name": "onnxruntime"})(), [], None, None, np.zeros((4, 1)), [1, 8],
+                                [None], iters=2, progress=said.append)
+    assert calls == [1, 1, 8]  # batch 1 measured twice (9x, then 7x: still noisy), batch 8 once (2x: quiet)
+    assert entry["batches"]["1"]["noisy"] and entry["batches"]["1"]["noise"] == 7.0
+    assert "noisy" not in entry["batches"]["8"] and entry["batches"]["8"]["noise"] == 2.0
+    assert any("profiling batch 1 again: p99/p50 of a call 9.0 > 5" in line for line in said)
 
 
 def test_calibrate_refuses_an_impossible_budget_and_leaves_the_bundle(bundle_copy, capsys):

@@ -1,0 +1,177 @@
+"""Thresholds whose guarantees hold with a stated probability: Learn-then-Test (numpy only).
+
+The optimiser's "holds on held-out data" rests on a normal upper bound of the mean. Here the
+statement is distribution-free: with probability at least 1 - delta over the draw of the
+calibration samples, (a) the risk of the chosen thresholds — disagreement with the final exit
+(`consistency`) or accuracy lost against it (`accuracy`: the final exit right, the cascade
+wrong) — is at most epsilon, and (b) their mean call latency is within the budget.
+
+Method (Angelopoulos, Bates et al., "Learn then Test", 2021; CALM, Schuster et al. 2022):
+thresholds move along one path, a shared confidence threshold lambda for every early exit,
+from 1 (never leave early: risk 0, full latency) down to 0. Risk grows and latency falls as
+lambda falls, so each guarantee is tested in fixed sequence from its safe end, at level
+delta/2 each (a union bound joins them), with the Hoeffding-Bentkus p-value of a mean of
+[0, 1]-bounded losses. Latency is bounded by the full-depth call's cost, so it is scaled into
+[0, 1] by it. The certified lambdas for risk form an upper set, those for latency a lower set;
+the largest lambda in both (the most accurate) is chosen. When the sets do not meet, nothing
+is certified, and `samples_needed` says how many samples would make the best candidate pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from calibration.errors import CalibrationError
+from calibration.gating import exits_taken
+from calibration.traces import Traces
+
+RISKS = ("consistency", "accuracy")
+
+
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= k), summed in log space (n up to millions without overflow)."""
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    i = np.arange(k + 1)
+    log_choose = np.concatenate([[0.0], np.cumsum(np.log((n - i[1:] + 1) / i[1:]))])  # log C(n, i), i = 0..k
+    logs = log_choose + i * math.log(p) + (n - i) * math.log1p(-p)
+    top = logs.max()
+    return float(min(1.0, math.exp(top) * np.exp(logs - top).sum()))
+
+
+def hb_pvalue(mean: float, n: int, alpha: float) -> float:
+    """Hoeffding-Bentkus p-value of H0: E[loss] > alpha, for losses in [0, 1] whose sample
+    mean over n draws is `mean` (small when the mean is well below alpha)."""
+    if not 0 < alpha < 1:
+        return 1.0 if alpha <= 0 else 0.0
+    m = min(mean, alpha)
+    if m <= 0:
+        hoeffding = (1 - alpha) ** n  # exp(-n * h1(0, alpha))
+    else:
+        h1 = m * math.log(m / alpha) + (1 - m) * math.log((1 - m) / (1 - alpha)) if m < 1 else math.inf
+        hoeffding = math.exp(-n * h1)
+    bentkus = math.e * _binom_cdf(math.ceil(n * mean), n, alpha)
+    return min(hoeffding, bentkus, 1.0)
+
+
+def upper_bound(mean: float, n: int, level: float) -> float:
+    """The smallest alpha that a sample mean of n [0, 1] losses certifies at `level`: the risk
+    actually guaranteed (what the report states)."""
+    lo, hi = mean, 1.0
+    if hb_pvalue(mean, n, hi - 1e-12) > level:
+        return 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if hb_pvalue(mean, n, mid) <= level else (mid, hi)
+    return hi
+
+
+def losses(traces: Traces, taken: np.ndarray, risk: str) -> np.ndarray:
+    """(N,) per-sample loss in {0, 1} of the exits `taken`: disagreement with the final exit
+    (`consistency`), or the final exit right and the exit taken wrong (`accuracy`)."""
+    n = np.arange(len(traces))
+    final = traces.pred[:, -1]
+    if risk == "consistency":
+        return (traces.pred[n, taken] != final).astype(np.float64)
+    if risk == "accuracy":
+        correct = traces.correct
+        return (correct[:, -1] & ~correct[n, taken]).astype(np.float64)
+    raise CalibrationError(f"--risk: {risk!r} is not one of {', '.join(RISKS)}")
+
+
+@dataclass(frozen=True)
+class Certified:
+    """The outcome of Learn-then-Test on one calibration split."""
+
+    thresholds: tuple[float | None, ...]  # the runtime's vector (the shared lambda at every early exit)
+    lam: float
+    risk: str
+    epsilon: float
+    delta: float
+    risk_mean: float  # empirical, on the calibration split
+    risk_bound: float  # certified at delta/2: P(risk <= this) >= 1 - delta/2
+    latency_mean_s: float
+    latency_bound_s: float  # certified at delta/2
+    samples: int
+
+    def to_dict(self) -> dict:
+        return {"thresholds": list(self.thresholds), "lambda": self.lam, "risk": self.risk, "epsilon": self.epsilon,
+                "delta": self.delta, "samples": self.samples, "risk_mean": self.risk_mean,
+                "risk_bound": self.risk_bound, "latency_mean_ms": self.latency_mean_s * 1e3,
+                "latency_bound_ms": self.latency_bound_s * 1e3}
+
+
+def lambda_grid(conf: np.ndarray, points: int = 200) -> np.ndarray:
+    """Candidate shared thresholds, descending from above every confidence (never leave early):
+    the quantiles of the early exits' confidences."""
+    early = np.asarray(conf)[:, :-1].ravel()
+    grid = np.unique(np.quantile(early, np.linspace(0, 1, points)))[::-1]
+    return np.concatenate([[np.nextafter(max(1.0, float(early.max())), np.inf)], grid])
+
+
+def certify(traces: Traces, exit_seconds: Sequence[float], budget_s: float, risk: str, epsilon: float,
+            delta: float, points: int = 200) -> Certified:
+    """Learn-then-Test along the shared-threshold path at batch 1 (`exit_seconds`: the cost of a
+    call leaving at each exit); raises with the samples needed when nothing can be certified."""
+    if risk not in RISKS:
+        raise CalibrationError(f"--risk: {risk!r} is not one of {', '.join(RISKS)}")
+    if not 0 < epsilon < 1 or not 0 < delta < 1:
+        raise CalibrationError(f"--epsilon {epsilon:g} and --delta {delta:g} must both lie in (0, 1)")
+    cost = np.asarray(exit_seconds, dtype=np.float64)
+    top = float(cost.max())  # a call never costs more than leaving at the last exit
+    n, level = len(traces), delta / 2
+    lams = lambda_grid(traces.conf, points)
+    risk_ok, lat_ok, rows = -1, len(lams), []
+    for i, lam in enumerate(lams):  # descending: risk grows, latency falls
+        taken = exits_taken(traces.conf, [float(lam)] * (traces.exits - 1) + [None])
+        r = float(losses(traces, taken, risk).mean())
+        lat = float(cost[taken].mean())
+        rows.append((r, lat))
+        if risk_ok == i - 1 and hb_pvalue(r, n, epsilon) <= level:
+            risk_ok = i  # fixed sequence from lambda above 1: stops at the first non-rejection
+    for i in range(len(lams) - 1, -1, -1):  # ascending lambda: the latency test from the cheap end
+        if hb_pvalue(rows[i][1] / top, n, budget_s / top) > level:
+            break
+        lat_ok = i
+    if lat_ok > risk_ok:
+        raise CalibrationError(_refusal(rows, lat_ok, n, level, epsilon, risk))
+    i = lat_ok  # the largest certified lambda for latency that risk also certifies: the most accurate
+    r, lat = rows[i]
+    lam = float(lams[i])
+    return Certified(tuple([lam] * (traces.exits - 1) + [None]), lam, risk, epsilon, delta, r,
+                     upper_bound(r, n, level), lat, upper_bound(lat / top, n, level) * top, n)
+
+
+def samples_needed(mean: float, alpha: float, level: float, limit: int = 10**7) -> int | None:
+    """How many samples with this empirical mean would certify `alpha` at `level` (None: none
+    would: the mean itself is not below alpha)."""
+    if mean >= alpha:
+        return None
+    n = 1
+    while n < limit and hb_pvalue(mean, n, alpha) > level:
+        n *= 2
+    lo, hi = n // 2, n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if hb_pvalue(mean, mid, alpha) <= level else (mid, hi)
+    return hi
+
+
+def _refusal(rows, lat_ok: int, n: int, level: float, epsilon: float, risk: str) -> str:
+    """One line: why no threshold is certified, and how many samples would certify the best
+    candidate (the largest threshold within the latency budget: the lowest risk there)."""
+    if lat_ok >= len(rows):
+        return (f"risk control: no threshold certifies the latency budget with {n} calibration samples (even with "
+                f"nearly every sample leaving at exit 0, mean {rows[-1][1] * 1e3:.4g} ms); raise the budget")
+    r = rows[lat_ok][0]
+    need = samples_needed(r, epsilon, level)
+    more = (f"; about {need} samples at the same risk would certify it" if need is not None else
+            f"; its empirical risk {r:.3g} is already above it: raise --epsilon or the budget")
+    return (f"risk control: no threshold certifies {risk} risk <= {epsilon:g} within the latency budget at "
+            f"delta/2 = {level:g} with {n} calibration samples{more}")
