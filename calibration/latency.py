@@ -75,6 +75,17 @@ class LatencyModel:
         xs = np.asarray(self.batches, dtype=np.float64)
         return np.stack([_interp(counts[..., k], xs, self.stage[:, k]) for k in range(self.stages)], axis=-1)
 
+    def stage_call(self, k: int, n: int) -> float:
+        """Seconds of stage k's call on n samples."""
+        return float(_interp(np.array([n]), np.asarray(self.batches, dtype=np.float64), self.stage[:, k])[0])
+
+    def finish(self, k: int, n: int) -> float:
+        """What an anytime cascade predicts starting stage k on n samples adds to its call: the
+        stage, plus the call's own overhead (upload, result assembly; in part already spent, so
+        this errs late, which a deadline wants)."""
+        return self.stage_call(k, n) + float(_interp(np.array([n]), np.asarray(self.batches, dtype=np.float64),
+                                                     self.overhead)[0])
+
     def batch_seconds(self, taken: np.ndarray) -> np.ndarray:
         """(M,) seconds of M cascade calls, given the exit each sample of each call takes ((M, B) ints)."""
         taken = np.asarray(taken)
@@ -100,8 +111,9 @@ class LatencyModel:
                 "overhead_ms": (self.overhead * 1e3).round(6).tolist()}
 
 
-def from_profile(entry: dict[str, Any], source: str) -> LatencyModel:
-    """The latency model of one `profile.json` entry (one backend on one device), mean figures.
+def from_profile(entry: dict[str, Any], source: str, figure: str = "mean_ms") -> LatencyModel:
+    """The latency model of one `profile.json` entry (one backend on one device), from its mean
+    figures (or `figure`: "p99_ms" prices each call at its 99th percentile, for deadlines).
 
     Stage k costs the difference between whole calls that leave at exit k and at exit k-1
     (measured back to back, as a stream of such calls runs), stage 0 what a call leaving at
@@ -110,14 +122,14 @@ def from_profile(entry: dict[str, Any], source: str) -> LatencyModel:
     try:
         sizes = sorted(entry["batches"], key=int)
         rows = [entry["batches"][b] for b in sizes]
-        overhead = np.array([r["overhead_ms"]["mean_ms"] for r in rows], dtype=np.float64) / 1e3
+        overhead = np.array([r["overhead_ms"][figure] for r in rows], dtype=np.float64) / 1e3
         if all("exit_calls" in r for r in rows):
-            calls = np.array([[c["mean_ms"] for c in r["exit_calls"]] for r in rows], dtype=np.float64) / 1e3
+            calls = np.array([[c[figure] for c in r["exit_calls"]] for r in rows], dtype=np.float64) / 1e3
             calls = np.maximum.accumulate(calls, axis=1)  # leaving later never costs less
             overhead = np.minimum(overhead, calls[:, 0])
             stage = np.diff(calls, axis=1, prepend=overhead[:, None])
         else:
-            stage = np.array([[s["mean_ms"] for s in r["stages"]] for r in rows], dtype=np.float64) / 1e3
+            stage = np.array([[s[figure] for s in r["stages"]] for r in rows], dtype=np.float64) / 1e3
         gather = np.array([r["gather_ms"] for r in rows], dtype=np.float64) / 1e3
     except (KeyError, TypeError, ValueError) as exc:
         raise CalibrationError(f"profile: entry {source!r} is malformed ({exc!r})") from None

@@ -180,7 +180,19 @@ def _export(backbone: nn.Module, sample: torch.Tensor, label: str, why: str) -> 
             gm.graph.erase_node(node)  # export's check of the input shape: the cascade feeds any batch
     gm.recompile()
     gm.meta["exported"] = True
+    # export assumes batches of 2 and more: a forward that branches on the batch size differs at 1
+    one = torch.randn(sample[:1].shape, generator=torch.Generator().manual_seed(0), dtype=sample.dtype)
+    with torch.no_grad():
+        same = all(torch.allclose(a, b, atol=1e-5) for a, b in zip(_flat(backbone(one)), _flat(gm(one))))
+    if not same:
+        raise SpecError(f"model.backbone: {why}; what torch.export captured differs from {label} on a batch of 1 "
+                        "(forward branches on the batch size), and the cascade runs any batch from 1")
     return gm
+
+
+def _flat(value) -> list[torch.Tensor]:
+    """The tensors in a forward's output (one, or nested lists and tuples of them)."""
+    return [t for v in value for t in _flat(v)] if isinstance(value, (list, tuple)) else [value]
 
 
 def _module_paths(node: fx.Node) -> list[str]:
@@ -279,6 +291,28 @@ def _exit_feature(cut: fx.Node, name: str) -> Item:
     return items[-1]
 
 
+def _recomputed(node: fx.Node) -> bool:
+    """Whether a value never crosses a cut but is computed again where it is needed: one that
+    depends on no input (a function of parameters, e.g. a gate's sigmoid) or the batch size
+    (`x.size(0)`, which any carried tensor gives, as every one has the batch first)."""
+    if "edgeexit_recomputed" not in node.meta:
+        if node.op == "get_attr" or _batch_size(node):
+            value = True
+        elif node.op == "placeholder" or node.op == "output":
+            value = False
+        else:
+            value = all(_recomputed(n) for n in node.all_input_nodes)
+        node.meta["edgeexit_recomputed"] = value
+    return node.meta["edgeexit_recomputed"]
+
+
+def _batch_size(node: fx.Node) -> bool:
+    """`x.size(0)` as fx traces it, or torch.export's `sym_size(x, 0)`."""
+    if node.op == "call_method" and node.target == "size":
+        return len(node.args) > 1 and node.args[1] == 0
+    return node.op == "call_function" and node.target is torch.ops.aten.sym_size.int and node.args[1] == 0
+
+
 def _element(node: fx.Node) -> Item | None:
     """(list, i) for a node taking element i out of a list (or tuple) of tensors, else None."""
     if node.target is not operator.getitem or not isinstance(node.args[0], fx.Node):
@@ -291,10 +325,11 @@ def _element(node: fx.Node) -> Item | None:
 
 
 def split_backbone(backbone: nn.Module, cuts: Sequence[str], sample: torch.Tensor,
-                   label: str) -> tuple[list[fx.GraphModule], list[Item], list[OwnExit]]:
+                   label: str) -> tuple[list[fx.GraphModule], list[Item], list[OwnExit], bool]:
     """Trace `backbone` and split it after each layer in `cuts`: the block of every segment (each
-    returning what it carries out, exit k's feature first), the exit features, and the
-    backbone's own early exits when its forward returns one logits tensor per exit."""
+    returning what it carries out, exit k's feature first), the exit features, the backbone's
+    own early exits when its forward returns one logits tensor per exit, and whether the graph
+    is torch.export's (fx could not trace it)."""
     backbone = backbone.eval()
     gm = _trace(backbone, cuts, sample, label)
     cut_nodes = _cut_nodes(gm, cuts, backbone)
@@ -326,8 +361,8 @@ def split_backbone(backbone: nn.Module, cuts: Sequence[str], sample: torch.Tenso
         for v in gm.graph.nodes:
             if v.op in ("output", "get_attr") or v in in_cone or (v.op != "placeholder" and seg[v] > k):
                 continue
-            if _element(v) is not None:
-                continue  # an element taken out of a list crosses as that list's item
+            if _element(v) is not None or _recomputed(v):
+                continue  # a list's element crosses as that list's item; the batch size and parameter functions are recomputed
             items = _items(v)
             if items is None:
                 if any(read_after(u, k) for u in v.users):
@@ -344,6 +379,12 @@ def split_backbone(backbone: nn.Module, cuts: Sequence[str], sample: torch.Tenso
                     elif read_after(u, k) or any(read_after(w, k) for w in u.users):
                         live.append(element)
         live = list(dict.fromkeys(live))  # one element taken out twice is carried once
+        for item in live:
+            shape = _item_meta(item).shape
+            if not shape or shape[0] != sample.shape[0]:
+                raise SpecError(f"model.exits_after: {item[0].name} (shape {tuple(shape)}) is computed before the cut "
+                                f"after {cuts[k]!r} and used after it, but has no batch axis first (a value taken "
+                                "across the batch); the cascade splits batches, so compute it after the cut")
         if features[k] not in live:
             raise SpecError(f"model.exits_after: the output of {cuts[k]!r} is not used after it; cut after a layer whose "
                             "output the network reads on")
@@ -352,9 +393,11 @@ def split_backbone(backbone: nn.Module, cuts: Sequence[str], sample: torch.Tenso
     placeholders = [(node, None) for node in gm.graph.nodes if node.op == "placeholder"]
     segments = [[v for v in gm.graph.nodes if v.op not in ("placeholder", "output", "get_attr") and seg[v] == k
                  and v not in in_cone] for k in range(n)]
-    heads = [OwnExit(_block(gm, [v for v in gm.graph.nodes if v in cone], carries[k], [(own[k], None)]))
-             for k, cone in enumerate(cones)]
     read_by_head = [{item for item in carries[k] if _reads(cones[k], item)} for k in range(len(cones))]
+
+    def heads() -> list[OwnExit]:  # on what each block carries once pruned
+        return [OwnExit(_block(gm, [v for v in gm.graph.nodes if v in cone], carries[k], [(own[k], None)]))
+                for k, cone in enumerate(cones)]
 
     received = [placeholders] + [list(c) for c in carries[:-1]]  # what each block's graph takes in
 
@@ -372,7 +415,7 @@ def split_backbone(backbone: nn.Module, cuts: Sequence[str], sample: torch.Tenso
                                     f"after {cuts[k - 1]!r} does not; a stage passes on all it carries, so cut "
                                     "after a layer whose outputs the next block reads")
         if not any(unread):
-            return blocks, features, heads
+            return blocks, features, heads(), bool(gm.meta.get("exported"))
         for k in range(1, n):
             zeroed[k] += unread[k]
             carries[k - 1] = [item for item in carries[k - 1] if item not in unread[k]]
@@ -424,7 +467,10 @@ def _cones(own: list[fx.Node], cut_nodes: set[fx.Node]) -> list[set[fx.Node]]:
     """Per own exit, the nodes computed only for it (its classifier), which run in its stage
     after the block instead of in the next block."""
     cones = []
-    for head in own:
+    for k, head in enumerate(own):
+        if any(u.op != "output" for u in head.users):
+            raise SpecError(f"model.backbone: exit {k}'s logits ({head.name}) are also read by later layers; edgeexit "
+                            "cannot carry an exit's output on: return them only")
         cone = {head}
         for node in reversed(list(head.graph.nodes)):
             if node in cone or node in cut_nodes or node.op in ("placeholder", "get_attr", "output"):
@@ -437,10 +483,11 @@ def _cones(own: list[fx.Node], cut_nodes: set[fx.Node]) -> list[set[fx.Node]]:
 
 def _unread_carries(blocks: list[fx.GraphModule], received: list[list[Item]], zeroed: list[list[Item]],
                     sample: torch.Tensor) -> list[list[Item]]:
-    """Per block, the carried values it takes in but none of its outputs depends on: inside a
-    layer kept whole (fx cannot see in), a scale computed only to be dropped. The ONNX exporter
-    would drop such an input; the block is fed zeros in its place instead, and the check
-    against the untouched backbone proves the outputs unchanged."""
+    """Per block, the carried values it passes only to layers kept whole (fx cannot see into
+    them) and none of its outputs depends on (`unread_inputs`): a scale computed only to be
+    dropped. The ONNX exporter would drop such an input; the block is fed zeros in its place
+    instead, and the check against the untouched backbone proves the outputs unchanged. A value
+    fx sees read (a comparison, a mask) is never one of these. `sample` should be random data."""
     from edgeexit.staging import unread_inputs
 
     unread, carry = [[]], (sample,)
@@ -448,7 +495,9 @@ def _unread_carries(blocks: list[fx.GraphModule], received: list[list[Item]], ze
         for k, block in enumerate(blocks):
             if k:
                 taken = [item for item in received[k] if item not in zeroed[k]]
-                unread.append([taken[i] for i in unread_inputs(block, carry) if i > 0])  # 0: the exit's feature
+                opaque = [all(u.op == "call_module" for u in ph.users)  # read only inside layers fx cannot see into
+                          for ph in block.graph.nodes if ph.op == "placeholder"]
+                unread.append([taken[i] for i in unread_inputs(block, carry) if i > 0 and opaque[i]])
             carry = tuple(block(*carry))
     return unread
 
@@ -471,7 +520,7 @@ def _block(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[Item], outputs
             ph = phs[item]
         else:
             meta = _item_meta(item)
-            ph = graph.call_function(torch.zeros, ((batch, *meta.shape[1:]),), {"dtype": meta.dtype})
+            ph = graph.call_method("new_zeros", (phs[taken[0]], (batch, *meta.shape[1:])), {"dtype": meta.dtype})
         if index is None:
             env[value] = ph
         else:
@@ -484,8 +533,10 @@ def _block(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[Item], outputs
         element = _element(value)
         if value not in env and element is not None and element[0] in parts:  # an element carried in
             env[value] = parts[element[0]][element[1]]
-        if value not in env and value.op == "get_attr":  # parameters and constants: read, never carried
-            env[value] = graph.node_copy(value)
+        if value not in env and _batch_size(value):  # the batch size: any carried tensor's first dimension
+            env[value] = graph.call_method("size", (phs[taken[0]], 0))
+        elif value not in env and _recomputed(value):  # parameters and their functions: read, never carried
+            env[value] = graph.node_copy(value, arg)
         return env[value]
 
     for node in nodes:
@@ -587,7 +638,18 @@ def attach_exits(backbone: nn.Module, cuts: Sequence[str], head: ExitHead, sampl
         raise SpecError("model.exits_after: name at least one layer to exit after")
     if len(set(cuts)) != len(cuts):
         raise SpecError("model.exits_after: a layer is named twice")
-    blocks, features, own = split_backbone(backbone, cuts, sample, label)
+    blocks, features, own, exported = split_backbone(backbone, cuts, sample, label)
+    model = _exits(backbone, blocks, features, own, cuts, head, classes)
+    if exported:  # its batch norms and dropout were captured in inference form: training cannot change that
+        model.cut_note = (f"model.backbone: {label} was captured by torch.export (fx cannot trace it); its layers run "
+                          "in inference form, also in training (batch norms keep their statistics, no dropout): "
+                          "train it beforehand and give model.checkpoint with train.freeze_backbone")
+    return model
+
+
+def _exits(backbone: nn.Module, blocks: list[fx.GraphModule], features: list[Item], own: list[OwnExit],
+           cuts: Sequence[str], head: ExitHead, classes: int) -> CutModel:
+    """The CutModel: the network's own classifiers as its exits, or a `head` after every cut."""
     if own:  # the network's own classifiers are its exits; model.exit_head is not used
         return CutModel(backbone, blocks, [*own, FeatureExit(0, nn.Identity())], cuts, own_exits=True)
     exits = []

@@ -257,18 +257,22 @@ def _open_bundle(args, trusted: bool = True):
 def _cmd_run(args) -> int:
     from edgeexit.data import normalize, resize_like
     from edgeexit.jsonio import finite_or_none
+    from edgeexit.profile import stage_predictor
     from edgeexit.runtime.cascade import Cascade
     from edgeexit.runtime.loader import max_batch, open_backend
 
     bundle = _open_bundle(args)
     x, names, mapped = _open_images(args.input, bundle)
-    batch = max_batch(bundle)
+    deadline = None if args.deadline_ms is None else args.deadline_ms / 1e3
+    batch = max_batch(bundle) if deadline is None else 1  # a deadline is per input: one call each
     thresholds, policy = _gating(args, bundle)
     shape, resize = tuple(bundle.input["shape"][1:]), _resize_of(bundle) is not None
     classes = bundle.classes
     counts = np.zeros(len(bundle.stage_ios), dtype=np.int64)
+    cut = 0
     with open_backend(bundle, args.backend, args.device, trust_code=args.trust_code) as backend:
-        cascade = Cascade(backend, bundle.stage_ios, thresholds, policy)
+        predict = None if deadline is None else stage_predictor(bundle.path, backend, None)
+        cascade = Cascade(backend, bundle.stage_ios, thresholds, policy, deadline, predict)
         _check_inputs(x, mapped, args, bundle, batch)  # after every refusal of the bundle, before any result
         for start, raw in _chunks(x, batch):
             with np.errstate(over="ignore"):  # refused before, unless --allow-nonfinite
@@ -287,25 +291,31 @@ def _cmd_run(args) -> int:
                 print(f"{'index':>5}  {'class':>8}  {'exit':>4}  {'confidence':>10}" + ("  file" if names else ""))
             mapped.release(start, start + len(chunk))
             counts += np.bincount(result.exit, minlength=len(counts))
+            cut += 0 if result.cut_off is None else int(result.cut_off.sum())
             for i in range(len(chunk)):
                 # NaN/Inf outputs (--allow-nonfinite) have no class: argmax of NaNs is an artefact
                 k, pred = start + i, int(result.pred[i]) if np.isfinite(result.conf[i]) else None
+                late = result.cut_off is not None and bool(result.cut_off[i])
                 if args.json:
                     row = {"index": k, **({"file": names[k]} if names else {}), "class": pred,
                            "label": None if pred is None else classes[pred],
                            "exit": int(result.exit[i]), "confidence": finite_or_none(result.conf[i]),
+                           **({"cut_off": late} if deadline is not None else {}),
                            "probabilities": [finite_or_none(p) for p in result.probs[i]]}
                     print(("    " if k == 0 else ",\n    ") + dumps(row, indent=None), end="")
                 else:
                     label = "-" if pred is None else classes[pred]
                     print(f"{k:>5}  {label:>8}  {int(result.exit[i]):>4}  {float(result.conf[i]):>10.4f}"
-                          + (f"  {names[k]}" if names else ""))
+                          + ("  cut off" if late else "") + (f"  {names[k]}" if names else ""))
     if args.json:
         print("\n  ]\n}")
         return 0
     shares = counts / counts.sum()
     print("exit shares: " + ", ".join(f"exit {k} {s:.0%}" for k, s in enumerate(shares))
           + ("; gated by the bundle's exit policy (gating.policy)" if policy is not None else ""))
+    if deadline is not None:
+        print(f"deadline {args.deadline_ms:g} ms per input: {cut} of {int(counts.sum())} cut off (answered from the "
+              "last exit that could finish in time)")
     return 0
 
 
@@ -633,6 +643,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help=TORCH_DEVICE_HELP)
     r.add_argument("--thresholds", help="gate on these thresholds instead of the bundle's exit policy or "
                                         "thresholds, e.g. 0.9,0.8,null")
+    r.add_argument("--deadline-ms", type=float,
+                   help="anytime: each input gets the deepest exit that finishes within this many ms (one call per "
+                        "input; no stage is started that the bundle's profile predicts cannot finish in time)")
     r.add_argument("--trust", help=TRUST_HELP)
     r.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
     r.add_argument("--allow-nonfinite", action="store_true",

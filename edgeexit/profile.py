@@ -68,6 +68,20 @@ def read_profiles(bundle_path: Path) -> dict[str, Any]:
     return read_json(path, "profile", 64 << 20) if path.is_file() else {"format": 1, "profiles": {}}
 
 
+def stage_predictor(bundle_path: Path, backend: Backend, threads: int | None) -> Callable[[int, int], float]:
+    """Stage k's seconds on n samples on this machine, at the 99th percentile of the bundle's
+    profile.json entry for it: what an anytime cascade predicts before it starts a stage."""
+    from calibration.latency import from_profile
+    from edgeexit.errors import EdgeExitError
+
+    key = profile_key(backend.name, device_id(machine_facts(backend, threads)))
+    entry = read_profiles(bundle_path)["profiles"].get(key)
+    if entry is None:
+        raise EdgeExitError(f"--deadline-ms: profile.json has no entry {key!r}; run `edgeexit profile {bundle_path} "
+                            f"--backend {backend.name}` first")
+    return from_profile(entry, f"profile.json[{key}]", "p99_ms").finish
+
+
 def with_profiles(bundle_path: Path, entries: dict[str, dict[str, Any]]) -> dict[str, bytes]:
     """`profile.json` with `entries` (key -> entry) added, as a file for `update_bundle`. An
     entry for a key already there adds its batch sizes to that entry's: sizes measured again

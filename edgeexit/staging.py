@@ -156,20 +156,37 @@ def run_stages(stages: list[Stage], x: torch.Tensor) -> list[tuple[torch.Tensor,
 
 
 def unread_inputs(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[int]:
-    """Positions of the floating-point `inputs` that none of `module`'s floating-point outputs
-    depends on (autograd finds no path): values the ONNX exporter would drop as unused graph
-    inputs. Empty when the module cannot be probed this way (an in-place op on an input)."""
+    """Positions of the floating-point `inputs` that `module`'s outputs do not depend on: values
+    the ONNX exporter would drop as unused graph inputs. Both must hold: autograd finds no path
+    from the input to any output, and replacing the input by random values of two scales leaves
+    every output bit for bit unchanged (a value read only through a comparison, an argmax, a
+    detach or under no_grad has no gradient but is read)."""
     probe = tuple(t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs)
     floats = [i for i, t in enumerate(probe) if t.requires_grad]
     try:
         with torch.enable_grad():
             outputs = [t for t in as_tuple(module(*probe)) if t.is_floating_point() and t.requires_grad]
-            if not outputs:
-                return floats
-            grads = torch.autograd.grad(sum(t.sum() for t in outputs), [probe[i] for i in floats], allow_unused=True)
+            grads = torch.autograd.grad(sum(t.sum() for t in outputs), [probe[i] for i in floats],
+                                        allow_unused=True) if outputs else [None] * len(floats)
     except RuntimeError:
         return []
-    return [i for i, grad in zip(floats, grads) if grad is None]
+    candidates = [i for i, grad in zip(floats, grads) if grad is None]
+    if not candidates:
+        return []
+    with torch.no_grad():
+        reference = as_tuple(module(*inputs))
+        unread = []
+        for i in candidates:
+            generator = torch.Generator(device=inputs[i].device).manual_seed(i)
+            for scale in (1.0, 1e3):
+                noise = torch.randn(inputs[i].shape, generator=generator, device=inputs[i].device,
+                                    dtype=inputs[i].dtype) * scale
+                changed = as_tuple(module(*inputs[:i], noise, *inputs[i + 1:]))
+                if not all(torch.equal(a, b) for a, b in zip(reference, changed)):
+                    break
+            else:
+                unread.append(i)
+    return unread
 
 
 def check_carries(stages: list[Stage], x: torch.Tensor) -> None:

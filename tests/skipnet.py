@@ -85,16 +85,38 @@ class Twice(nn.Module):
 
 
 class SizeAcross(nn.Module):
-    """A Python number (the batch size) taken before the cut after `a` and used after it."""
+    """Python numbers taken before the cut after `a` and used after it: the batch size (any
+    carried tensor gives it again) and, with `width`, the input's width (nothing carried does)."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: bool = False):
         super().__init__()
         self.a, self.b = _conv(in_channels, 8), _conv(8, 8)
         self.fc = nn.Linear(8 * 64, num_classes)
+        self.width = width
 
     def forward(self, x):
-        n = x.size(0)
-        return self.fc(self.b(self.a(x)).reshape(n, -1))
+        n, w = x.size(0), x.size(3)
+        y = self.b(self.a(x)).reshape(n, -1)
+        return self.fc(y * w if self.width else y)
+
+
+class Across(nn.Module):
+    """Values before the cut after `a` used after it: a function of parameters only (a gate),
+    recomputed where needed, and, with `batch_mean`, a mean over the batch, which has no batch
+    axis to split."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, batch_mean: bool = False):
+        super().__init__()
+        self.a, self.b = _conv(in_channels, 8), _conv(8, 8)
+        self.gamma = nn.Parameter(torch.randn(1, 8, 1, 1))
+        self.fc = nn.Linear(8, num_classes)
+        self.batch_mean = batch_mean
+
+    def forward(self, x):
+        gate = self.gamma.sigmoid()
+        centre = x.mean(dim=(0, 2, 3), keepdim=True) if self.batch_mean else gate
+        a = self.a(x)
+        return self.fc((self.b(a) * gate - centre).mean(dim=(2, 3)))
 
 
 class SideBranch(nn.Module):
@@ -190,3 +212,18 @@ class ValueBranch(nn.Module):
         if a.mean() > 0:
             a = -a
         return self.fc(self.b(a).mean(dim=(2, 3)))
+
+
+class BatchBranch(nn.Module):
+    """forward branches on the batch size (a batch-statistics path for real batches only):
+    torch.export captures the branch for batches of 2 and more, which the cascade cannot use."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.a, self.b = _conv(in_channels, 8), _conv(8, 8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            x = x - x.mean(dim=0, keepdim=True)
+        return self.fc(self.b(self.a(x)).mean(dim=(2, 3)))

@@ -16,7 +16,7 @@ from torch import nn
 from edgeexit.backbone import ExitHead, attach_exits, import_torchvision
 from edgeexit.errors import SpecError
 from edgeexit.staging import carry_bytes, check_staging, make_stages, per_stage
-from skipnet import MultiScale, SideBranch, SizeAcross, Twice, multiscale, skipnet
+from skipnet import Across, MultiScale, SideBranch, SizeAcross, Twice, multiscale, skipnet
 
 X = torch.randn(4, 1, 8, 8)
 
@@ -79,24 +79,37 @@ def test_a_network_with_its_own_classifiers_keeps_them_as_its_exits(tmp_path):
         attach_exits(own_exits(width=8), ["blocks.0"], ExitHead(), X, 10, "own")
 
 
+def test_the_batch_size_and_functions_of_parameters_are_recomputed_not_carried():
+    """`x.size(0)` before a cut (any carried tensor gives it again) and a gate computed from a
+    parameter before it (never carried: it has no batch axis, and the cascade splits batches)."""
+    for net in (SizeAcross(), Across()):
+        model = attach_exits(net, ["a"], ExitHead(), X, 10, type(net).__name__).eval()
+        assert [len(c) for c in _carries(model, X)] == [1, 1]
+        stages = make_stages(model, "max_softmax")
+        assert check_staging(model, stages, X) <= 1e-5 and check_staging(model, stages, X[:1]) <= 1e-5
+
+
 def test_torch_export_captures_what_fx_cannot_trace(tmp_path):
     """forward branches on the input's size: fx refuses, torch.export resolves it for input.shape
     (with any batch); the cut after `a` then still carries the skip connection, and the stages
     export with parity at a batch other than the one traced."""
     from edgeexit.export.onnx import export_stages
     from edgeexit.staging import stage_io
-    from skipnet import ShapeBranch, ValueBranch
+    from skipnet import BatchBranch, ShapeBranch, ValueBranch
 
     torch.manual_seed(0)
     big = torch.randn(4, 1, 32, 32)
     with pytest.raises(torch.fx.proxy.TraceError):
         torch.fx.symbolic_trace(ShapeBranch())
     model = attach_exits(ShapeBranch(), ["a", "b"], ExitHead(), big[:2], 10, "shapebranch").eval()
+    assert "captured by torch.export (fx cannot trace it); its layers run in inference form" in model.cut_note
     assert _carries(model, big) == [[(8, 16, 16)], [(8, 16, 16), (8, 16, 16)], [(10,)]]
     stages = make_stages(model, "max_softmax")
     assert check_staging(model, stages, big) <= 1e-5 and check_staging(model, stages, big[:1]) <= 1e-5
     graphs = export_stages(stages, stage_io(stages, big, "image"), big, tmp_path, 17, 1e-4)
     assert max(g.parity for g in graphs) <= 1e-4
+    with pytest.raises(SpecError, match="differs from batchbranch on a batch of 1 .forward branches on the batch"):
+        attach_exits(BatchBranch(), ["a"], ExitHead(), big[:2], 10, "batchbranch")
     with pytest.raises(SpecError) as err:
         attach_exits(ValueBranch(), ["a"], ExitHead(), X, 10, "valuebranch")
     assert "torch.fx cannot trace valuebranch" in str(err.value) and "torch.export fails too" in str(err.value)
@@ -175,7 +188,10 @@ def test_a_factory_model_whose_block_returns_what_the_next_never_reads_is_refuse
     (skipnet, ["block_x"], "'block_x' is not a module of the backbone (did you mean ... block_a"),
     (skipnet, ["block_b", "block_a"], "'block_a' runs before 'block_b'"),
     (Twice, ["conv"], "'conv' is called 2 times by forward()"),
-    (SizeAcross, ["a"], "size ... is computed before the cut after 'a' and used after it, but is not a tensor"),
+    (lambda: SizeAcross(width=True), ["a"], "size_1 ... is computed before the cut after 'a' and used after it, "
+                                             "but is not a tensor"),
+    (lambda: Across(batch_mean=True), ["a"], "mean (shape (1, 1, 1, 1)) is computed before the cut after 'a' ... "
+                                             "has no batch axis first"),
     (SideBranch, ["side"], "the output of 'side' is not used after it"),
     (skipnet, ["block_a", "block_a"], "a layer is named twice"),
 ])

@@ -117,3 +117,34 @@ def test_gate_thresholds_checks_the_count_before_the_values(thresholds, message)
     with pytest.raises(EdgeExitError, match=f"^{message}"):
         gate_thresholds(thresholds, 3)
     assert gate_thresholds([0.9, 0.8, None], 3)[:2] == [0.9, 0.8] and gate_thresholds([0.9, 0.8, 0.0], 3)[-1] == -NEVER
+
+
+def test_a_deadline_stops_before_a_stage_that_cannot_finish_and_says_who_was_cut_off(setup):
+    """Anytime: with stage costs predicted (here in seconds, so that the real time spent is
+    negligible beside them: stage 1 costs 5, stage 2 costs 50) and a deadline of 20, no call
+    starts stage 2: samples that would have gone there answer from exit 1, exactly as exit 1
+    predicts them, and are marked cut off; the rest are unchanged."""
+    bundle, x, _ = setup
+    backend = open_backend(bundle, "onnxruntime")
+    thresholds = [0.999, 0.999, None]
+    plain = Cascade(backend, bundle.stage_ios, thresholds)(x)
+    every = trace(backend, bundle.stage_ios, x, 64)
+    costs = [1.0, 5.0, 50.0]
+
+    def timed(deadline):
+        return Cascade(backend, bundle.stage_ios, thresholds, deadline=deadline, predict=lambda k, n: costs[k])
+
+    result = timed(20.0)(x)
+    went_deep = plain.exit == 2
+    assert went_deep.any() and np.array_equal(result.cut_off, went_deep)
+    assert np.all(result.exit[went_deep] == 1) and result.stage_samples[2] == 0
+    np.testing.assert_array_equal(result.pred[went_deep], every.exit_pred[went_deep, 1])
+    np.testing.assert_array_equal(result.pred[~went_deep], plain.pred[~went_deep])
+    # a deadline every stage fits changes nothing; one below stage 1's cost answers everyone from exit 0
+    roomy = timed(1000.0)(x)
+    assert not roomy.cut_off.any() and np.array_equal(roomy.exit, plain.exit)
+    tight = timed(2.0)(x)
+    assert np.all(tight.exit == 0) and np.array_equal(tight.cut_off, plain.exit > 0)
+    assert timed(20.0).run_batched(x, 7).cut_off.shape == (len(x),)
+    with pytest.raises(Exception, match="needs the stages' profiled costs"):
+        Cascade(backend, bundle.stage_ios, thresholds, deadline=0.01)

@@ -167,6 +167,30 @@ def test_calibrate_with_risk_control_certifies_and_reports_the_price(bundle_copy
     assert "--risk: certifies the mean call latency at batch 1" in capsys.readouterr().err
 
 
+def test_run_with_a_deadline_needs_a_profile_and_marks_inputs_cut_off(bundle_copy, digits_raw, tmp_path, capsys):
+    """`run --deadline-ms`: refused in one line without a profile of this machine; with one, a
+    deadline below exit 1's predicted cost answers every input from exit 0, marking cut off
+    those the thresholds would have sent deeper; a generous one changes nothing."""
+    raw = digits_raw[0][-30:]
+    np.save(tmp_path / "images.npy", raw)
+    run = ["run", str(bundle_copy), "--input", str(tmp_path / "images.npy"), "--json", "--thresholds", "0.999,0.999,"]
+    assert main(run + ["--deadline-ms", "1000"]) == 2
+    assert "--deadline-ms: profile.json has no entry 'onnxruntime@" in capsys.readouterr().err
+    assert main(["profile", str(bundle_copy), "--batch", "1", "--iters", "20", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(run) == 0
+    plain = json.loads(capsys.readouterr().out)["samples"]
+    assert main(run + ["--deadline-ms", "100000"]) == 0
+    roomy = json.loads(capsys.readouterr().out)["samples"]
+    assert [r["exit"] for r in roomy] == [r["exit"] for r in plain] and not any(r["cut_off"] for r in roomy)
+    assert main(run + ["--deadline-ms", "0.000001"]) == 0
+    tight = json.loads(capsys.readouterr().out)["samples"]
+    assert all(r["exit"] == 0 for r in tight) and [r["cut_off"] for r in tight] == [r["exit"] > 0 for r in plain]
+    assert any(r["cut_off"] for r in tight)
+    assert main(run[:-3] + ["--thresholds", "0.999,0.999,", "--deadline-ms", "0.000001"]) == 0
+    assert "cut off (answered from the last exit that could finish in time)" in capsys.readouterr().out
+
+
 def test_calibration_profiles_only_the_batch_sizes_missing_and_interpolates_between(bundle_copy, capsys):
     """Profiled at 1 and 8, a budget at batch 4 is priced by interpolation (nothing measured);
     one at batch 16 profiles 4 and 16 and adds them: 1 and 8 are kept."""

@@ -130,14 +130,16 @@ def build_model(model_spec, input_spec, base_dir: Path | None, refuse_under: Pat
     if model_spec.backbone is not None:
         from edgeexit.backbone import ExitHead, attach_exits
 
-        sample, cuts, note = torch.zeros(2, *input_spec.shape), model_spec.exits_after, None
+        # random data, seeded apart from the model's draws: probes of what a layer reads need values
+        sample = torch.randn(2, *input_spec.shape, generator=torch.Generator().manual_seed(0))
+        cuts, note = model_spec.exits_after, None
         if model_spec.exits_auto is not None:
             from edgeexit.cut_points import choose_cuts, describe
 
             chosen = choose_cuts(model, *model_spec.exits_auto, sample, label)
             cuts, note = [c.module for c in chosen], describe(chosen, model_spec.exits_auto[1])
         model = attach_exits(model, cuts, ExitHead(**model_spec.exit_head), sample, implied["num_classes"], label)
-        model.cut_note = note
+        model.cut_note = "; ".join(n for n in (note, model.cut_note) if n) or None
     for attr in ("blocks", "exits"):
         if not isinstance(getattr(model, attr, None), nn.ModuleList):
             raise SpecError(f"model: {label} has no nn.ModuleList '{attr}' (see the multi-exit contract in the README)")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -42,6 +42,7 @@ class CascadeResult:
     stage_samples: np.ndarray  # (K,) samples each stage processed
     exit_conf: np.ndarray | None = None  # (N, K) every reached exit's confidence (NaN where not reached)
     exit_pred: np.ndarray | None = None  # (N, K) every reached exit's prediction (-1 where not reached)
+    cut_off: np.ndarray | None = None  # (N,) with a deadline: answered from an earlier exit than gating chose
 
     @property
     def probs(self) -> np.ndarray:
@@ -100,15 +101,25 @@ class _Results:
 
 class Cascade:
     """Gated execution of a staged model on any `Backend`: per-exit confidence thresholds,
-    or an exit policy that then decides instead of the thresholds."""
+    or an exit policy that then decides instead of the thresholds.
+
+    With a `deadline` (seconds per call; anytime prediction), a stage is started only when its
+    predicted finish fits: `predict(k, n)` gives stage k's seconds on n samples (from the
+    profile). The samples still active then answer from the last exit they completed and are
+    marked `cut_off`. Stage 0 always runs: every input gets an answer."""
 
     def __init__(self, backend: Backend, ios: Sequence[StageIO], thresholds: Sequence[float | None],
-                 policy: ExitPolicy | None = None):
+                 policy: ExitPolicy | None = None, deadline: float | None = None,
+                 predict: Callable[[int, int], float] | None = None):
         self.backend, self.ios = backend, list(ios)
         self.thresholds = gate_thresholds(thresholds, len(self.ios))
         if policy is not None and policy.exits != len(self.ios):
             raise EdgeExitError(f"gating.policy: trained for {policy.exits} exits, the bundle has {len(self.ios)}")
-        self.policy = policy
+        if deadline is not None and not deadline > 0:
+            raise EdgeExitError(f"--deadline-ms: {deadline * 1e3:g} ms is not a positive deadline")
+        if deadline is not None and predict is None:
+            raise EdgeExitError("--deadline-ms: needs the stages' profiled costs (edgeexit profile BUNDLE first)")
+        self.policy, self.deadline, self.predict = policy, deadline, predict
 
     def __call__(self, x: np.ndarray, collect: bool = False) -> CascadeResult:
         """Run the cascade on a normalised batch `x`; `collect` also keeps every exit's conf/pred."""
@@ -127,9 +138,17 @@ class Cascade:
         prev_c = prev_p = None  # the previous exit's conf and pred of the active samples (policy only)
 
         active = np.arange(n)
+        began, held, cut_off = time.perf_counter(), None, None  # held: the active samples' last exit (deadline)
         feeds = {self.ios[0].inputs[0]: be.upload(x)}
         for k, io in enumerate(self.ios):
             start = time.perf_counter()
+            if held is not None and start - began + self.predict(k, len(active)) > self.deadline:
+                results = results or _Results(n)  # stage k cannot finish in time: answer from exit k-1
+                results.put(active, *held, k - 1)
+                cut_off = np.zeros(n, bool)
+                cut_off[active] = True
+                k -= 1
+                break
             out = be.run(k, feeds)
             c, p = be.download_many([out[io.conf], out[io.pred]])
             samples[k] = len(active)
@@ -146,7 +165,8 @@ class Cascade:
                     logits = be.download(out[io.logits])
                     seconds[k] = time.perf_counter() - start
                     return CascadeResult(p.astype(np.int64, copy=False), logits, c, np.full(n, k), seconds,
-                                         samples, exit_conf, exit_pred)
+                                         samples, exit_conf, exit_pred, None if self.deadline is None else
+                                         np.zeros(n, bool))
                 results.put(active, out[io.logits], c, p, k)
                 break
             if leave.any():  # some leave: record them, gather the rest on the backend
@@ -155,16 +175,22 @@ class Cascade:
                 results.put(active[rows], be.take(out[io.logits], rows), c[rows], p[rows], k)
                 feeds = {name: be.take(out[name], keep) for name in io.carry}
                 active = active[keep]
+                if self.deadline is not None:
+                    held = (be.take(out[io.logits], keep), c[keep], p[keep])
                 if policy is not None:
                     c, p = c[keep], p[keep]  # the next exit's prev_c, prev_p: those that go on
             else:
                 feeds = {name: out[name] for name in io.carry}
+                if self.deadline is not None:
+                    held = (out[io.logits], c, p)
             prev_c, prev_p = c, p
             seconds[k] = time.perf_counter() - start
         logits = results.logits(be)  # the leavers' logits, fetched once: counted in the last stage's time
         seconds[k] += time.perf_counter() - start
+        if self.deadline is not None and cut_off is None:
+            cut_off = np.zeros(n, bool)
         return CascadeResult(results.pred, logits, results.conf, results.exit, seconds, samples,
-                             exit_conf, exit_pred)
+                             exit_conf, exit_pred, cut_off)
 
     def run_batched(self, x: np.ndarray, batch: int, collect: bool = False) -> CascadeResult:
         """The cascade over `x` in chunks of `batch` (the engines' batch limit), merged in order."""
@@ -176,6 +202,7 @@ class Cascade:
             cat("pred"), cat("logits"), cat("conf"), cat("exit"),
             np.sum([p.stage_seconds for p in parts], axis=0), np.sum([p.stage_samples for p in parts], axis=0),
             cat("exit_conf") if collect else None, cat("exit_pred") if collect else None,
+            cat("cut_off") if self.deadline is not None else None,
         )
 
 
