@@ -56,7 +56,7 @@ def hb_pvalue(mean: float, n: int, alpha: float) -> float:
     else:
         h1 = m * math.log(m / alpha) + (1 - m) * math.log((1 - m) / (1 - alpha)) if m < 1 else math.inf
         hoeffding = math.exp(-n * h1)
-    bentkus = math.e * _binom_cdf(math.ceil(n * mean), n, alpha)
+    bentkus = math.e * _binom_cdf(math.ceil(n * mean - 1e-9), n, alpha)  # n * mean is a count: no float excess
     return min(hoeffding, bentkus, 1.0)
 
 
@@ -95,9 +95,9 @@ class Certified:
     epsilon: float
     delta: float
     risk_mean: float  # empirical, on the calibration split
-    risk_bound: float  # certified at delta/2: P(risk <= this) >= 1 - delta/2
+    risk_bound: float  # the HB upper bound at the chosen threshold (pointwise, at delta/2): a report, not the guarantee
     latency_mean_s: float
-    latency_bound_s: float  # certified at delta/2
+    latency_bound_s: float  # likewise; the guarantee is risk <= epsilon and mean latency <= the budget
     samples: int
 
     def to_dict(self) -> dict:
@@ -107,12 +107,11 @@ class Certified:
                 "latency_bound_ms": self.latency_bound_s * 1e3}
 
 
-def lambda_grid(conf: np.ndarray, points: int = 200) -> np.ndarray:
-    """Candidate shared thresholds, descending from above every confidence (never leave early):
-    the quantiles of the early exits' confidences."""
-    early = np.asarray(conf)[:, :-1].ravel()
-    grid = np.unique(np.quantile(early, np.linspace(0, 1, points)))[::-1]
-    return np.concatenate([[np.nextafter(max(1.0, float(early.max())), np.inf)], grid])
+def lambda_grid(points: int = 200) -> np.ndarray:
+    """Candidate shared thresholds, fixed before any data is seen (fixed-sequence testing needs
+    its order set in advance): from above 1 (never leave early; every confidence kind lies in
+    [0, 1]) down to 0."""
+    return np.concatenate([[np.nextafter(1.0, np.inf)], np.linspace(1.0, 0.0, points + 1)])
 
 
 def certify(traces: Traces, exit_seconds: Sequence[float], budget_s: float, risk: str, epsilon: float,
@@ -126,7 +125,7 @@ def certify(traces: Traces, exit_seconds: Sequence[float], budget_s: float, risk
     cost = np.asarray(exit_seconds, dtype=np.float64)
     top = float(cost.max())  # a call never costs more than leaving at the last exit
     n, level = len(traces), delta / 2
-    lams = lambda_grid(traces.conf, points)
+    lams = lambda_grid(points)
     risk_ok, lat_ok, rows = -1, len(lams), []
     for i, lam in enumerate(lams):  # descending: risk grows, latency falls
         taken = exits_taken(traces.conf, [float(lam)] * (traces.exits - 1) + [None])
@@ -154,8 +153,10 @@ def samples_needed(mean: float, alpha: float, level: float, limit: int = 10**7) 
     if mean >= alpha:
         return None
     n = 1
-    while n < limit and hb_pvalue(mean, n, alpha) > level:
+    while hb_pvalue(mean, n, alpha) > level:
         n *= 2
+        if n > limit:
+            return None
     lo, hi = n // 2, n
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -172,6 +173,6 @@ def _refusal(rows, lat_ok: int, n: int, level: float, epsilon: float, risk: str)
     r = rows[lat_ok][0]
     need = samples_needed(r, epsilon, level)
     more = (f"; about {need} samples at the same risk would certify it" if need is not None else
-            f"; its empirical risk {r:.3g} is already above it: raise --epsilon or the budget")
+            f"; its empirical risk {r:.3g} is too close to it or above: raise --epsilon or the budget")
     return (f"risk control: no threshold certifies {risk} risk <= {epsilon:g} within the latency budget at "
             f"delta/2 = {level:g} with {n} calibration samples{more}")

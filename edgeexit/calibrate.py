@@ -132,7 +132,8 @@ def latency_source(bundle: Bundle, backend: Backend, kind: str, batch: int, x: n
     wanted = profile_batches(batch)
     if kind == "estimate":
         return LatencySource(estimated_latency(bundle, wanted), False)
-    here = profile_key(backend.name, device_id(machine_facts(backend, threads)))
+    facts = machine_facts(backend, threads)
+    here = profile_key(backend.name, device_id(facts))
     profiles = read_profiles(bundle.path)["profiles"]
     keys = [key] if isinstance(key, str) else list(key or [])
     if len(keys) > 1:
@@ -143,6 +144,8 @@ def latency_source(bundle: Bundle, backend: Backend, kind: str, batch: int, x: n
     if stored is not None and covers(stored, batch):
         return LatencySource(_model_of(stored, here, say), True)
     key = here
+    if stored is not None and stored.get("machine") != facts:
+        stored = None  # measured under other conditions (threads, libraries, power mode): measure every size anew
     missing = [b for b in wanted if stored is None or str(b) not in stored["batches"]]
     if kind == "profile":
         raise EdgeExitError(f"latency: profile.json has no entry {key!r} with batch 1 and a batch size of at least "
@@ -259,6 +262,8 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
     if risk is not None and (budget.batch != 1 or budget.tail is not None or solver != "optimise"):
         raise EdgeExitError("--risk: certifies the mean call latency at batch 1 on the shared-threshold path; "
                             "drop --batch, --tail and --solver")
+    if risk is not None and not (0 < risk.epsilon < 1 and 0 < risk.delta < 1):
+        raise EdgeExitError(f"--epsilon {risk.epsilon:g} and --delta {risk.delta:g} must both lie in (0, 1)")
     data = data or {}
     x_test, y_test = split_inputs(bundle, "test", data.get("test"))
     say = log if progress else (lambda _message: None)  # --quiet: errors only
@@ -382,9 +387,9 @@ def format_calibration(record: dict[str, Any], curve: bool = True) -> str:
     lines = [f"budget: {b['metric']} call latency <= {b['ms']:.4g} ms at batch {b['batch']} "
              f"({record['latency']['source']})",
              *([f"certified (Learn-then-Test, {r['samples']} validation samples): with probability >= "
-                f"{1 - r['delta']:g}, {r['risk']} risk <= {r['risk_bound']:.4g} (asked {r['epsilon']:g}; "
-                f"{r['risk_mean']:.4g} on validation, {r['test_risk']:.4g} on test) and mean latency <= "
-                f"{r['latency_bound_ms']:.4g} ms"] if r else []),
+                f"{1 - r['delta']:g}, {r['risk']} risk <= {r['epsilon']:g} and mean latency <= {b['ms']:.4g} ms "
+                f"(risk {r['risk_mean']:.4g} on validation, {r['test_risk']:.4g} on test; at this threshold the "
+                f"bounds reach {r['risk_bound']:.4g} and {r['latency_bound_ms']:.4g} ms)"] if r else []),
              *([f"price of the guarantee: the optimiser's thresholds at this budget score "
                 f"{r['optimise_test']['accuracy']:.2%} on the test split"] if r and r["optimise_test"] else []),
              # with --solver policy the thresholds are the optimise solver's (the policy starts from them)

@@ -110,6 +110,9 @@ def choose_cuts(backbone: nn.Module, count: int, cost: str, sample: torch.Tensor
     for k in range(1, count + 1):
         left = [s for s in shares if not chosen or s[0] > chosen[-1].share]
         left = left[:len(left) - (count - k)]  # leave enough later candidates for the exits still to place
+        if not left:  # blocks of equal cumulative cost (a block that costs nothing) count once
+            raise SpecError(f"model.exits_after: auto: {label} has fewer than {count} places of distinct cost where "
+                            "a cut carries only one feature map; ask for fewer exits or name the layers")
         target = k / (count + 1)
         nearest = min(abs(s[0] - target) for s in left)
         # the nearest clean cut, or one within SLACK of it that hands on a smaller feature map

@@ -93,8 +93,9 @@ def with_profiles(bundle_path: Path, entries: dict[str, dict[str, Any]]) -> dict
 
 
 def merged_entry(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    """`new` with the batch sizes of `old` (the same backend on the same device) it did not measure."""
-    if old is None:
+    """`new` with the batch sizes of `old` it did not measure, when both were measured under the
+    same conditions (threads, libraries, a Jetson's power mode: the machine facts); else `new`."""
+    if old is None or old.get("machine") != new.get("machine"):
         return new
     return {**new, "batches": {**old.get("batches", {}), **new["batches"]}}
 

@@ -521,6 +521,9 @@ def parse_spec(raw: Any, base_dir: Path, source: Path | None = None, require_wei
     )
     if spec.budget.batch > spec.export.batch.max:
         raise SpecError(f"budget.batch: {spec.budget.batch} is above export.batch.max ({spec.export.batch.max})")
+    if spec.weights is not None and spec.model.exits_auto is not None and spec.model.exits_auto[1] == "measured":
+        raise SpecError("model.exits_after: {auto, cost: measured} chooses again on every build, so weights trained "
+                        "for one choice may not fit the next; name the layers the build printed, or use cost: flops")
     if spec.train.freeze_backbone and (spec.model.backbone is None or spec.model.checkpoint is None):
         raise SpecError("train.freeze_backbone: trains the exit heads of a model.backbone on its model.checkpoint "
                         + ("(give the backbone's trained weights there; a frozen random backbone learns nothing)"

@@ -489,6 +489,28 @@ def test_a_key_map_renames_prefixes_skips_a_classifier_and_unwraps_a_training_ch
         assert torch.equal(v, before[k] if k.startswith(prefix) else source.state_dict()[k]), k
 
 
+def test_old_checkpoints_without_the_batch_norm_counter_load_and_two_keys_onto_one_are_refused(tmp_path):
+    """A state_dict from before torch 0.4.1 has no num_batches_tracked (torch loads it, so does
+    edgeexit); a key map sending two file keys to one model key (a model and its EMA copy under
+    one prefix) is refused in one line instead of loading whichever came last."""
+    from edgeexit.models import load_weights
+
+    source, target = skipnet(width=8), skipnet(width=8)
+    old = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pt")
+    assert load_weights(target, tmp_path / "old.pt", by_position=True) is None
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in old.items())
+    both = {**{f"module.{k}": v for k, v in old.items()}, **{f"module.ema.{k}": v for k, v in old.items()}}
+    torch.save(both, tmp_path / "ema.pt")
+    with pytest.raises(SpecError, match="model.checkpoint.keys: 'module.ema.stem.0.weight' and another key of the "
+                                        "file both become 'stem.0.weight'"):
+        load_weights(target, tmp_path / "ema.pt", field="model.checkpoint", by_position=True,
+                     keys=(("module.", ""), ("module.ema.", "")))
+    note = load_weights(target, tmp_path / "ema.pt", field="model.checkpoint", by_position=True,
+                        keys=(("module.", ""), ("module.ema.", None)))
+    assert f"{len(old)} keys renamed by model.checkpoint.keys, {len(old)} skipped" in note
+
+
 def test_checkpoint_and_weights_take_a_path_or_a_path_with_keys(tmp_path):
     import re
     from pathlib import Path

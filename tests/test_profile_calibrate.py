@@ -297,3 +297,15 @@ def test_build_with_a_budget_on_the_host_calibrates_itself(tmp_path, capsys):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["thresholds"] == bundle.thresholds and report["yaml_thresholds"] == [0.95, 0.9, None]
     assert "report.json" in bundle.manifest["files"]
+
+
+def test_profile_rows_merge_only_when_measured_under_the_same_conditions():
+    from edgeexit.profile import merged_entry
+
+    facts = {"cpu": "c", "threads": 1, "libraries": {"onnxruntime": "1"}}
+    old = {"machine": facts, "batches": {"1": "a", "8": "b"}}
+    new = {"machine": dict(facts), "batches": {"8": "c", "32": "d"}}
+    assert merged_entry(old, new)["batches"] == {"1": "a", "8": "c", "32": "d"}
+    other = {"machine": {**facts, "threads": 2}, "batches": {"32": "d"}}
+    assert merged_entry(old, other)["batches"] == {"32": "d"}  # other threads: the old rows would mislead
+    assert merged_entry(None, new) is new

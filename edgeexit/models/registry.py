@@ -175,16 +175,18 @@ def load_weights(model: nn.Module, path, data: bytes | None = None, field: str =
     skipped: list[str] = []
     if keys:
         count = len(state)
-        state, renamed, skipped = _map_keys(state, keys)
+        state, renamed, skipped = _map_keys(state, keys, f"{field}.keys")
         notes.append(f"{renamed} keys renamed by {field}.keys" + (f", {count - len(state)} skipped (the model keeps "
                                                                    f"its own {', '.join(skipped)})" if skipped else ""))
     mine = {k: v for k, v in model.state_dict().items() if not _under(k, skipped)}
+    if not any(k.endswith(".num_batches_tracked") for k in state):  # written before torch 0.4.1 had the counter
+        mine = {k: v for k, v in mine.items() if not k.endswith(".num_batches_tracked")}
     bad_shape = [k for k, v in state.items() if k in mine and tuple(getattr(v, "shape", ())) != tuple(mine[k].shape)]
     if set(state) == set(mine) and not bad_shape:
-        model.load_state_dict(state, strict=not skipped)
+        model.load_state_dict(state, strict=False)  # every key checked above
     elif by_position and len(state) == len(mine) and all(
             tuple(getattr(v, "shape", ())) == tuple(w.shape) for v, w in zip(state.values(), mine.values())):
-        model.load_state_dict(dict(zip(mine, state.values())), strict=not skipped)
+        model.load_state_dict(dict(zip(mine, state.values())), strict=False)
         moved = [(a, b) for a, b in zip(state, mine) if a != b]
         notes.append(f"the keys of {path} are not the model's; loaded by position, every shape equal "
                      f"({len(moved)} of {len(mine)} renamed, e.g. {moved[0][0]!r} -> {moved[0][1]!r})")
@@ -214,18 +216,21 @@ def _under(key: str, prefixes) -> bool:
     return any(key.startswith(p) for p in prefixes)
 
 
-def _map_keys(state: dict, keys) -> tuple[dict, int, list[str]]:
+def _map_keys(state: dict, keys, field: str) -> tuple[dict, int, list[str]]:
     """`state` with each key's longest matching prefix in `keys` replaced (or the key dropped,
     for None); how many were renamed; the skipped prefixes, as the model's keys start."""
     out, renamed = {}, 0
     ordered = sorted(keys, key=lambda pair: -len(pair[0]))
     for key, value in state.items():
         match = next(((old, new) for old, new in ordered if key.startswith(old)), None)
-        if match is None:
-            out[key] = value
-        elif match[1] is not None:
-            out[match[1] + key[len(match[0]):]] = value
-            renamed += 1
+        target = key if match is None else None if match[1] is None else match[1] + key[len(match[0]):]
+        if target is None:
+            continue
+        if target in out:
+            raise SpecError(f"{field}: {key!r} and another key of the file both become {target!r}; map one of them "
+                            "to null (skip) or elsewhere")
+        out[target] = value
+        renamed += match is not None
     renames = [(old, new) for old, new in ordered if new is not None]
 
     def model_side(prefix: str) -> str:  # a skipped prefix as the model names it ('module.fc.' -> 'fc.')
