@@ -16,7 +16,6 @@ and the cascade at the calibrated thresholds.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import tempfile
 import time
@@ -35,14 +34,6 @@ TRAINING = {"resnet18": {"epochs": 5, "batch_size": 32}, "mobilenetv3": {"epochs
 TARGET = 1.05  # full-depth cascade / monolithic
 
 
-def zoo_bench():
-    """bench/zoo.py's per-bundle measurement (profile, calibrate, interleaved timing)."""
-    spec = importlib.util.spec_from_file_location("bench_zoo", Path(__file__).with_name("zoo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def at_size(name: str, size: int, epochs: int | None):
     spec = load_spec(EXAMPLES / name / "model.yaml")
     training = dict(TRAINING.get(name, {}), **({"epochs": epochs} if epochs else {}))
@@ -58,7 +49,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="timed passes over the test split")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
-    zoo = zoo_bench()
+    zoo = _paths.sibling("zoo")  # its per-bundle measurement: profile, calibrate, interleaved timing
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):

@@ -30,14 +30,9 @@ from calibration.gating import exits_taken
 from calibration.risk import RISKS, certify, losses
 from calibration.solvers import Budget, Scorer, best_feasible, geometric, optimise
 from calibration.traces import Traces
-from edgeexit.build import build
-from edgeexit.bundle import load_bundle
 from edgeexit.calibrate import cheapest_call, full_depth_call, latency_source, measure_calls, runtime_thresholds
 from edgeexit.runtime.loader import open_backend
-from edgeexit.spec import load_spec
 from edgeexit.tracing import record_traces, split_inputs
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def pooled(bundle, backend) -> tuple[Traces, np.ndarray]:
@@ -131,15 +126,9 @@ def main() -> int:
     p.add_argument("--bundles", help="folder holding already built bundles named like the examples")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args()
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            if args.bundles:
-                bundle = load_bundle(Path(args.bundles) / name)
-            else:
-                print(f"building examples/{name} ...", flush=True)
-                bundle = build(load_spec(EXAMPLES / name / "model.yaml"), Path(tmp) / name, progress=False)[0]
-            results.append(run_one(bundle, args))
+        results = [run_one(bundle, args)
+                   for bundle in _paths.sibling("zoo").example_bundles(args.models.split(","), args.bundles, Path(tmp))]
     print_rows(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, allow_nan=False, default=float) + "\n")

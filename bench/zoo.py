@@ -68,6 +68,16 @@ def bench_one(bundle, fraction: float, rounds: int) -> dict:
             "calibrated_shares": record["test"]["exit_shares"], "ms": mean_ms}
 
 
+def example_bundles(names, bundles: str | None, tmp: Path):
+    """The examples' bundles, one at a time: already built under `bundles`, else built into `tmp`."""
+    for name in names:
+        if bundles:
+            yield load_bundle(Path(bundles) / name)
+        else:
+            print(f"building examples/{name} ...", flush=True)
+            yield build(load_spec(EXAMPLES / name / "model.yaml"), tmp / name, progress=False)[0]
+
+
 def print_rows(rows: list[dict], fraction: float) -> None:
     """The two tables: calibrated budget vs monolithic, and accuracy / MFLOPs per exit."""
     fraction = rows[0].get("fraction", fraction)  # rows stored before it was recorded: the command line's
@@ -100,15 +110,9 @@ def main() -> int:
     if args.from_json:
         rows = json.loads(Path(args.from_json).read_text())
     else:
-        rows = []
         with tempfile.TemporaryDirectory() as tmp:
-            for name in args.models.split(","):
-                if args.bundles:
-                    bundle = load_bundle(Path(args.bundles) / name)
-                else:
-                    print(f"building examples/{name} ...", flush=True)
-                    bundle = build(load_spec(EXAMPLES / name / "model.yaml"), Path(tmp) / name, progress=False)[0]
-                rows.append(bench_one(bundle, args.fraction, args.rounds))
+            rows = [bench_one(bundle, args.fraction, args.rounds)
+                    for bundle in example_bundles(args.models.split(","), args.bundles, Path(tmp))]
     print_rows(rows, args.fraction)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2, allow_nan=False) + "\n")
