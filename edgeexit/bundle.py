@@ -132,6 +132,24 @@ class Bundle:
     def thresholds(self) -> list[float | None]:
         return self.manifest["gating"]["thresholds"]
 
+    def operating_point(self, name: str | None = None, budget_ms: float | None = None) -> tuple[str, dict[str, Any]]:
+        """One of the calibrated operating points (`calibrate --point NAME`): by name, or the most
+        accurate one whose budget is within `budget_ms` (a device trading accuracy for battery or
+        load switches without recalibrating). Refused in one line when none fits."""
+        points = self.manifest["gating"].get("operating_points") or {}
+        if name is not None:
+            if name not in points:
+                raise BundleError(f"--point: the bundle has no operating point {name!r} "
+                                  f"({', '.join(points) or 'none: calibrate --point NAME writes them'})")
+            return name, points[name]
+        fitting = [(p.get("accuracy", 0.0), -p["budget_ms"], n) for n, p in points.items() if p["budget_ms"] <= budget_ms]
+        if not fitting:
+            raise BundleError(f"--budget-ms: no operating point of the bundle fits {budget_ms:g} ms ("
+                              + (", ".join(f"{n}: {p['budget_ms']:g} ms" for n, p in points.items()) or
+                                 "none: calibrate --point NAME writes them") + ")")
+        chosen = max(fitting)[2]
+        return chosen, points[chosen]
+
     def read(self, file: str | Path) -> bytes:
         """The bytes of a listed file (its manifest path as a string, or a Path under the bundle), checked
         against its sealed digest as they are read: what a backend loads is what was

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from calibration.anytime import anytime_curve, deadline_grid
 from calibration.gating import describe_thresholds
 from calibration.latency import SOURCES, LatencyModel, WorstOf, estimate, from_profile
 from calibration.policy import ExitPolicy, PolicyFit, fit_policy, policy_point
@@ -34,6 +35,7 @@ from calibration.traces import Traces, load_traces
 from edgeexit.bundle import Bundle, Change, update_bundle
 from edgeexit.errors import EdgeExitError
 from edgeexit.jsonio import dumps
+from edgeexit.plots import plot_anytime, plot_pareto
 from edgeexit.profile import (PROFILE, device_id, interleaved_calls, machine_facts, merged_entry, profile_bundle,
                               profile_key, read_profiles, with_profiles)
 from edgeexit.runtime.backend import Backend
@@ -42,6 +44,7 @@ from edgeexit.tracing import record_traces, split_inputs
 
 CALIBRATION = "calibration.json"
 PARETO_PNG = "pareto.png"
+ANYTIME_PNG = "anytime.png"
 LAUNCH_S = 50e-6  # assumed per-call launch/enqueue time of an estimate (a TensorRT context on a Jetson)
 DISABLED = 2.0  # a threshold above every confidence (all kinds lie in [0, 1]): the exit never retires a sample
 
@@ -246,7 +249,7 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
               data: dict[str, str | None] | None = None, threads: int | None = 1, iters: int = 200,
               measure: bool = True, curve_points: int = 16, progress: bool = True,
               latency_key: str | Sequence[str] | None = None, accept_miss: bool = False,
-              risk: Risk | None = None) -> tuple[Bundle, dict[str, Any]]:
+              risk: Risk | None = None, point: str | None = None) -> tuple[Bundle, dict[str, Any]]:
     """Fit thresholds for `budget` on the validation split, prove them on the test split and
     write them into the bundle; returns the updated bundle and the calibration record.
     `latency_key` calibrates against another machine's profile.json entry, or against the worst
@@ -254,7 +257,8 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
     A budget the re-measured cascade does not hold (record["held"] False) writes nothing but a
     profile taken now, unless `accept_miss`: the bundle keeps the thresholds it had. With
     `risk`, the thresholds are certified by Learn-then-Test instead (`calibration.risk`): risk
-    and mean latency within bounds with probability >= 1 - delta over the validation draw."""
+    and mean latency within bounds with probability >= 1 - delta over the validation draw.
+    `point` also keeps them as a named operating point beside the others the bundle has."""
     if solver not in SOLVERS:
         raise EdgeExitError(f"--solver: {solver!r} is not one of {', '.join(SOLVERS)}")
     if latency not in SOURCES:
@@ -336,9 +340,13 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
     else:
         record["measured"] = None
         record["held"] = None  # an estimate: only the device can tell
+    if budget.batch == 1 and not isinstance(lat, WorstOf):  # anytime: one input per call, under a deadline
+        record["anytime"] = anytime_curve(traces["test"], lat.exit_seconds(), record["thresholds"],
+                                          deadline_grid(lat.exit_seconds()))
     budgets = np.linspace(floor, record["full_depth_ms"] / 1e3, curve_points + 1)[1:]
     record["pareto"] = pareto(traces["val"], traces["test"], lat, budget, budgets, progress, solver == "policy")
-    png = _pareto_png(record, bundle.name)
+    png = _png(plot_pareto, record, bundle.name)
+    anytime_png = _png(plot_anytime, record, bundle.name) if record.get("anytime") else None
     if png is None:
         say("calibrate: no pareto.png: matplotlib is not installed (pip install 'edgeexit[plot]')")
 
@@ -358,8 +366,16 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
         updates["calibration"] = CALIBRATION
         if png is not None:
             files[PARETO_PNG] = png
+        if anytime_png is not None:
+            files[ANYTIME_PNG] = anytime_png
         gating = {k: v for k, v in current.manifest["gating"].items() if k != "policy"}  # a stale policy goes
         gating["thresholds"] = record["thresholds"]
+        if point is not None:
+            gating["operating_points"] = {**(gating.get("operating_points") or {}), point: {
+                "budget_ms": record["budget"]["ms"], "metric": record["budget"]["metric"],
+                "batch": record["budget"]["batch"], "thresholds": record["thresholds"],
+                "accuracy": record["test"]["accuracy"], "mean_ms": record["test"]["mean_ms"],
+                "latency": record["latency"]["source"], "created": record["created"]}}
         if policy is not None:
             gating["policy"] = policy.to_dict()
         return Change(files, {**updates, "gating": gating})
@@ -369,14 +385,13 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
     return update_bundle(bundle, change), record
 
 
-def _pareto_png(record: dict[str, Any], name: str) -> bytes | None:
+def _png(plot: Callable[[dict[str, Any], str, Path], bool], record: dict[str, Any], name: str) -> bytes | None:
+    """The PNG bytes of one of edgeexit.plots' pictures of `record`, or None without matplotlib."""
     import tempfile
 
-    from edgeexit.plots import plot_pareto
-
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / PARETO_PNG
-        return path.read_bytes() if plot_pareto(record, name, path) else None
+        path = Path(tmp) / "plot.png"
+        return path.read_bytes() if plot(record, name, path) else None
 
 
 def format_calibration(record: dict[str, Any], curve: bool = True) -> str:
@@ -440,4 +455,12 @@ def format_calibration(record: dict[str, Any], curve: bool = True) -> str:
         lines.append(f"{row['budget_ms']:>9.4f}  " + "  ".join(cells))
     if "policy" in names:
         lines.append("* the trained policy, not deployed at that budget: no significant gain over the thresholds")
+    if record.get("anytime"):
+        lines += ["", "anytime (run --deadline-ms): one input per call; the deepest exit whose call fits the deadline "
+                      "(profile means), on the test split",
+                  f"{'deadline ms':>11}  {'exit':>4}  {'anytime acc':>11}  {'thresholds acc':>14}  {'cut off':>7}"]
+        for row in record["anytime"]:
+            lines.append(f"{row['deadline_ms']:>11.4f}  {row['deepest_exit']:>4}  {row['anytime_accuracy']:>11.2%}  "
+                         f"{row['accuracy']:>14.2%}  {row['cut_off']:>7.1%}" + ("  (late: exit 0 does not fit)"
+                                                                               if row["late"] else ""))
     return "\n".join(lines)

@@ -203,12 +203,20 @@ def _check_inputs(x: np.ndarray, mapped, args, bundle, batch: int) -> None:
 
 
 def _gating(args, bundle):
-    """(thresholds, exit policy) a command gates on: --thresholds when given (no policy), else
-    the bundle's thresholds and its exit policy, if it has one."""
+    """(thresholds, exit policy) a command gates on: --thresholds when given (no policy), an
+    operating point's (--point NAME, or --budget-ms: the most accurate that fits; no policy),
+    else the bundle's thresholds and its exit policy, if it has one."""
     from edgeexit.runtime.loader import bundle_policy
 
     given = _parse_thresholds(args.thresholds)
-    return (given, None) if given else (bundle.thresholds, bundle_policy(bundle))
+    if given:
+        return given, None
+    if getattr(args, "point", None) is not None or getattr(args, "budget_ms", None) is not None:
+        name, point = bundle.operating_point(args.point, args.budget_ms)
+        print(f"operating point {name}: budget {point['budget_ms']:g} ms, thresholds {point['thresholds']}",
+              file=sys.stderr)
+        return point["thresholds"], None
+    return bundle.thresholds, bundle_policy(bundle)
 
 
 def _parse_thresholds(text: str | None):
@@ -387,7 +395,8 @@ def _cmd_calibrate(args) -> int:
                                    args.test_traces, {"val": args.data_val, "test": args.data_test}, args.threads,
                                    args.iters, measure=not args.no_measure, progress=not args.quiet,
                                    latency_key=args.profile_key, accept_miss=args.accept_miss,
-                                   risk=None if args.risk is None else Risk(args.risk, args.epsilon, args.delta))
+                                   risk=None if args.risk is None else Risk(args.risk, args.epsilon, args.delta),
+                                   point=args.point)
     print(dumps(record) if args.json else format_calibration(record) + f"\nbundle: {bundle.path}")
     return MISSED if record["deployed"] is None else 0
 
@@ -643,6 +652,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help=TORCH_DEVICE_HELP)
     r.add_argument("--thresholds", help="gate on these thresholds instead of the bundle's exit policy or "
                                         "thresholds, e.g. 0.9,0.8,null")
+    pick = r.add_mutually_exclusive_group()
+    pick.add_argument("--point", help="gate on the bundle's operating point NAME (calibrate --point NAME)")
+    pick.add_argument("--budget-ms", type=float, help="gate on the most accurate operating point whose budget fits")
     r.add_argument("--deadline-ms", type=float,
                    help="anytime: each input gets the deepest exit that finishes within this many ms (one call per "
                         "input; no stage is started that the bundle's profile predicts cannot finish in time)")
@@ -733,6 +745,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--risk", choices=RISKS, help="certify the thresholds by Learn-then-Test: this risk (disagreement "
                    "with the final exit, or accuracy lost against it) <= --epsilon and the mean latency within the "
                    "budget, with probability >= 1 - --delta (batch 1, mean)")
+    c.add_argument("--point", help="also keep these thresholds as the bundle's operating point NAME (run --point "
+                                   "NAME or run --budget-ms picks among them)")
     c.add_argument("--epsilon", type=float, default=0.05, help="--risk: the risk bound (default 0.05)")
     c.add_argument("--delta", type=float, default=0.1, help="--risk: the failure probability (default 0.1)")
     c.add_argument("--accept-miss", action="store_true",

@@ -256,3 +256,33 @@ def plot_exit_curves(curves: dict[str, tuple[list[float], list[float]]], path: P
         return False
     _write(exit_curves_figure(curves, title), path)
     return True
+
+
+def anytime_figure(record: dict[str, Any], name: str):
+    """Test accuracy vs the deadline per input (calibration.json's `anytime` rows): pure anytime
+    (the deepest exit that fits) and the calibrated thresholds under the deadline."""
+    rows = record["anytime"]
+    fig, ax = _new_figure((6, 4))
+    deadline = [r["deadline_ms"] for r in rows]
+    ax.step(deadline, [100 * r["anytime_accuracy"] for r in rows], where="post", label="anytime (deepest exit that fits)")
+    ax.step(deadline, [100 * r["accuracy"] for r in rows], where="post", label="calibrated thresholds under the deadline")
+    late = [r["deadline_ms"] for r in rows if r["late"]]
+    if late:
+        ax.axvspan(min(deadline), max(late), color="tab:red", alpha=0.1, label="late: exit 0 does not fit")
+    samples = record["splits"]["report"]["samples"]
+    ax.set_xlabel("deadline per input, ms (batch 1, the profile's mean costs)")
+    ax.set_ylabel(accuracy_label(samples), fontsize=9)
+    ax.set_title(f"{name}: anytime accuracy vs deadline", fontsize=9)
+    _pad_accuracy_axis(ax, [100 * r[k] for r in rows for k in ("anytime_accuracy", "accuracy")], samples)
+    ax.grid(alpha=0.3)
+    _legend_below(ax)
+    fig.tight_layout()
+    return fig
+
+
+def plot_anytime(record: dict[str, Any], name: str, path: Path) -> bool:
+    """Write `anytime_figure` as a PNG; False without matplotlib."""
+    if not _have_matplotlib():
+        return False
+    _write(anytime_figure(record, name), path)
+    return True

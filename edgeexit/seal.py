@@ -195,6 +195,15 @@ def check_shape(m: Any) -> None:
         if t is not None:
             _number(t, f"gating.thresholds[{k}]")
     _get(gating, "policy", "gating", dict, "an object", optional=True)
+    points = _get(gating, "operating_points", "gating", dict, "an object", optional=True) or {}
+    for name, point in points.items():
+        p = f"gating.operating_points.{name}"
+        if not isinstance(point, dict):
+            raise BundleError(f"bundle: manifest field {p}: expected an object")
+        _number(_get(point, "budget_ms", p, (int, float), "a number"), f"{p}.budget_ms")
+        values = _get(point, "thresholds", p, list, "a list")
+        if len(values) != len(stages) or any(t is not None and not isinstance(t, (int, float)) for t in values):
+            raise BundleError(f"bundle: manifest field {p}.thresholds: expected {len(stages)} numbers (the last null)")
     _get(m, "monolithic", "", str, "a string")
     files = _get(m, "files", "", dict, "an object")
     for rel, h in files.items():

@@ -188,3 +188,20 @@ def test_traces_round_trip_and_refuse_other_files(tmp_path):
         load_traces(tmp_path / "other.npz")
     with pytest.raises(CalibrationError, match="NaN"):
         Traces(np.full((2, 2), np.nan, np.float32), np.zeros((2, 2), np.int64), np.zeros(2, np.int64))
+
+
+def test_anytime_curve_answers_from_the_deepest_exit_that_fits_the_deadline():
+    from calibration.anytime import anytime_curve, deadline_grid
+
+    conf = np.array([[0.95, 0.5, 0.1], [0.2, 0.97, 0.3], [0.1, 0.2, 0.9]], np.float32)
+    labels = np.array([0, 1, 2])
+    pred = np.array([[0, 0, 0], [0, 1, 1], [1, 1, 2]])  # exit 0 right for sample 0 only, exit 2 right for all
+    t = Traces(conf, pred, labels)
+    cost = [1e-3, 2e-3, 3e-3]
+    assert deadline_grid(cost) == [1e-3, 1.5e-3, 2e-3, 2.5e-3, 3e-3, 3.75e-3]
+    rows = anytime_curve(t, cost, [0.9, 0.9, None], [0.5e-3, 1e-3, 2e-3, 3e-3])
+    assert [r["deepest_exit"] for r in rows] == [0, 0, 1, 2] and [r["late"] for r in rows] == [True, False, False, False]
+    assert [r["anytime_accuracy"] for r in rows] == pytest.approx([1 / 3, 1 / 3, 2 / 3, 1.0])
+    # gated: sample 0 leaves at exit 0, sample 1 at exit 1, sample 2 goes to exit 2 unless cut off
+    assert [r["accuracy"] for r in rows] == pytest.approx([1 / 3, 1 / 3, 2 / 3, 1.0])
+    assert [r["cut_off"] for r in rows] == pytest.approx([2 / 3, 2 / 3, 1 / 3, 0.0])

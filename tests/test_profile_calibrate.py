@@ -102,8 +102,12 @@ def test_cli_profile_then_calibrate_writes_into_the_bundle(bundle_copy, capsys, 
     assert record["held"] == (measured["ratio"] <= 1.05)
     assert record["baseline"] is None or record["test"]["accuracy"] >= 0
     assert len(record["pareto"]) == 16 and record["latency"]["estimate"] is False
+    anytime = record["anytime"]  # batch 1: the accuracy an input gets under a deadline, per deadline
+    assert [r["deepest_exit"] for r in anytime] == sorted(r["deepest_exit"] for r in anytime)
+    assert anytime[-1]["cut_off"] == 0 and anytime[-1]["accuracy"] == pytest.approx(record["test"]["accuracy"])
     pytest.importorskip("matplotlib")
     assert (bundle_copy / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert (bundle_copy / "anytime.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_missed_budget_is_a_failure_and_writes_no_thresholds(bundle_copy, capsys, tmp_path):
@@ -189,6 +193,36 @@ def test_run_with_a_deadline_needs_a_profile_and_marks_inputs_cut_off(bundle_cop
     assert any(r["cut_off"] for r in tight)
     assert main(run[:-3] + ["--thresholds", "0.999,0.999,", "--deadline-ms", "0.000001"]) == 0
     assert "cut off (answered from the last exit that could finish in time)" in capsys.readouterr().out
+
+
+def test_operating_points_are_kept_by_name_and_run_switches_between_them(bundle_copy, digits_raw, tmp_path, capsys):
+    """Two calibrations with --point keep two threshold vectors in the manifest (sealed); run
+    gates on one by name, or on the most accurate whose budget fits --budget-ms."""
+    assert main(["profile", str(bundle_copy), "--batch", "1", "--iters", "20", "--quiet"]) == 0
+    capsys.readouterr()
+    model = from_profile(next(iter(json.loads((bundle_copy / "profile.json").read_text())["profiles"].values())), "p")
+    cheap, full = (round(float(v * 1e3), 6) for v in model.exit_seconds()[[0, -1]])
+    for name, budget in (("battery", cheap * 1.3), ("quality", full * 1.5)):
+        assert main(["calibrate", str(bundle_copy), "--budget-ms", repr(budget), "--latency", "profile", "--point", name,
+                     "--no-measure", "--quiet"]) == 0
+    capsys.readouterr()
+    points = load_bundle(bundle_copy).manifest["gating"]["operating_points"]
+    assert set(points) == {"battery", "quality"} and points["battery"]["budget_ms"] < points["quality"]["budget_ms"]
+    assert points["battery"]["accuracy"] <= points["quality"]["accuracy"]
+    np.save(tmp_path / "images.npy", digits_raw[0][-20:])
+    run = ["run", str(bundle_copy), "--input", str(tmp_path / "images.npy"), "--json"]
+    exits = {}
+    for how in (["--point", "battery"], ["--point", "quality"], ["--budget-ms", repr(full * 2)]):
+        assert main(run + how) == 0
+        captured = capsys.readouterr()
+        exits[how[1]] = [r["exit"] for r in json.loads(captured.out)["samples"]]
+        assert "operating point" in captured.err
+    assert exits[repr(full * 2)] == exits["quality"]  # the most accurate that fits a roomy budget
+    assert sum(exits["battery"]) <= sum(exits["quality"])
+    assert main(run + ["--point", "turbo"]) == 2
+    assert "--point: the bundle has no operating point 'turbo' (battery, quality)" in capsys.readouterr().err
+    assert main(run + ["--budget-ms", "0.000001"]) == 2
+    assert "--budget-ms: no operating point of the bundle fits" in capsys.readouterr().err
 
 
 def test_calibration_profiles_only_the_batch_sizes_missing_and_interpolates_between(bundle_copy, capsys):

@@ -1,0 +1,43 @@
+"""Anytime prediction replayed on traces: the accuracy an input gets under a deadline (numpy only).
+
+Every input is one call at batch 1 with a deadline. A call leaving at exit k costs the
+latency model's `exit_seconds()[k]`; under deadline D the deepest exit whose call fits is
+k(D) (exit 0 always runs: below its cost every answer is late). Pure anytime answers from
+k(D); with thresholds, an input answers from the exit the gating chose, or from k(D) when that
+one does not fit (cut off).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from calibration.gating import exits_taken
+from calibration.traces import Traces
+
+
+def anytime_curve(traces: Traces, exit_seconds: Sequence[float], thresholds: Sequence[float | None],
+                  deadlines: Sequence[float]) -> list[dict[str, Any]]:
+    """Per deadline (seconds): pure-anytime accuracy, the thresholds' accuracy under it, the
+    share of inputs the deadline cut off, and whether even exit 0 is late."""
+    cost = np.asarray(exit_seconds, dtype=np.float64)
+    n = np.arange(len(traces))
+    gated = exits_taken(traces.conf, [np.inf if t is None else t for t in thresholds[:-1]] + [None])
+    rows = []
+    for deadline in deadlines:
+        fits = np.flatnonzero(cost <= deadline)
+        deepest = int(fits[-1]) if len(fits) else 0
+        taken = np.minimum(gated, deepest)
+        rows.append({"deadline_ms": float(deadline) * 1e3, "deepest_exit": deepest, "late": not len(fits),
+                     "anytime_accuracy": float(traces.correct[:, deepest].mean()),
+                     "accuracy": float(traces.correct[n, taken].mean()),
+                     "cut_off": float(np.mean(gated > deepest))})
+    return rows
+
+
+def deadline_grid(exit_seconds: Sequence[float]) -> list[float]:
+    """Deadlines worth showing: each exit's call cost (where the answer deepens) and halfway to the next."""
+    cost = np.asarray(exit_seconds, dtype=np.float64)
+    mids = (cost[:-1] + cost[1:]) / 2
+    return sorted({*cost.tolist(), *mids.tolist(), float(cost[-1] * 1.25)})
