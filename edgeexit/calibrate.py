@@ -263,9 +263,9 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
         raise EdgeExitError(f"--solver: {solver!r} is not one of {', '.join(SOLVERS)}")
     if latency not in SOURCES:
         raise EdgeExitError(f"--latency: {latency!r} is not one of {', '.join(SOURCES)}")
-    if risk is not None and (budget.batch != 1 or budget.tail is not None or solver != "optimise"):
-        raise EdgeExitError("--risk: certifies the mean call latency at batch 1 on the shared-threshold path; "
-                            "drop --batch, --tail and --solver")
+    if risk is not None and (budget.batch != 1 or solver != "optimise"):
+        raise EdgeExitError("--risk: certifies call latency at batch 1 on the shared-threshold path; drop --batch "
+                            "and --solver")
     if risk is not None and not (0 < risk.epsilon < 1 and 0 < risk.delta < 1):
         raise EdgeExitError(f"--epsilon {risk.epsilon:g} and --delta {risk.delta:g} must both lie in (0, 1)")
     data = data or {}
@@ -297,7 +297,8 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
     chosen = base if solver == "geometric" else optimise(sv, start=base, progress=tick)
     certified = None  # with --risk: Learn-then-Test's thresholds replace the optimiser's (kept for the price)
     if risk is not None:
-        certified = certify(traces["val"], lat.exit_seconds(), budget.seconds, risk.kind, risk.epsilon, risk.delta)
+        certified = certify(traces["val"], lat.exit_seconds(), budget.seconds, risk.kind, risk.epsilon, risk.delta,
+                            tail=budget.tail)
         unguarded, chosen = chosen, sv.point(certified.thresholds)
     fitted = None  # with --solver policy: the trained policy, deployed when it beats `chosen` significantly
     if solver == "policy" and chosen is not None:
@@ -402,9 +403,11 @@ def format_calibration(record: dict[str, Any], curve: bool = True) -> str:
     lines = [f"budget: {b['metric']} call latency <= {b['ms']:.4g} ms at batch {b['batch']} "
              f"({record['latency']['source']})",
              *([f"certified (Learn-then-Test, {r['samples']} validation samples): with probability >= "
-                f"{1 - r['delta']:g}, {r['risk']} risk <= {r['epsilon']:g} and mean latency <= {b['ms']:.4g} ms "
-                f"(risk {r['risk_mean']:.4g} on validation, {r['test_risk']:.4g} on test; at this threshold the "
-                f"bounds reach {r['risk_bound']:.4g} and {r['latency_bound_ms']:.4g} ms)"] if r else []),
+                f"{1 - r['delta']:g}, {r['risk']} risk <= {r['epsilon']:g} and {b['metric']} latency <= "
+                f"{b['ms']:.4g} ms (risk {r['risk_mean']:.4g} on validation, {r['test_risk']:.4g} on test; at this "
+                f"threshold the bounds reach {r['risk_bound']:.4g} and "
+                + (f"{r['latency_bound_ms']:.4g} ms)" if r.get("tail") is None else
+                   f"{r['over_budget_bound']:.3g} of calls over the budget)")] if r else []),
              *([f"price of the guarantee: the optimiser's thresholds at this budget score "
                 f"{r['optimise_test']['accuracy']:.2%} on the test split"] if r and r["optimise_test"] else []),
              # with --solver policy the thresholds are the optimise solver's (the policy starts from them)

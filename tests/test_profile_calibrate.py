@@ -168,7 +168,10 @@ def test_calibrate_with_risk_control_certifies_and_reports_the_price(bundle_copy
     assert "certified (Learn-then-Test, 270 validation samples): with probability >= 0.8, consistency risk <=" in out
     assert "price of the guarantee: the optimiser's thresholds at this budget score" in out
     assert main(args + ["--batch", "8"]) == 2
-    assert "--risk: certifies the mean call latency at batch 1" in capsys.readouterr().err
+    assert "--risk: certifies call latency at batch 1" in capsys.readouterr().err
+    assert main(args + ["--tail", "p95", "--json"]) == 0  # the p95: the share of calls over the budget is certified
+    r = json.loads(capsys.readouterr().out)["risk"]
+    assert r["tail"] == 0.95 and r["over_budget_bound"] <= 0.05 and r["latency_ms"] <= float(budget_ms)
 
 
 def test_run_with_a_deadline_needs_a_profile_and_marks_inputs_cut_off(bundle_copy, digits_raw, tmp_path, capsys):

@@ -68,7 +68,7 @@ def test_the_guarantee_holds_over_many_calibration_draws(risk):
         true_risk = losses(truth, taken, risk).mean()
         true_latency = np.asarray(COST)[taken].mean()
         violations += true_risk > epsilon or true_latency > budget
-        assert c.risk_bound <= epsilon and c.latency_bound_s <= budget
+        assert c.risk_bound <= epsilon and c.latency_bound <= budget
     assert certified >= 150  # the guarantee is not bought by refusing
     assert violations / certified <= delta
 
@@ -83,3 +83,25 @@ def test_nothing_certifiable_is_refused_in_one_line_with_the_samples_needed():
                                                        or "raise --epsilon" in text)
     with pytest.raises(CalibrationError, match="no threshold certifies the latency budget .* raise the budget"):
         certify(population(500, 4), COST, 0.5e-3, "consistency", 0.5, 0.1)
+
+
+def test_a_p95_budget_is_certified_on_the_share_of_calls_over_it():
+    """With tail 0.95 the latency statement is on the quantile: over 200 draws, the chosen
+    thresholds' population share of calls over the budget exceeds 5% in at most delta of them."""
+    truth = population(200_000, 0)
+    epsilon, delta, budget = 0.35, 0.2, 2.5e-3  # p95 within 2.5 ms: almost nobody may reach exit 2
+    rng = np.random.default_rng(2)
+    violations = certified = 0
+    for _ in range(200):
+        ids = rng.choice(len(truth), 500, replace=False)
+        try:
+            c = certify(Traces(truth.conf[ids], truth.pred[ids], truth.labels[ids]), COST, budget, "consistency",
+                        epsilon, delta, tail=0.95)
+        except CalibrationError:
+            continue
+        certified += 1
+        taken = exits_taken(truth.conf, list(c.thresholds))
+        over = float(np.mean(np.asarray(COST)[taken] > budget))
+        violations += over > 0.05 or losses(truth, taken, "consistency").mean() > epsilon
+        assert c.tail == 0.95 and c.latency_bound <= 0.05 and c.to_dict()["over_budget_bound"] == c.latency_bound
+    assert certified >= 150 and violations / certified <= delta
