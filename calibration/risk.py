@@ -96,7 +96,7 @@ class Certified:
     delta: float
     risk_mean: float  # empirical, on the calibration split
     risk_bound: float  # the HB upper bound at the chosen threshold (pointwise, at delta/2): a report, not the guarantee
-    latency_mean_s: float  # the mean call latency, or with `tail` its quantile, on the calibration split
+    latency_s: float  # the mean call latency, or with `tail` its quantile, on the calibration split
     latency_bound: float  # likewise pointwise: seconds of the mean, or the share of calls over the budget
     samples: int
     tail: float | None = None  # None: the mean is certified; 0.95: the p95 (share over the budget <= 0.05)
@@ -104,7 +104,7 @@ class Certified:
     def to_dict(self) -> dict:
         return {"thresholds": list(self.thresholds), "lambda": self.lam, "risk": self.risk, "epsilon": self.epsilon,
                 "delta": self.delta, "samples": self.samples, "risk_mean": self.risk_mean,
-                "risk_bound": self.risk_bound, "tail": self.tail, "latency_ms": self.latency_mean_s * 1e3,
+                "risk_bound": self.risk_bound, "tail": self.tail, "latency_ms": self.latency_s * 1e3,
                 **({"latency_bound_ms": self.latency_bound * 1e3} if self.tail is None else
                    {"over_budget_bound": self.latency_bound})}
 

@@ -452,15 +452,7 @@ def _own_exits(result, cuts: int, label: str) -> tuple[fx.Node, list[fx.Node]]:
 
 def _reads(nodes: Container[fx.Node], item: Item) -> bool:
     """Whether `nodes` read `item`: the value itself, or that element of a list (or the whole list)."""
-    value, index = item
-    for user in value.users:
-        if user not in nodes:
-            continue
-        if index is None or user.target is not operator.getitem or not isinstance(user.args[1], int):
-            return True
-        if user.args[1] % len(value.meta["tensor_meta"]) == index:
-            return True
-    return False
+    return any(item[1] is None or _element(user) in (None, item) for user in item[0].users if user in nodes)
 
 
 def _cones(own: list[fx.Node], cut_nodes: set[fx.Node]) -> list[set[fx.Node]]:
@@ -513,14 +505,20 @@ def _block(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[Item], outputs
     taken = [item for item in inputs if item not in zeroed]
     phs = {item: graph.placeholder(item[0].name if item[0].op == "placeholder" else f"carry{i}")
            for i, item in enumerate(taken)}
-    batch = graph.call_method("size", (phs[taken[0]], 0)) if zeroed else None
+    batch: list[fx.Node] = []
+
+    def batch_size() -> fx.Node:  # any carried tensor's first dimension, asked once
+        if not batch:
+            batch.append(graph.call_method("size", (phs[taken[0]], 0)))
+        return batch[0]
+
     for item in inputs:
         value, index = item
         if item in phs:
             ph = phs[item]
         else:
             meta = _item_meta(item)
-            ph = graph.call_method("new_zeros", (phs[taken[0]], (batch, *meta.shape[1:])), {"dtype": meta.dtype})
+            ph = graph.call_method("new_zeros", (phs[taken[0]], (batch_size(), *meta.shape[1:])), {"dtype": meta.dtype})
         if index is None:
             env[value] = ph
         else:
@@ -533,8 +531,8 @@ def _block(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[Item], outputs
         element = _element(value)
         if value not in env and element is not None and element[0] in parts:  # an element carried in
             env[value] = parts[element[0]][element[1]]
-        if value not in env and _batch_size(value):  # the batch size: any carried tensor's first dimension
-            env[value] = graph.call_method("size", (phs[taken[0]], 0))
+        if value not in env and _batch_size(value):  # the batch size, computed before the cut: asked again here
+            env[value] = batch_size()
         elif value not in env and _recomputed(value):  # parameters and their functions: read, never carried
             env[value] = graph.node_copy(value, arg)
         return env[value]

@@ -8,7 +8,7 @@ that writes it as a PNG and returns True, or False when matplotlib is not instal
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from calibration.gating import describe_thresholds
 
@@ -34,8 +34,12 @@ def _new_figure(figsize: tuple[float, float]):
     return fig, fig.add_subplot()
 
 
-def _write(fig, path: Path) -> None:
-    fig.savefig(path, bbox_inches="tight")
+def _plot(figure: Callable[[], Any], path: Path) -> bool:
+    """Draw `figure()` into the PNG `path`; False (nothing written) without matplotlib."""
+    if not _have_matplotlib():
+        return False
+    figure().savefig(path, bbox_inches="tight")
+    return True
 
 
 def sample_pt(samples: int) -> float:
@@ -122,10 +126,7 @@ def tradeoff_figure(report: dict[str, Any]):
 
 def plot_tradeoff(report: dict[str, Any], path: Path) -> bool:
     """tradeoff.png (see `tradeoff_figure`). Returns False when matplotlib is not installed."""
-    if not _have_matplotlib():
-        return False
-    _write(tradeoff_figure(report), path)
-    return True
+    return _plot(lambda: tradeoff_figure(report), path)
 
 
 SOLVER_STYLES = {  # geometric on top, larger and hollow, so it shows where the optimiser lands on it
@@ -229,10 +230,7 @@ def pareto_figure(record: dict[str, Any], name: str):
 
 def plot_pareto(record: dict[str, Any], name: str, path: Path) -> bool:
     """pareto.png (see `pareto_figure`). Returns False without matplotlib."""
-    if not _have_matplotlib():
-        return False
-    _write(pareto_figure(record, name), path)
-    return True
+    return _plot(lambda: pareto_figure(record, name), path)
 
 
 def exit_curves_figure(curves: dict[str, tuple[list[float], list[float]]], title: str):
@@ -252,10 +250,7 @@ def exit_curves_figure(curves: dict[str, tuple[list[float], list[float]]], title
 def plot_exit_curves(curves: dict[str, tuple[list[float], list[float]]], path: Path, title: str) -> bool:
     """Test accuracy vs cumulative MFLOPs per exit, one line with markers per model (name ->
     (MFLOPs per exit, accuracy per exit as a share)). Returns False without matplotlib."""
-    if not _have_matplotlib():
-        return False
-    _write(exit_curves_figure(curves, title), path)
-    return True
+    return _plot(lambda: exit_curves_figure(curves, title), path)
 
 
 def anytime_figure(record: dict[str, Any], name: str):
@@ -282,7 +277,4 @@ def anytime_figure(record: dict[str, Any], name: str):
 
 def plot_anytime(record: dict[str, Any], name: str, path: Path) -> bool:
     """Write `anytime_figure` as a PNG; False without matplotlib."""
-    if not _have_matplotlib():
-        return False
-    _write(anytime_figure(record, name), path)
-    return True
+    return _plot(lambda: anytime_figure(record, name), path)

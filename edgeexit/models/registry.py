@@ -222,19 +222,23 @@ def _map_keys(state: dict, keys, field: str) -> tuple[dict, int, list[str]]:
     out, renamed = {}, 0
     ordered = sorted(keys, key=lambda pair: -len(pair[0]))
     for key, value in state.items():
-        match = next(((old, new) for old, new in ordered if key.startswith(old)), None)
-        target = key if match is None else None if match[1] is None else match[1] + key[len(match[0]):]
+        matched, target = _apply_prefix(key, ordered)
         if target is None:
             continue
         if target in out:
             raise SpecError(f"{field}: {key!r} and another key of the file both become {target!r}; map one of them "
                             "to null (skip) or elsewhere")
         out[target] = value
-        renamed += match is not None
+        renamed += matched
     renames = [(old, new) for old, new in ordered if new is not None]
+    # a skipped prefix as the model names it ('module.fc.' -> 'fc.')
+    return out, renamed, [_apply_prefix(old, renames)[1] for old, new in keys if new is None]
 
-    def model_side(prefix: str) -> str:  # a skipped prefix as the model names it ('module.fc.' -> 'fc.')
-        match = next(((old, new) for old, new in renames if prefix.startswith(old)), None)
-        return prefix if match is None else match[1] + prefix[len(match[0]):]
 
-    return out, renamed, [model_side(old) for old, new in keys if new is None]
+def _apply_prefix(key: str, pairs) -> tuple[bool, str | None]:
+    """Whether a prefix of `pairs` (longest first) matches `key`, and `key` with it replaced
+    (None when it maps to null: skipped)."""
+    match = next(((old, new) for old, new in pairs if key.startswith(old)), None)
+    if match is None:
+        return False, key
+    return True, None if match[1] is None else match[1] + key[len(match[0]):]
