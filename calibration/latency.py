@@ -12,6 +12,12 @@ The cost model (used by every solver and by the reports):
   interpolation between the batch sizes that were profiled; below the smallest profiled
   size it costs what that size costs (a call never gets cheaper than its floor); above
   the largest, the last segment's per-sample slope is extended.
+* Those tables come from uniform calls (every sample leaving at one exit, back to back),
+  which keep a stage's weights hot in cache and compact nothing. A deployed stream mixes
+  calls that stop at different depths and split their batches (leaver logits taken, results
+  merged, stages run on odd sizes): the profile also times such calls, with real leave
+  patterns, and a least-squares correction on them (`Mixed`) is added to every call: a
+  constant, one term per stage reached beyond the first, one per compaction.
 
 Numbers come from `profile.json` (measured on the device by `edgeexit profile`) or, when
 no device is at hand, from a device profile's peak figures (`estimate`, marked as such).
@@ -19,7 +25,7 @@ no device is at hand, from a device profile's peak figures (`estimate`, marked a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -55,6 +61,7 @@ class LatencyModel:
     overhead: np.ndarray  # (len(batches),) seconds of a cascade call outside its stages
     source: str  # where the numbers come from, for reports
     estimate: bool = False  # True: derived from peak figures, not measured
+    mixed: np.ndarray | None = None  # (len(batches), 2K-1) seconds of the mixed-stream correction (`Mixed`)
 
     def __post_init__(self):
         b, k = len(self.batches), self.stage.shape[-1]
@@ -65,6 +72,9 @@ class LatencyModel:
             raise CalibrationError(f"latency model: batch sizes {list(self.batches)} must be ascending and >= 1")
         if (self.stage < 0).any() or (self.gather < 0).any() or (self.overhead < 0).any():
             raise CalibrationError("latency model: negative seconds")
+        if self.mixed is not None and self.mixed.shape != (b, 2 * k - 1):
+            raise CalibrationError(f"latency model: mixed-stream terms {self.mixed.shape} do not match {b} batch sizes "
+                                   f"and {k} stages")
 
     @property
     def stages(self) -> int:
@@ -91,10 +101,23 @@ class LatencyModel:
         taken = np.asarray(taken)
         if taken.ndim == 1:
             taken = taken[:, None]
-        xs = np.asarray(self.batches, dtype=np.float64)
         counts = np.stack([(taken >= k).sum(axis=1) for k in range(self.stages)], axis=1)  # (M, K) reaching k
-        total = self.stage_seconds(counts).sum(axis=1) + _interp(np.full(len(taken), taken.shape[1]), xs,
-                                                                 self.overhead)
+        return self.count_seconds(counts)
+
+    def count_seconds(self, counts: np.ndarray) -> np.ndarray:
+        """(M,) seconds of M cascade calls, given how many samples reach each stage ((M, K) ints)."""
+        total = self.table_seconds(counts)
+        if self.mixed is None:
+            return total
+        xs, size = np.asarray(self.batches, dtype=np.float64), counts[:, :1]
+        terms = np.stack([np.interp(size[:, 0], xs, column) for column in self.mixed.T], axis=1)  # at the call's size
+        floor = self.table_seconds(np.concatenate([size, np.zeros_like(counts[:, 1:])], axis=1))
+        return np.maximum(total + (Mixed.features(counts) * terms).sum(axis=1), floor)
+
+    def table_seconds(self, counts: np.ndarray) -> np.ndarray:
+        """(M,) seconds of M calls from the uniform-call tables alone (no mixed-stream correction)."""
+        xs = np.asarray(self.batches, dtype=np.float64)
+        total = self.stage_seconds(counts).sum(axis=1) + _interp(counts[:, 0], xs, self.overhead)
         for k in range(self.stages - 1):
             split = (counts[:, k + 1] > 0) & (counts[:, k + 1] < counts[:, k])
             total += np.where(split, _interp(counts[:, k], xs, self.gather[:, k]), 0.0)
@@ -108,7 +131,39 @@ class LatencyModel:
         """JSON-ready form (milliseconds), for calibration.json."""
         return {"source": self.source, "estimate": self.estimate, "batches": list(self.batches),
                 "stage_ms": (self.stage * 1e3).round(6).tolist(), "gather_ms": (self.gather * 1e3).round(6).tolist(),
-                "overhead_ms": (self.overhead * 1e3).round(6).tolist()}
+                "overhead_ms": (self.overhead * 1e3).round(6).tolist(),
+                "mixed_ms": None if self.mixed is None else (self.mixed * 1e3).round(6).tolist()}
+
+
+class Mixed:
+    """The mixed-stream correction: what calls with real leave patterns cost beyond the
+    uniform-call tables, fitted by least squares per profiled batch size on the profile's
+    `mixed_calls` (distinct leave patterns, the mean seconds of each and how often it ran)."""
+
+    @staticmethod
+    def features(counts: np.ndarray) -> np.ndarray:
+        """(M, 2K-1) per call: 1, whether each stage beyond the first runs, whether each stage
+        but the last compacts (some samples leave there, some go on)."""
+        reached = counts[:, 1:] > 0
+        split = reached & (counts[:, 1:] < counts[:, :-1])
+        return np.column_stack([np.ones(len(counts)), reached, split]).astype(np.float64)
+
+    @classmethod
+    def fit(cls, tables: LatencyModel, rows: Sequence[dict[str, Any] | None]) -> np.ndarray:
+        """(len(batches), 2K-1) seconds of each term, per batch size (zeros where the profile
+        has no mixed calls; terms no pattern exercises stay 0)."""
+        width = 2 * tables.stages - 1
+        out = np.zeros((len(tables.batches), width))
+        for i, row in enumerate(rows):
+            if not row:
+                continue
+            counts = np.asarray(row["counts"], dtype=np.int64)
+            x = cls.features(counts)
+            used = x.any(axis=0)
+            weight = np.sqrt(np.asarray(row["calls"], dtype=np.float64))[:, None]
+            residual = np.asarray(row["ms"], dtype=np.float64) / 1e3 - tables.table_seconds(counts)
+            out[i, used] = np.linalg.lstsq(x[:, used] * weight, residual * weight[:, 0], rcond=None)[0]
+        return out
 
 
 def from_profile(entry: dict[str, Any], source: str, figure: str = "mean_ms") -> LatencyModel:
@@ -118,7 +173,8 @@ def from_profile(entry: dict[str, Any], source: str, figure: str = "mean_ms") ->
     Stage k costs the difference between whole calls that leave at exit k and at exit k-1
     (measured back to back, as a stream of such calls runs), stage 0 what a call leaving at
     exit 0 costs beyond the overhead; entries without those calls fall back to per-stage
-    times measured inside full-depth calls."""
+    times measured inside full-depth calls. On mean figures, the mixed-stream correction
+    (`Mixed`) is fitted on the entry's `mixed_calls` where it has them."""
     try:
         sizes = sorted(entry["batches"], key=int)
         rows = [entry["batches"][b] for b in sizes]
@@ -131,9 +187,12 @@ def from_profile(entry: dict[str, Any], source: str, figure: str = "mean_ms") ->
         else:
             stage = np.array([[s[figure] for s in r["stages"]] for r in rows], dtype=np.float64) / 1e3
         gather = np.array([r["gather_ms"] for r in rows], dtype=np.float64) / 1e3
+        tables = LatencyModel(tuple(int(b) for b in sizes), stage, gather, np.maximum(overhead, 0.0), source)
+        if figure != "mean_ms" or not any(r.get("mixed_calls") for r in rows):
+            return tables
+        return replace(tables, mixed=Mixed.fit(tables, [r.get("mixed_calls") for r in rows]))
     except (KeyError, TypeError, ValueError) as exc:
         raise CalibrationError(f"profile: entry {source!r} is malformed ({exc!r})") from None
-    return LatencyModel(tuple(int(b) for b in sizes), stage, gather, np.maximum(overhead, 0.0), source)
 
 
 def estimate(flops: Sequence[float], weight_bytes: Sequence[float], activation_bytes: Sequence[float],

@@ -6,6 +6,9 @@
 - whole calls in which every sample leaves at exit k, what the cost model is built from
   (back-to-back calls that stop early keep their stages' weights hot in cache, which
   per-stage times inside a full-depth call miss);
+- calls with real leave patterns (thresholds drawn at random quantiles of each exit's
+  confidence on these samples, several cascades interleaved), what the cost model's
+  mixed-stream correction is fitted on;
 - the cascade's own overhead around its stages and the compaction gather after each stage;
 - end to end, the monolithic graph, the full-depth cascade and the cascade as the bundle
   gates (its thresholds, or its exit policy when given one), interleaved call by call so
@@ -199,6 +202,34 @@ def _gather_seconds(backend: Backend, ios: Sequence[StageIO], x: np.ndarray, ite
     return result
 
 
+MIXED_GATINGS = 8  # cascades with random thresholds whose calls the mixed-stream correction is fitted on
+
+
+def _mixed_calls(backend: Backend, ios: Sequence[StageIO], chunks: Sequence[np.ndarray], iters: int,
+                 warmup: int, seed: int = 0) -> dict[str, list] | None:
+    """Calls that stop at mixed depths and compact their batches, as a deployed stream makes
+    them: per distinct leave pattern (samples reaching each stage), its mean seconds and how
+    many timed calls had it. None for a single-stage model."""
+    k_total = len(ios)
+    if k_total == 1:
+        return None
+    full = full_depth(backend, ios)
+    conf = np.concatenate([full(chunk, collect=True).exit_conf for chunk in chunks])
+    rng = np.random.default_rng(seed)
+    runners = {i: Cascade(backend, ios, [float(np.quantile(conf[:, k], q)) for k, q in
+                                         enumerate(rng.uniform(size=k_total - 1))] + [None])
+               for i in range(MIXED_GATINGS)}
+    rounds = -(-iters // len(chunks))
+    seconds = interleaved_calls(runners, chunks, rounds * len(chunks), warmup)
+    patterns: dict[tuple[int, ...], list[float]] = {}
+    for i, cascade in runners.items():
+        for chunk, spent in zip(chunks, seconds[i].reshape(rounds, len(chunks)).T):
+            exits = cascade(chunk).exit
+            patterns.setdefault(tuple(int((exits >= k).sum()) for k in range(k_total)), []).extend(spent)
+    return {"counts": [list(c) for c in patterns], "ms": [float(np.mean(v)) * 1e3 for v in patterns.values()],
+            "calls": [len(v) for v in patterns.values()]}
+
+
 def profile_batch(backend: Backend, ios: Sequence[StageIO], mono: Backend | None, mono_io: StageIO,
                   x: np.ndarray, batch: int, thresholds: Sequence[float | None], iters: int,
                   warmup: int, power: Callable[[], Any] | None = None,
@@ -228,6 +259,7 @@ def profile_batch(backend: Backend, ios: Sequence[StageIO], mono: Backend | None
             leave_at[k] = -NEVER
         leave_k = Cascade(backend, ios, leave_at)
         exit_calls.append(stats_ms(interleaved_calls({"leave": leave_k}, chunks, iters, warmup)["leave"]))
+    mixed = _mixed_calls(backend, ios, chunks, iters, warmup)
     e2e = interleaved_calls(runners, chunks, iters, warmup)
     uses = np.bincount(np.arange(iters) % len(chunks), minlength=len(chunks))  # timed calls per chunk
     exits = sum(n * np.bincount(gated(chunk).exit, minlength=k_total) for n, chunk in zip(uses, chunks) if n)
@@ -236,6 +268,7 @@ def profile_batch(backend: Backend, ios: Sequence[StageIO], mono: Backend | None
         "gather_ms": [s * 1e3 for s in _gather_seconds(backend, ios, chunks[0], max(10, iters // 10))],
         "overhead_ms": stats_ms(np.maximum(overhead, 0.0)),
         "exit_calls": exit_calls,
+        "mixed_calls": mixed,
         "end_to_end": {name: stats_ms(values) for name, values in e2e.items()},
         "cascade_exit_shares": [float(s) for s in exits / exits.sum()],
     }

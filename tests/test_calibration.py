@@ -6,13 +6,14 @@ import os
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from calibration.errors import CalibrationError
 from calibration.gating import exits_taken
-from calibration.latency import LatencyModel, WorstOf, estimate, from_profile
+from calibration.latency import LatencyModel, Mixed, WorstOf, estimate, from_profile
 from calibration.solvers import (
     Budget,
     Scorer,
@@ -78,6 +79,28 @@ def test_profile_entries_cost_stages_from_whole_calls_that_leave_at_each_exit():
     np.testing.assert_allclose(model.exit_seconds() / MS, [0.03, 0.05, 0.09])
     with pytest.raises(CalibrationError, match="malformed"):
         from_profile({"batches": {"1": {}}}, "broken")
+
+
+def test_mixed_stream_terms_are_fitted_on_calls_with_real_leave_patterns():
+    calls = lambda ms: [{"mean_ms": m, "p99_ms": 2 * m} for m in ms]  # noqa: E731
+    rows = {b: {"stages": [{"mean_ms": 1.0}] * 3, "gather_ms": [g, g, 0.0], "overhead_ms": {"mean_ms": 0.01, "p99_ms": 0.02},
+                "exit_calls": calls(ms)} for b, ms, g in (("1", (0.03, 0.05, 0.09), 0.0), ("4", (0.06, 0.12, 0.24), 0.002))}
+    tables = from_profile({"batches": rows}, "t")
+    assert tables.mixed is None
+    truth = np.array([0.02, 0.01, -0.004, 0.03, 0.01]) * MS  # per call, stage 1 / 2 run, compaction after 0 / 1
+    counts = np.array([[4, 0, 0], [4, 4, 0], [4, 4, 4], [4, 2, 0], [4, 3, 1], [4, 4, 2], [4, 1, 1], [4, 2, 2]])
+    ms = (tables.table_seconds(counts) + Mixed.features(counts) @ truth) / MS
+    rows["4"]["mixed_calls"] = {"counts": counts.tolist(), "ms": ms.tolist(), "calls": [5] * len(counts)}
+    model = from_profile({"batches": rows}, "t")
+    np.testing.assert_allclose(model.mixed[1], truth, atol=1e-12)
+    np.testing.assert_allclose(model.mixed[0], 0.0)  # no mixed calls at batch 1: the tables alone
+    taken = np.array([[0, 0, 1, 2]])  # 4 start, 2 reach stage 1 (compaction), 1 reaches stage 2 (compaction)
+    assert model.batch_seconds(taken)[0] == pytest.approx(tables.batch_seconds(taken)[0] + truth.sum())
+    # a fit never prices a call below the same-size call that leaves at exit 0
+    cheap = replace(model, mixed=np.array([[0.0] * 5, [-1.0] * 5]))
+    assert cheap.batch_seconds(np.array([[1, 1, 2, 2]]))[0] == pytest.approx(tables.batch_seconds(np.zeros((1, 4), int))[0])
+    assert from_profile({"batches": rows}, "t", "p99_ms").mixed is None  # deadlines price stages, not streams
+    assert model.to_dict()["mixed_ms"][1] == pytest.approx((truth / MS).tolist())
 
 
 def test_estimate_is_a_roofline_with_a_launch_floor():

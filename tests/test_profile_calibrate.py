@@ -18,7 +18,7 @@ from edgeexit.calibrate import latency_source
 from edgeexit.cli import main
 from edgeexit.errors import BundleError
 from edgeexit.jetson import TegrastatsSampler
-from edgeexit.profile import format_profile, profile_bundle
+from edgeexit.profile import MIXED_GATINGS, format_profile, profile_bundle
 from edgeexit.runtime.loader import open_backend, open_monolithic
 from edgeexit.tracing import split_inputs
 from test_jetson import fake_tegrastats, recorded
@@ -39,6 +39,12 @@ def test_profile_entry_from_real_runs(example_build):
         assert set(row["end_to_end"]) == {"cascade", "cascade_full", "monolithic"}
         assert sum(row["cascade_exit_shares"]) == pytest.approx(1.0)
         assert row["gather_ms"][-1] == 0 and (row["gather_ms"][0] > 0) == (b == "4")
+        mixed = row["mixed_calls"]  # every timed call of the random-threshold cascades, by leave pattern
+        counts = np.array(mixed["counts"])
+        assert (counts[:, 0] == int(b)).all() and (np.diff(counts, axis=1) <= 0).all()
+        chunks = -(-len(x) // int(b))  # the samples cycled in calls of b, the last one wrapping around
+        assert sum(mixed["calls"]) == MIXED_GATINGS * -(-20 // chunks) * chunks
+        assert len(set(map(tuple, counts))) == len(counts) and min(mixed["ms"]) > 0
     model = from_profile(entry, "test")
     assert model.batches == (1, 4) and (np.diff(model.exit_seconds()) >= 0).all()
 
