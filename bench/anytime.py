@@ -1,14 +1,16 @@
 """Anytime prediction: is every input answered within its deadline, and how accurate is it?
 
 Builds the digits example (or takes `--bundle`), profiles it on this machine at batch 1
-(onnxruntime CPU, 1 thread), then for a sweep of deadlines, from 1.2x the cheapest call's p99
-up to past a full-depth call's, runs the test split one input per call with `deadline` set: a stage
-starts only when its predicted finish (the profile's p99 stage cost plus the call's p99
-overhead) fits. Each call is
-timed; printed per deadline: the share of inputs answered within it (target >= 0.99), the
-accuracy, the share cut off (answered from an earlier exit than the gating chose), and the
-exit shares. Two gatings: pure anytime (no early exit by confidence: each input takes the
-deepest exit that fits), and the bundle's thresholds under the deadline.
+(onnxruntime CPU, 1 thread), then for a sweep of deadlines, from the predicted tail of a call
+answered by exit 0 alone (stage 0 always runs) up to past a full-depth call's p99, runs the
+test split one input per call with `deadline` set: a stage starts only when its predicted
+finish fits (`calibration.latency.Deadlines`: the extrapolated 99.9th percentile of a
+call to that exit less the median of one to the exit before). Each call is timed, and the
+settings take turns input by input (so that machine noise hits them alike); printed per
+deadline: the share of inputs answered within it (target >= 0.99), the accuracy, the share
+cut off (answered from an earlier exit than the gating chose), and the exit shares. Two
+gatings: pure anytime (no early exit by confidence: each input takes the deepest exit that
+fits), and the bundle's thresholds under the deadline.
 
     python bench/anytime.py [--bundle DIR] [--points 8] [--rounds 3] [--json FILE] [--plot FILE.png]
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 import _paths  # noqa: F401 - first: keeps bench/ off the import path
 import numpy as np
 
-from calibration.latency import from_profile
+from calibration.latency import Deadlines, from_profile
 from edgeexit.build import build
 from edgeexit.bundle import Change, load_bundle, update_bundle
 from edgeexit.calibrate import latency_source
@@ -46,27 +48,26 @@ def sweep(bundle, points: int, rounds: int) -> list[dict]:
         bundle = update_bundle(bundle, Change(with_profiles(bundle.path, source.new_profile), {"profile": PROFILE}))
     key = next(k for k in read_profiles(bundle.path)["profiles"] if k.startswith("onnxruntime@"))
     entry = read_profiles(bundle.path)["profiles"][key]
-    p99 = from_profile(entry, key, "p99_ms")
-    calls = p99.exit_seconds()
-    deadlines = np.linspace(calls[0] * 1.2, calls[-1] * 1.3, points)  # stage 0 always runs: from above its p99
+    calls, deadlines = from_profile(entry, key, "p99_ms").exit_seconds(), Deadlines(entry, key)
+    # stage 0 always runs: from the tail of a call answered by exit 0 alone (below it `run` warns)
+    sweep = np.linspace(deadlines.call(0, 1), calls[-1] * 1.3, points)
     gatings = {"anytime": [NEVER] * (len(bundle.stage_ios) - 1) + [None], "thresholds": bundle.thresholds}
+    settings = [(float(d), name) for d in sweep for name in gatings]
+    cascades = [Cascade(backend, bundle.stage_ios, gatings[name], deadline=d, predict=deadlines.remainder) for d, name in settings]
+    seconds, pred, exits, cut = (np.zeros((len(settings), rounds * len(x)), t) for t in (float, int, int, bool))
+    for call in range(rounds * len(x)):  # every setting on one input, in rotating order: noise hits them alike
+        i = call % len(x)
+        for j in np.roll(np.arange(len(settings)), call):
+            start = time.perf_counter()
+            result = cascades[j](x[i:i + 1])
+            seconds[j, call] = time.perf_counter() - start
+            pred[j, call], exits[j, call], cut[j, call] = result.pred[0], result.exit[0], result.cut_off[0]
     rows = []
-    for deadline in deadlines:
-        for name, thresholds in gatings.items():
-            cascade = Cascade(backend, bundle.stage_ios, thresholds, deadline=float(deadline), predict=p99.finish)
-            seconds, pred, exits, cut = [], [], [], []
-            for _ in range(rounds):
-                for i in range(len(x)):
-                    start = time.perf_counter()
-                    result = cascade(x[i:i + 1])
-                    seconds.append(time.perf_counter() - start)
-                    pred.append(result.pred[0]), exits.append(result.exit[0]), cut.append(result.cut_off[0])
-            seconds = np.asarray(seconds)
-            rows.append({"deadline_ms": float(deadline) * 1e3, "gating": name,
-                         "within": float(np.mean(seconds <= deadline)), "p99_ms": float(np.quantile(seconds, 0.99) * 1e3),
-                         "accuracy": float(np.mean(np.asarray(pred) == np.tile(y, rounds))),
-                         "cut_off": float(np.mean(cut)),
-                         "exit_shares": (np.bincount(exits, minlength=len(calls)) / len(exits)).tolist()})
+    for j, (deadline, name) in enumerate(settings):
+        rows.append({"deadline_ms": deadline * 1e3, "gating": name, "within": float(np.mean(seconds[j] <= deadline)),
+                     "p99_ms": float(np.quantile(seconds[j], 0.99) * 1e3),
+                     "accuracy": float(np.mean(pred[j] == np.tile(y, rounds))), "cut_off": float(np.mean(cut[j])),
+                     "exit_shares": (np.bincount(exits[j], minlength=len(calls)) / len(exits[j])).tolist()})
     return rows
 
 

@@ -1,7 +1,7 @@
 """Anytime prediction replayed on traces: the accuracy an input gets under a deadline (numpy only).
 
-Every input is one call at batch 1 with a deadline. A call leaving at exit k costs the
-latency model's `exit_seconds()[k]`; under deadline D the deepest exit whose call fits is
+Every input is one call at batch 1 with a deadline. A call leaving at exit k is priced as
+the runtime prices it (`latency.Deadlines.exit_seconds()[k]`, a call's tail); under deadline D the deepest exit whose call fits is
 k(D) (exit 0 always runs: below its cost every answer is late). Pure anytime answers from
 k(D); with thresholds, an input answers from the exit the gating chose, or from k(D) when that
 one does not fit (cut off).
@@ -41,3 +41,15 @@ def deadline_grid(exit_seconds: Sequence[float]) -> list[float]:
     cost = np.asarray(exit_seconds, dtype=np.float64)
     mids = (cost[:-1] + cost[1:]) / 2
     return sorted({*cost.tolist(), *mids.tolist(), float(cost[-1] * 1.25)})
+
+
+def format_anytime(rows: Sequence[dict[str, Any]], split: str) -> list[str]:
+    """The anytime table `calibrate` and `profile` print (rows of `anytime_curve`)."""
+    lines = [f"anytime (run --deadline-ms): one input per call; the deepest exit whose call fits the deadline "
+             f"(a call's tail in the profile, as the runtime prices it), on {split}",
+             f"{'deadline ms':>11}  {'exit':>4}  {'anytime acc':>11}  {'thresholds acc':>14}  {'cut off':>7}"]
+    for row in rows:
+        lines.append(f"{row['deadline_ms']:>11.4f}  {row['deepest_exit']:>4}  {row['anytime_accuracy']:>11.2%}  "
+                     f"{row['accuracy']:>14.2%}  {row['cut_off']:>7.1%}"
+                     + ("  (late: exit 0 does not fit)" if row["late"] else ""))
+    return lines

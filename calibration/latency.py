@@ -89,12 +89,9 @@ class LatencyModel:
         """Seconds of stage k's call on n samples."""
         return float(_interp(np.array([n]), np.asarray(self.batches, dtype=np.float64), self.stage[:, k])[0])
 
-    def finish(self, k: int, n: int) -> float:
-        """What an anytime cascade predicts starting stage k on n samples adds to its call: the
-        stage, plus the call's own overhead (upload, result assembly; in part already spent, so
-        this errs late, which a deadline wants)."""
-        return self.stage_call(k, n) + float(_interp(np.array([n]), np.asarray(self.batches, dtype=np.float64),
-                                                     self.overhead)[0])
+    def uniform_call(self, k: int, n: int) -> float:
+        """Seconds of a call of n samples that all leave at exit k (from the tables)."""
+        return float(self.table_seconds(np.array([[n] * (k + 1) + [0] * (self.stages - k - 1)]))[0])
 
     def batch_seconds(self, taken: np.ndarray) -> np.ndarray:
         """(M,) seconds of M cascade calls, given the exit each sample of each call takes ((M, B) ints)."""
@@ -193,6 +190,32 @@ def from_profile(entry: dict[str, Any], source: str, figure: str = "mean_ms") ->
         return replace(tables, mixed=Mixed.fit(tables, [r.get("mixed_calls") for r in rows]))
     except (KeyError, TypeError, ValueError) as exc:
         raise CalibrationError(f"profile: entry {source!r} is malformed ({exc!r})") from None
+
+
+class Deadlines:
+    """Calls priced for anytime prediction (`Cascade(deadline=...)`), from one profile entry: a
+    call's tail, not its mean. The 99.9th percentile of a call is extrapolated from the
+    profile's 90th and 99th as an exponential tail does (one more decade, one more p99 - p90),
+    so that a deadline aimed at 99% of calls keeps room for the tail's drift and its sampling
+    error."""
+
+    def __init__(self, entry: dict[str, Any], source: str):
+        self.p50, self.p90, self.p99 = (from_profile(entry, source, f) for f in ("p50_ms", "p90_ms", "p99_ms"))
+
+    def call(self, k: int, n: int) -> float:
+        """Seconds within which a call of n samples leaving at exit k finishes, but for 1 in 1000
+        (never less than one leaving earlier)."""
+        return max(2 * self.p99.uniform_call(j, n) - self.p90.uniform_call(j, n) for j in range(k + 1))
+
+    def remainder(self, k: int, n: int) -> float:
+        """What starting stage k on n samples adds to a call, as the cascade predicts it before
+        deciding: the tail of a call leaving at exit k less the median of one leaving at exit
+        k-1 (what is typically spent by then), so it errs late, which a deadline wants."""
+        return self.call(k, n) - (self.p50.uniform_call(k - 1, n) if k else 0.0)
+
+    def exit_seconds(self) -> np.ndarray:
+        """(K,) the tail of a batch-1 call leaving at each exit: the deadline it needs."""
+        return np.array([self.call(k, 1) for k in range(self.p50.stages)])
 
 
 def estimate(flops: Sequence[float], weight_bytes: Sequence[float], activation_bytes: Sequence[float],

@@ -16,6 +16,7 @@ optimiser's thresholds stay for when it is removed). Any other solver removes a 
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,9 +26,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from calibration.anytime import anytime_curve, deadline_grid
+from calibration.anytime import anytime_curve, deadline_grid, format_anytime
 from calibration.gating import describe_thresholds
-from calibration.latency import SOURCES, LatencyModel, WorstOf, estimate, from_profile
+from calibration.latency import SOURCES, Deadlines, LatencyModel, WorstOf, estimate, from_profile
 from calibration.policy import ExitPolicy, PolicyFit, fit_policy, policy_point
 from calibration.risk import certify, losses
 from calibration.solvers import SOLVERS, Budget, Scorer, best_feasible, geometric, optimise, tail_seconds
@@ -97,6 +98,7 @@ class LatencySource:
     model: LatencyModel | WorstOf
     measured_here: bool  # the numbers describe this machine, so a re-measured cascade can check them
     new_profile: dict[str, Any] | None = None  # a profile taken now, to store in the bundle
+    deadlines: Deadlines | None = None  # tail prices for anytime prediction (one measured entry only)
 
 
 def covers(entry: dict[str, Any], batch: int) -> bool:
@@ -104,6 +106,12 @@ def covers(entry: dict[str, Any], batch: int) -> bool:
     floor) and a size at or above `batch`; the sizes between are interpolated (the cost model)."""
     sizes = {int(b) for b in entry["batches"]}
     return 1 in sizes and max(sizes) >= batch
+
+
+def _measured(entry: dict[str, Any], key: str, say: Callable[[str], None], here: bool,
+              new: dict[str, Any] | None = None) -> LatencySource:
+    """The latency source of one measured profile entry (`here`: this machine's)."""
+    return LatencySource(_model_of(entry, key, say), here, new, Deadlines(entry, f"profile.json[{key}]"))
 
 
 def _model_of(entry: dict[str, Any], key: str, say: Callable[[str], None]) -> LatencyModel:
@@ -114,13 +122,13 @@ def _model_of(entry: dict[str, Any], key: str, say: Callable[[str], None]) -> La
     return from_profile(entry, f"profile.json[{key}]")
 
 
-def _stored_entry(profiles: dict[str, Any], key: str, batch: int, say: Callable[[str], None]) -> LatencyModel:
-    """The latency model of profile.json entry `key`, refused in one line when it cannot price `batch`."""
+def _stored_entry(profiles: dict[str, Any], key: str, batch: int) -> dict[str, Any]:
+    """profile.json entry `key`, refused in one line when it cannot price `batch`."""
     stored = profiles.get(key)
     if stored is None or not covers(stored, batch):
         raise EdgeExitError(f"--profile-key: profile.json has no entry {key!r} with batch 1 and a batch size of at "
                             f"least {batch}" + ("" if stored is None else f" (it has {', '.join(stored['batches'])})"))
-    return _model_of(stored, key, say)
+    return stored
 
 
 def latency_source(bundle: Bundle, backend: Backend, kind: str, batch: int, x: np.ndarray,
@@ -140,12 +148,12 @@ def latency_source(bundle: Bundle, backend: Backend, kind: str, batch: int, x: n
     profiles = read_profiles(bundle.path)["profiles"]
     keys = [key] if isinstance(key, str) else list(key or [])
     if len(keys) > 1:
-        return LatencySource(WorstOf(tuple(_stored_entry(profiles, k, batch, say) for k in keys)), False)
+        return LatencySource(WorstOf(tuple(_model_of(_stored_entry(profiles, k, batch), k, say) for k in keys)), False)
     if keys:
-        return LatencySource(_stored_entry(profiles, keys[0], batch, say), keys[0] == here)
+        return _measured(_stored_entry(profiles, keys[0], batch), keys[0], say, keys[0] == here)
     stored = profiles.get(here)
     if stored is not None and covers(stored, batch):
-        return LatencySource(_model_of(stored, here, say), True)
+        return _measured(stored, here, say, True)
     key = here
     if stored is not None and stored.get("machine") != facts:
         stored = None  # measured under other conditions (threads, libraries, power mode): measure every size anew
@@ -167,7 +175,7 @@ def latency_source(bundle: Bundle, backend: Backend, kind: str, batch: int, x: n
     with opened(open_monolithic(bundle, backend.name, threads=threads)) as mono:
         entry = profile_bundle(backend, bundle.stage_ios, mono, bundle.monolithic_io, x, missing, bundle.thresholds,
                                iters=iters, threads=threads, policy=bundle_policy(bundle))
-    return LatencySource(_model_of(merged_entry(stored, entry), key, say), True, {key: entry})
+    return _measured(merged_entry(stored, entry), key, say, True, {key: entry})
 
 
 def measure_calls(backend: Backend, bundle: Bundle, x: np.ndarray, batch: int,
@@ -341,13 +349,14 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
     else:
         record["measured"] = None
         record["held"] = None  # an estimate: only the device can tell
-    if budget.batch == 1 and not isinstance(lat, WorstOf):  # anytime: one input per call, under a deadline
-        record["anytime"] = anytime_curve(traces["test"], lat.exit_seconds(), record["thresholds"],
-                                          deadline_grid(lat.exit_seconds()))
+    if source.deadlines is not None:  # anytime: one input per call, under a deadline, as `run --deadline-ms` prices it
+        tails = source.deadlines.exit_seconds()
+        record["anytime"] = anytime_curve(traces["test"], tails, record["thresholds"], deadline_grid(tails))
     budgets = np.linspace(floor, record["full_depth_ms"] / 1e3, curve_points + 1)[1:]
     record["pareto"] = pareto(traces["val"], traces["test"], lat, budget, budgets, progress, solver == "policy")
-    png = _png(plot_pareto, record, bundle.name)
-    anytime_png = _png(plot_anytime, record, bundle.name) if record.get("anytime") else None
+    png = png_bytes(functools.partial(plot_pareto, record, bundle.name))
+    anytime_png = (png_bytes(functools.partial(plot_anytime, record["anytime"], record["splits"]["report"]["samples"],
+                                               bundle.name)) if record.get("anytime") else None)
     if png is None:
         say("calibrate: no pareto.png: matplotlib is not installed (pip install 'edgeexit[plot]')")
 
@@ -386,13 +395,13 @@ def calibrate(bundle: Bundle, backend: Backend, budget: Budget, solver: str = "o
     return update_bundle(bundle, change), record
 
 
-def _png(plot: Callable[[dict[str, Any], str, Path], bool], record: dict[str, Any], name: str) -> bytes | None:
-    """The PNG bytes of one of edgeexit.plots' pictures of `record`, or None without matplotlib."""
+def png_bytes(draw: Callable[[Path], bool]) -> bytes | None:
+    """The PNG bytes one of edgeexit.plots' writers draws (`draw(path)`), or None without matplotlib."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "plot.png"
-        return path.read_bytes() if plot(record, name, path) else None
+        return path.read_bytes() if draw(path) else None
 
 
 def format_calibration(record: dict[str, Any], curve: bool = True) -> str:
@@ -459,11 +468,5 @@ def format_calibration(record: dict[str, Any], curve: bool = True) -> str:
     if "policy" in names:
         lines.append("* the trained policy, not deployed at that budget: no significant gain over the thresholds")
     if record.get("anytime"):
-        lines += ["", "anytime (run --deadline-ms): one input per call; the deepest exit whose call fits the deadline "
-                      "(profile means), on the test split",
-                  f"{'deadline ms':>11}  {'exit':>4}  {'anytime acc':>11}  {'thresholds acc':>14}  {'cut off':>7}"]
-        for row in record["anytime"]:
-            lines.append(f"{row['deadline_ms']:>11.4f}  {row['deepest_exit']:>4}  {row['anytime_accuracy']:>11.2%}  "
-                         f"{row['accuracy']:>14.2%}  {row['cut_off']:>7.1%}" + ("  (late: exit 0 does not fit)"
-                                                                               if row["late"] else ""))
+        lines += ["", *format_anytime(record["anytime"], "the test split")]
     return "\n".join(lines)

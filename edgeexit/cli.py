@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 import tokenize
@@ -280,6 +281,10 @@ def _cmd_run(args) -> int:
     cut = 0
     with open_backend(bundle, args.backend, args.device, trust_code=args.trust_code) as backend:
         predict = None if deadline is None else stage_predictor(bundle.path, backend, None)
+        if predict is not None and predict(0, 1) > deadline:  # nothing left before stage 0: its whole call
+            print(f"warning: --deadline-ms {args.deadline_ms:g}: a call answered by exit 0 alone takes up to "
+                  f"{predict(0, 1) * 1e3:.4g} ms on this machine (its profile's tail), and stage 0 always runs: some "
+                  "answers will be late", file=sys.stderr)
         cascade = Cascade(backend, bundle.stage_ios, thresholds, policy, deadline, predict)
         _check_inputs(x, mapped, args, bundle, batch)  # after every refusal of the bundle, before any result
         for start, raw in _chunks(x, batch):
@@ -358,13 +363,17 @@ def _cmd_trace(args) -> int:
 def _cmd_profile(args) -> int:
     from edgeexit.bundle import Change, update_bundle
     from edgeexit.jetson import TegrastatsSampler, jetson_facts
+    from calibration.anytime import anytime_curve, deadline_grid
+    from calibration.latency import Deadlines
+    from edgeexit.calibrate import ANYTIME_PNG, png_bytes
+    from edgeexit.plots import plot_anytime
     from edgeexit.profile import PROFILE, format_profile, profile_bundle, profile_key, with_profiles
     from edgeexit.runtime.loader import max_batch, open_backend, open_monolithic, opened
-    from edgeexit.tracing import split_inputs
+    from edgeexit.tracing import record_traces, split_inputs
 
     bundle = _open_bundle(args)
     batches = _batch_list(args.batch, max_batch(bundle))
-    x, _ = split_inputs(bundle, args.split, args.data)
+    x, y = split_inputs(bundle, args.split, args.data)
     thresholds, policy = _gating(args, bundle)
     power = TegrastatsSampler if jetson_facts() is not None and not args.no_power else None
     with open_backend(bundle, args.backend, args.device, args.threads, args.trust_code) as backend, \
@@ -372,11 +381,19 @@ def _cmd_profile(args) -> int:
         entry = profile_bundle(backend, bundle.stage_ios, mono, bundle.monolithic_io, x, batches, thresholds,
                                iters=args.iters, warmup=args.warmup, threads=args.threads, power=power, policy=policy,
                                progress=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
-    key = profile_key(entry["backend"], entry["device"])
+        key = profile_key(entry["backend"], entry["device"])
+        if 1 in batches:  # anytime prediction is one input per call: its curve needs batch 1
+            tails = Deadlines(entry, key).exit_seconds()
+            traces = record_traces(bundle, backend, x, y, args.split)
+            entry["anytime"] = anytime_curve(traces, tails, thresholds, deadline_grid(tails))
+    plot = entry.get("anytime") and png_bytes(functools.partial(plot_anytime, entry["anytime"], len(y), bundle.name))
     if not args.no_save:  # merged into the profiles as they are when the lock is held, not as they were at the start
-        update_bundle(bundle, lambda current: Change(with_profiles(current.path, {key: entry}), {"profile": PROFILE}))
+        update_bundle(bundle, lambda current: Change(with_profiles(current.path, {key: entry})
+                                                     | ({ANYTIME_PNG: plot} if plot else {}), {"profile": PROFILE}))
     saved = "not saved (--no-save)" if args.no_save else f"saved: {bundle.path / PROFILE} [{key}]"
-    print(dumps(entry) if args.json else format_profile(entry) + f"\n{saved}")
+    if plot and not args.no_save:
+        saved += f", {bundle.path / ANYTIME_PNG}"
+    print(dumps(entry) if args.json else format_profile(entry, args.split) + f"\n{saved}")
     return 0
 
 

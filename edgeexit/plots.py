@@ -253,19 +253,17 @@ def plot_exit_curves(curves: dict[str, tuple[list[float], list[float]]], path: P
     return _plot(lambda: exit_curves_figure(curves, title), path)
 
 
-def anytime_figure(record: dict[str, Any], name: str):
-    """Test accuracy vs the deadline per input (calibration.json's `anytime` rows): pure anytime
-    (the deepest exit that fits) and the calibrated thresholds under the deadline."""
-    rows = record["anytime"]
+def anytime_figure(rows: list[dict[str, Any]], samples: int, name: str):
+    """Test accuracy vs the deadline per input (`calibration.anytime.anytime_curve` rows on
+    `samples` inputs): pure anytime (the deepest exit that fits) and the thresholds under it."""
     fig, ax = _new_figure((6, 4))
     deadline = [r["deadline_ms"] for r in rows]
     ax.step(deadline, [100 * r["anytime_accuracy"] for r in rows], where="post", label="anytime (deepest exit that fits)")
-    ax.step(deadline, [100 * r["accuracy"] for r in rows], where="post", label="calibrated thresholds under the deadline")
+    ax.step(deadline, [100 * r["accuracy"] for r in rows], where="post", label="thresholds under the deadline")
     late = [r["deadline_ms"] for r in rows if r["late"]]
     if late:
         ax.axvspan(min(deadline), max(late), color="tab:red", alpha=0.1, label="late: exit 0 does not fit")
-    samples = record["splits"]["report"]["samples"]
-    ax.set_xlabel("deadline per input, ms (batch 1, the profile's mean costs)")
+    ax.set_xlabel("deadline per input, ms (batch 1, a call's tail in the profile)")
     ax.set_ylabel(accuracy_label(samples), fontsize=9)
     ax.set_title(f"{name}: anytime accuracy vs deadline", fontsize=9)
     _pad_accuracy_axis(ax, [100 * r[k] for r in rows for k in ("anytime_accuracy", "accuracy")], samples)
@@ -275,6 +273,6 @@ def anytime_figure(record: dict[str, Any], name: str):
     return fig
 
 
-def plot_anytime(record: dict[str, Any], name: str, path: Path) -> bool:
+def plot_anytime(rows: list[dict[str, Any]], samples: int, name: str, path: Path) -> bool:
     """Write `anytime_figure` as a PNG; False without matplotlib."""
-    return _plot(lambda: anytime_figure(record, name), path)
+    return _plot(lambda: anytime_figure(rows, samples, name), path)

@@ -72,9 +72,10 @@ def read_profiles(bundle_path: Path) -> dict[str, Any]:
 
 
 def stage_predictor(bundle_path: Path, backend: Backend, threads: int | None) -> Callable[[int, int], float]:
-    """Stage k's seconds on n samples on this machine, at the 99th percentile of the bundle's
-    profile.json entry for it: what an anytime cascade predicts before it starts a stage."""
-    from calibration.latency import from_profile
+    """What starting stage k on n samples adds to a call on this machine, from the bundle's
+    profile.json entry for it (`calibration.latency.Deadlines.remainder`): what an anytime
+    cascade predicts before it starts a stage."""
+    from calibration.latency import Deadlines
     from edgeexit.errors import EdgeExitError
 
     key = profile_key(backend.name, device_id(machine_facts(backend, threads)))
@@ -82,7 +83,7 @@ def stage_predictor(bundle_path: Path, backend: Backend, threads: int | None) ->
     if entry is None:
         raise EdgeExitError(f"--deadline-ms: profile.json has no entry {key!r}; run `edgeexit profile {bundle_path} "
                             f"--backend {backend.name}` first")
-    return from_profile(entry, f"profile.json[{key}]", "p99_ms").finish
+    return Deadlines(entry, f"profile.json[{key}]").remainder
 
 
 def with_profiles(bundle_path: Path, entries: dict[str, dict[str, Any]]) -> dict[str, bytes]:
@@ -252,13 +253,9 @@ def profile_batch(backend: Backend, ios: Sequence[StageIO], mono: Backend | None
         result = full(chunks[i % len(chunks)])
         overhead[i] = time.perf_counter() - start - result.stage_seconds.sum()
         stage[i] = result.stage_seconds
-    exit_calls = []
-    for k in range(k_total):  # calls in which every sample leaves at exit k, back to back
-        leave_at = [NEVER] * (k_total - 1) + [None]
-        if k < k_total - 1:
-            leave_at[k] = -NEVER
-        leave_k = Cascade(backend, ios, leave_at)
-        exit_calls.append(stats_ms(interleaved_calls({"leave": leave_k}, chunks, iters, warmup)["leave"]))
+    leave_at = {k: Cascade(backend, ios, [-NEVER if j == k else NEVER for j in range(k_total - 1)] + [None])
+                for k in range(k_total)}  # calls in which every sample leaves at exit k, taking turns
+    exit_calls = [stats_ms(s) for s in interleaved_calls(leave_at, chunks, iters, warmup).values()]
     mixed = _mixed_calls(backend, ios, chunks, iters, warmup)
     e2e = interleaved_calls(runners, chunks, iters, warmup)
     uses = np.bincount(np.arange(iters) % len(chunks), minlength=len(chunks))  # timed calls per chunk
@@ -335,8 +332,9 @@ def noise(row: dict[str, Any]) -> float:
     return max(c["p99_ms"] / c["p50_ms"] if c["p50_ms"] > 0 else 1.0 for c in calls)
 
 
-def format_profile(entry: dict[str, Any]) -> str:
-    """The table `edgeexit profile` prints: per batch size, per stage and end to end (ms)."""
+def format_profile(entry: dict[str, Any], split: str = "the profiled split") -> str:
+    """The table `edgeexit profile` prints: per batch size, per stage and end to end (ms), and
+    the anytime curve where batch 1 was profiled."""
     m = entry["machine"]
     lines = [f"{entry['backend']} on {entry['device']} ({m['cpu_count']} CPUs, threads {m['threads']}; "
              f"{entry['iters']} timed calls after {entry['warmup']} warm-up)"]
@@ -358,4 +356,8 @@ def format_profile(entry: dict[str, Any]) -> str:
             p = row["power"]
             lines.append(f"{'power':>14}  {p.get('total_power_w') or float('nan'):.2f} W, "
                          f"{p.get('energy_per_inference_mj') or float('nan'):.3f} mJ per inference ({p.get('total_rail')})")
+    if entry.get("anytime"):
+        from calibration.anytime import format_anytime
+
+        lines += ["", *format_anytime(entry["anytime"], split)]
     return "\n".join(lines)

@@ -13,7 +13,7 @@ import pytest
 
 from calibration.errors import CalibrationError
 from calibration.gating import exits_taken
-from calibration.latency import LatencyModel, Mixed, WorstOf, estimate, from_profile
+from calibration.latency import Deadlines, LatencyModel, Mixed, WorstOf, estimate, from_profile
 from calibration.solvers import (
     Budget,
     Scorer,
@@ -101,6 +101,18 @@ def test_mixed_stream_terms_are_fitted_on_calls_with_real_leave_patterns():
     assert cheap.batch_seconds(np.array([[1, 1, 2, 2]]))[0] == pytest.approx(tables.batch_seconds(np.zeros((1, 4), int))[0])
     assert from_profile({"batches": rows}, "t", "p99_ms").mixed is None  # deadlines price stages, not streams
     assert model.to_dict()["mixed_ms"][1] == pytest.approx((truth / MS).tolist())
+
+
+def test_deadlines_price_a_call_at_its_extrapolated_tail_and_a_stage_at_the_tail_less_what_is_typically_spent():
+    calls = [{"p50_ms": 1.0, "p90_ms": 1.5, "p99_ms": 2.0}, {"p50_ms": 3.0, "p90_ms": 4.0, "p99_ms": 6.0}]
+    entry = {"batches": {"1": {"stages": [{}] * 2, "gather_ms": [0.0, 0.0], "exit_calls": calls,
+                               "overhead_ms": {"p50_ms": 0.1, "p90_ms": 0.1, "p99_ms": 0.1}}}}
+    d = Deadlines(entry, "t")
+    np.testing.assert_allclose(d.exit_seconds() / MS, [2 * 2.0 - 1.5, 2 * 6.0 - 4.0])  # one decade past p99
+    assert d.remainder(0, 1) == pytest.approx(2.5 * MS)  # nothing spent before stage 0
+    assert d.remainder(1, 1) == pytest.approx((8.0 - 1.0) * MS)  # exit 1's tail less exit 0's median
+    calls[0]["p99_ms"], calls[1]["p99_ms"] = 3.5, 4.2  # exit 1's tail extrapolated below exit 0's (5.5 vs 4.4)
+    np.testing.assert_allclose(Deadlines(entry, "t").exit_seconds() / MS, [5.5, 5.5])  # leaving later never costs less
 
 
 def test_estimate_is_a_roofline_with_a_launch_floor():

@@ -4,12 +4,13 @@ that calibrates by itself. Every latency here comes from running the bundle's ba
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 
 import numpy as np
 import pytest
 
-from calibration.latency import from_profile
+from calibration.latency import Deadlines, from_profile
 from calibration.policy import FEATURES, ExitPolicy
 from calibration.traces import load_traces
 from conftest import example_raw, leftovers, write_spec
@@ -85,6 +86,13 @@ def test_cli_profile_then_calibrate_writes_into_the_bundle(bundle_copy, capsys, 
     bundle = load_bundle(bundle_copy)  # checksums still hold after the update
     profiles = json.loads((bundle_copy / "profile.json").read_text())["profiles"]
     assert "profile.json" in bundle.manifest["files"] and len(profiles) == 1
+    curve = next(iter(profiles.values()))["anytime"]  # batch 1 profiled: accuracy vs deadline, on the call tails
+    assert "anytime (run --deadline-ms)" in out and f"{curve[-1]['deadline_ms']:>11.4f}" in out
+    assert [r["deepest_exit"] for r in curve] == sorted(r["deepest_exit"] for r in curve) and curve[-1]["cut_off"] == 0
+    tails = Deadlines(next(iter(profiles.values())), "p").exit_seconds() * 1e3
+    assert curve[0]["deadline_ms"] == pytest.approx(tails[0]) and not curve[0]["late"]
+    if importlib.util.find_spec("matplotlib"):
+        assert "anytime.png" in bundle.manifest["files"] and (bundle_copy / "anytime.png").read_bytes()[:4] == b"\x89PNG"
     model = from_profile(next(iter(profiles.values())), "p")
     # halfway between a call leaving at exit 0 and a full-depth call (exit 0 and exit 1 can be
     # within noise of each other on a busy machine), rounded as it is passed on the command line
@@ -197,7 +205,9 @@ def test_run_with_a_deadline_needs_a_profile_and_marks_inputs_cut_off(bundle_cop
     roomy = json.loads(capsys.readouterr().out)["samples"]
     assert [r["exit"] for r in roomy] == [r["exit"] for r in plain] and not any(r["cut_off"] for r in roomy)
     assert main(run + ["--deadline-ms", "0.000001"]) == 0
-    tight = json.loads(capsys.readouterr().out)["samples"]
+    out, err = capsys.readouterr()
+    tight = json.loads(out)["samples"]
+    assert "a call answered by exit 0 alone takes up to" in err  # below stage 0's tail: said, still answered
     assert all(r["exit"] == 0 for r in tight) and [r["cut_off"] for r in tight] == [r["exit"] > 0 for r in plain]
     assert any(r["cut_off"] for r in tight)
     assert main(run[:-3] + ["--thresholds", "0.999,0.999,", "--deadline-ms", "0.000001"]) == 0

@@ -14,6 +14,7 @@ pred, which the loop keeps for the active samples (host arrays, compacted with t
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -119,7 +120,8 @@ class Cascade:
             raise EdgeExitError(f"--deadline-ms: {deadline * 1e3:g} ms is not a positive deadline")
         if deadline is not None and predict is None:
             raise EdgeExitError("--deadline-ms: needs the stages' profiled costs (edgeexit profile BUNDLE first)")
-        self.policy, self.deadline, self.predict = policy, deadline, predict
+        self.policy, self.deadline = policy, deadline
+        self.predict = None if predict is None else functools.lru_cache(maxsize=None)(predict)  # per call: cheap
 
     def __call__(self, x: np.ndarray, collect: bool = False) -> CascadeResult:
         """Run the cascade on a normalised batch `x`; `collect` also keeps every exit's conf/pred."""
@@ -143,11 +145,12 @@ class Cascade:
         for k, io in enumerate(self.ios):
             start = time.perf_counter()
             if held is not None and start - began + self.predict(k, len(active)) > self.deadline:
-                results = results or _Results(n)  # stage k cannot finish in time: answer from exit k-1
-                results.put(active, *held, k - 1)
-                cut_off = np.zeros(n, bool)
+                cut_off = np.zeros(n, bool)  # stage k cannot finish in time: answer from exit k-1
                 cut_off[active] = True
                 k -= 1
+                if results is None:
+                    return self._answered(k, *held, start, seconds, samples, exit_conf, exit_pred, cut_off)
+                results.put(active, *held, k)
                 break
             out = be.run(k, feeds)
             c, p = be.download_many([out[io.conf], out[io.pred]])
@@ -161,12 +164,9 @@ class Cascade:
             else:
                 leave = policy.leave(k, c, p, prev_c, prev_p)
             if leave is None or np.count_nonzero(leave) == len(active):  # everyone left: done
-                if results is None:  # all n left together, in input order: these arrays are the result
-                    logits = be.download(out[io.logits])
-                    seconds[k] = time.perf_counter() - start
-                    return CascadeResult(p.astype(np.int64, copy=False), logits, c, np.full(n, k), seconds,
-                                         samples, exit_conf, exit_pred, None if self.deadline is None else
-                                         np.zeros(n, bool))
+                if results is None:
+                    return self._answered(k, out[io.logits], c, p, start, seconds, samples, exit_conf, exit_pred,
+                                          None if self.deadline is None else np.zeros(n, bool))
                 results.put(active, out[io.logits], c, p, k)
                 break
             if leave.any():  # some leave: record them, gather the rest on the backend
@@ -190,6 +190,16 @@ class Cascade:
         if self.deadline is not None and cut_off is None:
             cut_off = np.zeros(n, bool)
         return CascadeResult(results.pred, logits, results.conf, results.exit, seconds, samples,
+                             exit_conf, exit_pred, cut_off)
+
+    def _answered(self, k: int, logits: Any, conf: np.ndarray, pred: np.ndarray, start: float, seconds: np.ndarray,
+                  samples: np.ndarray, exit_conf: np.ndarray | None, exit_pred: np.ndarray | None,
+                  cut_off: np.ndarray | None) -> CascadeResult:
+        """The result when exit k answers every sample and none left before (so in input order):
+        its arrays are the result, without a merge; what it takes counts in stage k's time."""
+        logits = self.backend.download(logits)
+        seconds[k] += time.perf_counter() - start
+        return CascadeResult(pred.astype(np.int64, copy=False), logits, conf, np.full(len(conf), k), seconds, samples,
                              exit_conf, exit_pred, cut_off)
 
     def run_batched(self, x: np.ndarray, batch: int, collect: bool = False) -> CascadeResult:
