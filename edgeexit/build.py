@@ -30,6 +30,7 @@ from edgeexit.bundle import Bundle, Change, check_output, load_bundle, update_bu
 from edgeexit.data import Dataset, data_record, load_dataset, normalize
 from edgeexit.devices import check_target, load_device
 from edgeexit.errors import SpecError
+from edgeexit.export.fused import CASCADE, agreement, write_fused
 from edgeexit.export.onnx import ExportedGraph, activation_bytes, count_flops, export_checked, export_stages
 from edgeexit.export.precision import apply_precision, convert
 from edgeexit.flops import exit_flops
@@ -39,6 +40,7 @@ from edgeexit.models import build_model, load_weights
 from edgeexit.plots import plot_tradeoff
 from edgeexit.profile import latency_rounds
 from edgeexit.runtime.cascade import NEVER, Cascade, full_depth, gate_thresholds, trace
+from edgeexit.runtime.fused import FusedCascade
 from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from edgeexit.spec import Spec
 from edgeexit.stage_io import StageIO
@@ -152,7 +154,7 @@ def _monolithic_precision(spec: Spec, path: Path, x_cal: np.ndarray) -> str:
 
 def _manifest(spec: Spec, exported: list[ExportedGraph], precisions: list[str], mono: ExportedGraph,
               mono_precision: str, thresholds, costs: list[StageCost], root: Path,
-              train_x: np.ndarray) -> dict[str, Any]:
+              train_x: np.ndarray, fused: dict[str, Any] | None) -> dict[str, Any]:
     def fp32_copy(path: Path) -> str | None:  # the fp32 graph of one deployed in fp16/int8
         copy = path.with_name(path.stem + ".fp32.onnx")
         return copy.relative_to(root).as_posix() if copy.exists() else None
@@ -173,6 +175,7 @@ def _manifest(spec: Spec, exported: list[ExportedGraph], precisions: list[str], 
             for g, p, c in zip(exported, precisions, costs)
         ],
         "gating": {"confidence": spec.gating.confidence, "thresholds": thresholds},
+        "fused": fused,
         "monolithic": mono.path.relative_to(root).as_posix(),
         "monolithic_fp32": fp32_copy(mono.path),
         "monolithic_cost": {"flops": mono.flops, "params": mono.params, "parity_max_abs_diff": mono.parity,
@@ -188,12 +191,43 @@ def _manifest(spec: Spec, exported: list[ExportedGraph], precisions: list[str], 
     }
 
 
+def fuse_stages(root: Path, ios: list[StageIO], classes: int, x: np.ndarray, thresholds) -> dict[str, Any]:
+    """`stages/cascade.onnx`, composed from the final stage graphs and run on every sample of
+    `x` against the staged cascade, each input alone, at `thresholds` and at full depth."""
+    path = write_fused([root / f"stages/stage{io.index}.onnx" for io in ios], ios, classes, root / CASCADE)
+    staged = OnnxRuntimeBackend([root / f"stages/stage{io.index}.onnx" for io in ios], ios, LATENCY_THREADS)
+    checks = {}
+    for name, gates in (("thresholds", thresholds), ("full_depth", [NEVER] * (len(ios) - 1) + [None])):
+        fused = FusedCascade(path, ios[0].inputs[0], gates, len(ios), LATENCY_THREADS)
+        checks[name] = agreement(fused(x), Cascade(staged, ios, gates).run_batched(x, 1))
+    return {"onnx": CASCADE, "agreement": checks}
+
+
+def fused_verdict(record: dict[str, Any], latency: dict[str, Any], mode: str, atol: float) -> dict[str, Any]:
+    """`record` with whether the runtime uses the fused graph at batch 1, and why: it must agree
+    with the staged cascade on every sample (exit, class, logits within the export tolerance);
+    `auto` also wants it faster than the staged loop at the thresholds, measured here."""
+    differs = [f"{name}: {c['exit_differs']} exits, {c['pred_differs']} classes differ, logits by "
+               f"{c['logits_max_abs_diff']:.1e}" for name, c in record["agreement"].items()
+               if c["exit_differs"] or c["pred_differs"] or c["logits_max_abs_diff"] > atol]
+    fused, staged = latency["fused"], latency["cascade"]
+    if differs:
+        use, why = False, "disagrees with the staged cascade (" + "; ".join(differs) + ")"
+    elif mode == "auto" and fused >= staged:
+        use, why = False, f"no faster than the staged loop here ({fused:.4f} vs {staged:.4f} ms per input)"
+    else:
+        use, why = True, f"agrees on every test sample; {fused:.4f} vs {staged:.4f} ms per input staged"
+    return {**record, "use_at_batch_1": use, "why": why}
+
+
 def evaluate(bundle_root: Path, ios: list[StageIO], mono_path: Path, mono_io: StageIO, thresholds,
-             x: np.ndarray, y: np.ndarray, batch: int, flops: list[int], mono_flops: int) -> dict[str, Any]:
+             x: np.ndarray, y: np.ndarray, batch: int, flops: list[int], mono_flops: int,
+             fused: Path | None = None) -> dict[str, Any]:
     """Exit accuracy, exit shares and latency of the exported graphs on onnxruntime CPU.
 
-    Latency: mean per sample at batch 1, the cascade (at `thresholds`) and the monolithic
-    graph timed interleaved in this one run.
+    Latency: mean per sample at batch 1, the cascade (at `thresholds`), at full depth, the
+    monolithic graph and (given its path) the fused cascade graph both ways, timed interleaved
+    in this one run.
     """
     backend = OnnxRuntimeBackend([bundle_root / f"stages/stage{io.index}.onnx" for io in ios], ios, LATENCY_THREADS)
     every = trace(backend, ios, x, batch)
@@ -207,9 +241,13 @@ def evaluate(bundle_root: Path, ios: list[StageIO], mono_path: Path, mono_io: St
     mono_names = list(mono_io.outputs)
     mono_pred = np.concatenate([mono.run(0, {mono_io.inputs[0]: x[i:i + batch]})["pred"]
                                 for i in range(0, len(x), batch)])
-    rounds = latency_rounds({"cascade": cascade, "full_depth": full_depth(backend, ios),
-                             "monolithic": lambda s: mono.sessions[0].run(mono_names, {mono_io.inputs[0]: s})},
-                            x, 1, LATENCY_ROUNDS)
+    runners = {"cascade": cascade, "full_depth": full_depth(backend, ios),
+               "monolithic": lambda s: mono.sessions[0].run(mono_names, {mono_io.inputs[0]: s})}
+    if fused is not None:
+        never = [NEVER] * (len(ios) - 1) + [None]
+        runners |= {"fused": FusedCascade(fused, ios[0].inputs[0], thresholds, len(ios), LATENCY_THREADS),
+                    "fused_full_depth": FusedCascade(fused, ios[0].inputs[0], never, len(ios), LATENCY_THREADS)}
+    rounds = latency_rounds(runners, x, 1, LATENCY_ROUNDS)
     grid = np.concatenate([np.linspace(0.0, 1.0, 51), [NEVER]])
     tradeoff = shared_threshold_sweep(every.exit_conf, correct, cum_flops / 1e6, grid)
     tradeoff["threshold"][-1] = None  # no early exit: the full-depth end of the curve
@@ -231,10 +269,11 @@ def _latency_record(rounds: dict[str, np.ndarray]) -> dict[str, Any]:
     """The build's latency figures: medians over interleaved rounds, and the spread of the
     cascade-to-monolithic ratio within rounds (one round's figure alone can mislead)."""
     ratio = rounds["cascade"] / rounds["monolithic"]
-    full = rounds["full_depth"] / rounds["monolithic"]
+    ratios = {f"{name}_ratio": float(np.median(rounds[name] / rounds["monolithic"]))
+              for name in ("full_depth", "fused", "fused_full_depth") if name in rounds}
     return {**{name: float(np.median(r)) * 1e3 for name, r in rounds.items()},
             "ratio": float(np.median(ratio)), "ratio_range": [float(ratio.min()), float(ratio.max())],
-            "full_depth_ratio": float(np.median(full)), "rounds": len(ratio),
+            **ratios, "rounds": len(ratio),
             "backend": "onnxruntime-cpu", "batch": 1, "threads": LATENCY_THREADS}
 
 
@@ -287,8 +326,15 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
         step(f"[5/7] precision: stages {', '.join(precision.precisions)}, monolithic {mono_precision}; final exit "
             f"drop {precision.report['final_drop_pt']:.2f} pt vs fp32 (tolerance {spec.export.tolerance_pt:g})")
 
+        fused = None if spec.export.fused == "off" else \
+            fuse_stages(root, ios, len(spec.input.classes), x_test, thresholds)
         report = evaluate(root, ios, mono.path, mono_io, thresholds, x_test, data.test.y, spec.export.batch.max,
-                          [g.flops for g in exported], mono.flops)
+                          [g.flops for g in exported], mono.flops, fused and root / CASCADE)
+        if fused is not None:
+            fused = fused_verdict(fused, report["latency_ms"], spec.export.fused, spec.export.parity_atol)
+            report["fused"] = fused
+            step(f"      fused cascade graph ({CASCADE}): {'used' if fused['use_at_batch_1'] else 'not used'} at "
+                 f"batch 1: {fused['why']}")
         report.update({"name": spec.name, "thresholds": thresholds, "confidence": spec.gating.confidence,
                        "staged_max_abs_diff": staged_diff, "parity": [g.parity for g in exported],
                        "monolithic_parity": mono.parity, "pred_agreement": [g.pred_agreement for g in exported],
@@ -301,7 +347,7 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
         if not plot_tradeoff(report, root / "tradeoff.png"):
             log("      no tradeoff.png: matplotlib is not installed (pip install 'edgeexit[plot]')")
         write_bundle(root, _manifest(spec, exported, precision.precisions, mono, mono_precision, thresholds, costs,
-                                     root, data.train.x), dest)
+                                     root, data.train.x, fused), dest)
     bundle = load_bundle(dest)
     step(f"[7/7] bundle: {dest} ({len(bundle.manifest['files'])} files, checksums verified)")
     if load_device(spec.target.device).kind == "jetson" or spec.target.backend == "tensorrt":
@@ -310,7 +356,8 @@ def build(spec: Spec, output: Path | None = None, progress: bool = True) -> tupl
         bundle, report["calibration"] = _calibrate(bundle, spec, progress)
         # the summary shows what the bundle now ships: the calibrated thresholds, evaluated again
         report.update(evaluate(bundle.path, ios, bundle.monolithic_path, mono_io, bundle.thresholds, x_test,
-                               data.test.y, spec.export.batch.max, [g.flops for g in exported], mono.flops),
+                               data.test.y, spec.export.batch.max, [g.flops for g in exported], mono.flops,
+                               bundle.fused_path),
                       thresholds=bundle.thresholds, yaml_thresholds=thresholds)
         bundle = _refresh_report(bundle, report)
     report["verdicts"] = early_exit_verdicts(report, len(spec.input.classes))
@@ -424,6 +471,11 @@ def format_summary(bundle: Bundle, report: dict[str, Any]) -> str:
         f"interleaved rounds): cascade {lat['cascade']:.4f} ms, monolithic {lat['monolithic']:.4f} ms -> "
         f"{lat['ratio']:.2f}x (rounds {lo:.2f}-{hi:.2f}x); full depth {lat['full_depth_ratio']:.2f}x",
     ]
+    if "fused" in lat:
+        fused = report["fused"]
+        lines.append(f"fused cascade graph (one call per input): {lat['fused']:.4f} ms, {lat['fused_ratio']:.2f}x "
+                     f"monolithic; full depth {lat['fused_full_depth_ratio']:.2f}x; "
+                     f"{'used' if fused['use_at_batch_1'] else 'not used'} at batch 1 ({fused['why']})")
     if report.get("carried_bytes"):
         lines.append("carried per sample between stages: "
                      + ", ".join(f"{b / 1024:.1f} KiB" for b in report["carried_bytes"])

@@ -191,6 +191,12 @@ class Bundle:
         return [self.path / s["onnx"] for s in self.manifest["stages"]]
 
     @property
+    def fused_path(self) -> Path | None:
+        """The fused cascade graph (`edgeexit.export.fused`), where the build made one."""
+        fused = self.manifest.get("fused")
+        return None if fused is None else self.path / fused["onnx"]
+
+    @property
     def monolithic_path(self) -> Path:
         return self.path / self.manifest["monolithic"]
 

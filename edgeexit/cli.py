@@ -267,13 +267,13 @@ def _cmd_run(args) -> int:
     from edgeexit.data import normalize, resize_like
     from edgeexit.jsonio import finite_or_none
     from edgeexit.profile import stage_predictor
-    from edgeexit.runtime.cascade import Cascade
-    from edgeexit.runtime.loader import max_batch, open_backend
+    from edgeexit.runtime.loader import max_batch, open_backend, open_cascade
 
     bundle = _open_bundle(args)
     x, names, mapped = _open_images(args.input, bundle)
     deadline = None if args.deadline_ms is None else args.deadline_ms / 1e3
-    batch = max_batch(bundle) if deadline is None else 1  # a deadline is per input: one call each
+    # a deadline is per input, and one input is one call (the fused cascade graph's, where the bundle uses one)
+    batch = 1 if deadline is not None or len(x) == 1 else max_batch(bundle)
     thresholds, policy = _gating(args, bundle)
     shape, resize = tuple(bundle.input["shape"][1:]), _resize_of(bundle) is not None
     classes = bundle.classes
@@ -285,7 +285,9 @@ def _cmd_run(args) -> int:
             print(f"warning: --deadline-ms {args.deadline_ms:g}: a call answered by exit 0 alone takes up to "
                   f"{predict(0, 1) * 1e3:.4g} ms on this machine (its profile's tail), and stage 0 always runs: some "
                   "answers will be late", file=sys.stderr)
-        cascade = Cascade(backend, bundle.stage_ios, thresholds, policy, deadline, predict)
+        cascade, note = open_cascade(bundle, backend, thresholds, policy, deadline, predict, batch)
+        if note:
+            print(note, file=sys.stderr)
         _check_inputs(x, mapped, args, bundle, batch)  # after every refusal of the bundle, before any result
         for start, raw in _chunks(x, batch):
             with np.errstate(over="ignore"):  # refused before, unless --allow-nonfinite
@@ -296,11 +298,11 @@ def _cmd_run(args) -> int:
                 raise EdgeExitError(f"bundle: the model gives {result.probs.shape[1]} classes but the manifest names "
                                     f"{len(classes)}")
             if start == 0 and args.json:
-                head = dumps({"bundle": str(bundle.path), "backend": cascade.backend.name, "thresholds": thresholds,
+                head = dumps({"bundle": str(bundle.path), "backend": cascade.name, "thresholds": thresholds,
                               "policy": None if policy is None else policy.to_dict()})
                 print(head[:-2] + ',\n  "samples": [')
             elif start == 0:
-                print(f"backend: {cascade.backend.name}", file=sys.stderr)
+                print(f"backend: {cascade.name}", file=sys.stderr)
                 print(f"{'index':>5}  {'class':>8}  {'exit':>4}  {'confidence':>10}" + ("  file" if names else ""))
             mapped.release(start, start + len(chunk))
             counts += np.bincount(result.exit, minlength=len(counts))

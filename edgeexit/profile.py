@@ -215,18 +215,18 @@ def _mixed_calls(backend: Backend, ios: Sequence[StageIO], chunks: Sequence[np.n
     if k_total == 1:
         return None
     full = full_depth(backend, ios)
-    conf = np.concatenate([full(chunk, collect=True).exit_conf for chunk in chunks])
+    conf = np.concatenate([full(chunk, collect=True).exit_conf for chunk in chunks[:iters]])
     rng = np.random.default_rng(seed)
     runners = {i: Cascade(backend, ios, [float(np.quantile(conf[:, k], q)) for k, q in
                                          enumerate(rng.uniform(size=k_total - 1))] + [None])
                for i in range(MIXED_GATINGS)}
-    rounds = -(-iters // len(chunks))
-    seconds = interleaved_calls(runners, chunks, rounds * len(chunks), warmup)
+    seconds = interleaved_calls(runners, chunks, iters, warmup)  # call j on chunk j % len(chunks)
     patterns: dict[tuple[int, ...], list[float]] = {}
     for i, cascade in runners.items():
-        for chunk, spent in zip(chunks, seconds[i].reshape(rounds, len(chunks)).T):
+        for c, chunk in enumerate(chunks[:iters]):
             exits = cascade(chunk).exit
-            patterns.setdefault(tuple(int((exits >= k).sum()) for k in range(k_total)), []).extend(spent)
+            patterns.setdefault(tuple(int((exits >= k).sum()) for k in range(k_total)), []).extend(
+                seconds[i][c::len(chunks)])
     return {"counts": [list(c) for c in patterns], "ms": [float(np.mean(v)) * 1e3 for v in patterns.values()],
             "calls": [len(v) for v in patterns.values()]}
 

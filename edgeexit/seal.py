@@ -204,6 +204,10 @@ def check_shape(m: Any) -> None:
         values = _get(point, "thresholds", p, list, "a list")
         if len(values) != len(stages) or any(t is not None and not isinstance(t, (int, float)) for t in values):
             raise BundleError(f"bundle: manifest field {p}.thresholds: expected {len(stages)} numbers (the last null)")
+    fused = _get(m, "fused", "", dict, "an object", optional=True)
+    if fused is not None:
+        _get(fused, "onnx", "fused", str, "a string")
+        _get(fused, "use_at_batch_1", "fused", bool, "true or false")
     _get(m, "monolithic", "", str, "a string")
     files = _get(m, "files", "", dict, "an object")
     for rel, h in files.items():
@@ -249,6 +253,8 @@ def path_fields(m: dict[str, Any]) -> list[tuple[str, str, bool]]:
         out.append((f"stages[{k}].onnx", s["onnx"], True))
         if s.get("onnx_fp32") is not None:
             out.append((f"stages[{k}].onnx_fp32", s["onnx_fp32"], True))
+    if m.get("fused") is not None:
+        out.append(("fused.onnx", m["fused"]["onnx"], True))
     for key in ("monolithic", "monolithic_fp32", "weights", "report", "profile", "calibration"):
         value = m.get(key)
         if value is not None:

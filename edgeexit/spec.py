@@ -24,6 +24,7 @@ BACKENDS = ("auto", "onnxruntime", "torch", "torch-cuda", "tensorrt")
 DTYPES = ("float32",)
 LOSSES = ("ce", "eenets", "eenets_sum")
 PRECISIONS = ("fp32", "fp16", "int8")
+FUSED_MODES = ("auto", "on", "off")
 PROFILE_MODES = ("buckets", "range")  # export.batch.profiles
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 SPLITS = ("train", "val", "calibration", "test")
@@ -106,6 +107,7 @@ class ExportSpec:
     calibration: QuantSpec
     tolerance_pt: float  # allowed final-exit accuracy drop vs fp32, in percentage points
     fallback: str | None  # precision a stage may fall back to when it breaks the tolerance
+    fused: str = "auto"  # the fused cascade graph: auto (built, used at batch 1 where it pays), on, off
 
     def precision_of(self, stage: int) -> str:
         """The precision stage `stage` is exported in."""
@@ -404,7 +406,7 @@ def _gating(raw: Any) -> GatingSpec:
 
 def _export(raw: Any) -> ExportSpec:
     e = _mapping(raw, "export", set(), {"opset", "batch", "parity_atol", "precision", "stage_precision",
-                                        "calibration", "tolerance_pt", "fallback"})
+                                        "calibration", "tolerance_pt", "fallback", "fused"})
     b = _mapping(e.get("batch", {}), "export.batch", set(), {"min", "opt", "max", "profiles"})
     lo = _int(b.get("min", 1), "export.batch.min", 1)
     hi = _int(b.get("max", 64), "export.batch.max", 1)
@@ -433,7 +435,13 @@ def _export(raw: Any) -> ExportSpec:
         ),
         tolerance_pt=_float(e.get("tolerance_pt", 0.5), "export.tolerance_pt", 0.0),
         fallback=None if fallback is None else _choice(fallback, "export.fallback", PRECISIONS),
+        fused=_choice(_switch(e.get("fused", "auto")), "export.fused", FUSED_MODES),
     )
+
+
+def _switch(value: Any) -> Any:
+    """yaml's true/false (a bare on/off reads as a boolean) as "on"/"off"; anything else as is."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 def _target(raw: Any) -> TargetSpec:

@@ -49,3 +49,19 @@ def test_bundle_runs_on_onnxruntime_like_the_torch_reference(zoo_build):
     ref = Cascade(open_backend(bundle, "torch"), bundle.stage_ios, thresholds).run_batched(x, 64)
     assert np.mean(ort.exit == ref.exit) >= 0.99 and np.mean(ort.pred == ref.pred) >= 0.99
     assert float(np.mean(ort.pred == y)) == pytest.approx(report["cascade_accuracy"])
+
+
+def test_the_fused_graph_agrees_with_the_stages_and_parses_on_tensorrt(zoo_build):
+    from edgeexit.export.trt_ops import if_output_types, unsupported
+    from edgeexit.runtime.fused import FusedCascade
+
+    name, bundle, report = zoo_build
+    for check in bundle.manifest["fused"]["agreement"].values():  # the build's check, at thresholds and full depth
+        assert check["samples"] == report["samples"] and check["exit_differs"] == check["pred_differs"] == 0, name
+    x, _ = split_inputs(bundle, "test")  # and again here, from the bundle's files
+    thresholds = bundle.manifest["gating"]["thresholds"]
+    staged = Cascade(open_backend(bundle, "onnxruntime"), bundle.stage_ios, thresholds).run_batched(x, 1)
+    fused = FusedCascade(bundle.fused_path, bundle.input["name"], thresholds, len(bundle.stage_ios))(x)
+    assert (fused.exit == staged.exit).all() and (fused.pred == staged.pred).all(), name
+    for version in ("8.5.2.2", "10.3.0.26"):
+        assert unsupported(bundle.fused_path, version) == [] and if_output_types(bundle.fused_path, version) == [], name

@@ -74,6 +74,36 @@ def unsupported(model_or_path, version: str) -> list[tuple[str, str]]:
     return [(name, op) for name, op in _nodes(model.graph) if op not in known]
 
 
+# Element types an If may hand out of its branches (onnx-tensorrt's operators.md, If): FP32,
+# FP16, INT32 and BOOL on 8.5; INT64 and BF16 too from 10.x.
+_IF_TYPES = {"8.5": frozenset({"FLOAT", "FLOAT16", "INT32", "BOOL"})}
+_IF_TYPES["10"] = _IF_TYPES["8.5"] | {"INT64", "BFLOAT16"}
+
+
+def if_output_types(model_or_path, version: str) -> list[tuple[str, str]]:
+    """(node, "output NAME is TYPE") for every `If` branch output of a type TensorRT `version`
+    cannot carry out of a conditional, nested Ifs included; [] when all can."""
+    import onnx
+
+    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else \
+        onnx.load(str(Path(model_or_path)), load_external_data=False)
+    allowed, out = _IF_TYPES[_release(version)], []
+
+    def visit(graph, where: str) -> None:
+        for node in graph.node:
+            name = f"{where}{node.name or node.op_type}"
+            for attr, sub in _subgraphs(node):
+                if node.op_type == "If":
+                    for value in sub.output:
+                        kind = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type)
+                        if kind not in allowed:
+                            out.append((f"{name}/{attr}", f"output {value.name} is {kind}"))
+                visit(sub, f"{name}/{attr}/")
+
+    visit(model.graph, "")
+    return out
+
+
 def decompose_hardswish(model) -> int:
     """Rewrite every HardSwish node (MobileNetV3's activation; TensorRT 8.5's parser has no
     importer for it) as x * HardSigmoid(x, alpha=1/6, beta=0.5), ONNX's own definition of

@@ -123,6 +123,11 @@ class Cascade:
         self.policy, self.deadline = policy, deadline
         self.predict = None if predict is None else functools.lru_cache(maxsize=None)(predict)  # per call: cheap
 
+    @property
+    def name(self) -> str:
+        """What runs the stages (the backend's name), for reports."""
+        return self.backend.name
+
     def __call__(self, x: np.ndarray, collect: bool = False) -> CascadeResult:
         """Run the cascade on a normalised batch `x`; `collect` also keeps every exit's conf/pred."""
         with self.backend.scope():

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 from calibration.policy import ExitPolicy
 from edgeexit.bundle import Bundle
 from edgeexit.errors import EdgeExitError
 from edgeexit.runtime.backend import Backend
+from edgeexit.runtime.cascade import Cascade
 from edgeexit.spec import BACKBONE_LIBRARIES, BACKENDS
 
 
@@ -176,3 +178,24 @@ def _torch_cuda(bundle: Bundle, modules, ios, device: str | None) -> Backend:
     from edgeexit.runtime.torch_cuda_backend import TorchCudaBackend
 
     return TorchCudaBackend(modules, ios, device or "cuda", max_batch(bundle), input_shape=bundle.input["shape"][1:])
+
+
+def open_cascade(bundle: Bundle, backend: Backend, thresholds, policy: ExitPolicy | None = None,
+                 deadline: float | None = None, predict=None, batch: int = 1) -> tuple[Any, str | None]:
+    """The gated cascade `run` uses for calls of `batch` inputs: the bundle's fused cascade graph
+    where its build found that it agrees with the stages and pays (batch 1, onnxruntime, gated by
+    thresholds, no deadline), else the staged loop on `backend`; with one line saying why not
+    when the bundle has a fused graph that this call cannot use."""
+    staged = Cascade(backend, bundle.stage_ios, thresholds, policy, deadline, predict)
+    fused = bundle.manifest.get("fused")
+    if fused is None or batch != 1:
+        return staged, None
+    why = ("its build found it " + fused["why"] if not fused["use_at_batch_1"] else
+           "--deadline-ms: a graph cannot stop between its stages on a clock" if deadline is not None else
+           "the bundle gates on an exit policy, not on thresholds" if policy is not None else
+           f"the {backend.name} backend runs the stage graphs" if backend.name != "onnxruntime" else None)
+    if why:
+        return staged, f"fused cascade graph not used ({why}): the staged loop runs"
+    from edgeexit.runtime.fused import FusedCascade
+
+    return FusedCascade(bundle.read(bundle.fused_path), bundle.input["name"], thresholds, len(bundle.stage_ios)), None
