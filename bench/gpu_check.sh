@@ -5,7 +5,8 @@
 #   2. the GPU tests: torch-cuda with CUDA graphs vs the CPU reference, pycuda's buffers and
 #      gather kernel vs torch, and every simulator test of the TensorRT backend;
 #   3. bench/cascade_overhead.py --backend torch-cuda (batch 1 and 32, graphs and eager, and the
-#      trained example at its thresholds), rows into $OUT/cascade_overhead.json.
+#      trained example at its thresholds: the staged loop, the decisions on the device
+#      (edgeexit.runtime.device_cascade) and the monolithic graph), rows into $OUT/cascade_overhead.json.
 # Logs go to $OUT; the table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."

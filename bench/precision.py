@@ -8,7 +8,8 @@ split, each stage on the real tensors the fp32 stages before it carry), then pri
 - accuracy: per graph, the share of test samples whose int8 / fp16 `pred` equals fp32's
   (each stage fed the fp32 carry), and test accuracy per precision; the cascade row runs
   the bundle's thresholds with every stage in that precision;
-- latency: int8/fp32 and fp16/fp32 per graph and for the gated cascade, at batch 1
+- latency: int8/fp32 and fp16/fp32 per graph, for the gated cascade, and for the fused cascade
+  graph (`edgeexit.export.fused`, composed from each precision's stages) at batch 1
   (mean per sample over the test split) and at batch `--batch` (per sample), every
   precision timed interleaved in this one run (`edgeexit.profile.per_sample_latency`).
   `int8` runs with `make_session` (which disables the optimizer int8 graphs suffer from),
@@ -36,10 +37,12 @@ import onnxruntime as ort
 from edgeexit.bundle import load_bundle
 from edgeexit.build import build
 from edgeexit.data import load_dataset, normalize
+from edgeexit.export.fused import write_fused
 from edgeexit.export.precision import carried_feeds
 from edgeexit.export.quantize import CALIBRATORS, compare_precision, convert_fp16, quantize_int8
 from edgeexit.profile import per_sample_latency
 from edgeexit.runtime.cascade import Cascade
+from edgeexit.runtime.fused import FusedCascade
 from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend, make_session
 from edgeexit.spec import load_spec
 
@@ -98,11 +101,16 @@ def main(argv=None) -> int:
         sessions = {name: {p: open_session[p](files[name][p], args.threads) for p in PRECISIONS}
                     for name, _, _ in graphs}
 
-        cascades = {}
+        cascades, fused = {}, {}
         for p in PRECISIONS:
             backend = OnnxRuntimeBackend(stage_paths, ios, args.threads)
             backend.sessions = [sessions[f"stage{io.index}"][p] for io in ios]
             cascades[p] = Cascade(backend, ios, bundle.thresholds)
+            graph = write_fused([files[f"stage{io.index}"][p] for io in ios], ios, len(bundle.classes),
+                                tmp / f"cascade.{p.replace(' ', '_')}.onnx")
+            fused[p] = FusedCascade(graph, bundle.input["name"], bundle.thresholds, len(ios), args.threads)
+            if p == "int8 dflt":  # as its stages: onnxruntime's default optimizers
+                fused[p].session = default_session(graph, args.threads)
 
         print(f"{bundle.name}: int8 ({args.method} calibration on {len(x_cal)} samples) and fp16 vs fp32, "
               f"{len(y_test)} test samples, onnxruntime {ort.__version__} CPU, {args.threads} thread(s)\n")
@@ -140,6 +148,10 @@ def main(argv=None) -> int:
                   f"{one['int8 dflt'] / one['fp32']:>9.2f} {one['fp16'] / one['fp32']:>6.2f}   "
                   f"{big['fp32'] / args.batch * 1e6:>11.2f} {big['int8'] / big['fp32']:>6.2f} "
                   f"{big['int8 dflt'] / big['fp32']:>9.2f} {big['fp16'] / big['fp32']:>6.2f}")
+        one = per_sample_latency(fused, x_test, rounds=args.rounds)
+        print(f"{'fused b1':<11} {one['fp32'] * 1e6:>10.1f} {one['int8'] / one['fp32']:>6.2f} "
+              f"{one['int8 dflt'] / one['fp32']:>9.2f} {one['fp16'] / one['fp32']:>6.2f}   (the fused cascade graph of "
+              "each precision's stages, one call per input; batch 1 only)")
         floor = call_overhead(tuple(bundle.input["shape"][1:]), args.threads, x_test)
         print(f"\nonnxruntime per-call floor (a one-node graph, batch 1): {floor * 1e6:.1f} us")
     return 0

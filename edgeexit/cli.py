@@ -12,6 +12,7 @@ import functools
 import os
 import sys
 import tokenize
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -279,13 +280,15 @@ def _cmd_run(args) -> int:
     classes = bundle.classes
     counts = np.zeros(len(bundle.stage_ios), dtype=np.int64)
     cut = 0
-    with open_backend(bundle, args.backend, args.device, trust_code=args.trust_code) as backend:
+    with open_backend(bundle, args.backend, args.device, trust_code=args.trust_code) as backend, ExitStack() as held:
         predict = None if deadline is None else stage_predictor(bundle.path, backend, None)
         if predict is not None and predict(0, 1) > deadline:  # nothing left before stage 0: its whole call
             print(f"warning: --deadline-ms {args.deadline_ms:g}: a call answered by exit 0 alone takes up to "
                   f"{predict(0, 1) * 1e3:.4g} ms on this machine (its profile's tail), and stage 0 always runs: some "
                   "answers will be late", file=sys.stderr)
         cascade, note = open_cascade(bundle, backend, thresholds, policy, deadline, predict, batch)
+        if hasattr(cascade, "close"):  # a fused TensorRT plan holds device memory of its own
+            held.callback(cascade.close)
         if note:
             print(note, file=sys.stderr)
         _check_inputs(x, mapped, args, bundle, batch)  # after every refusal of the bundle, before any result

@@ -266,4 +266,6 @@ def path_fields(m: dict[str, Any]) -> list[tuple[str, str, bool]]:
         out += [(f"engines.{key}.stages[{k}]", rel, True) for k, rel in enumerate(entry["stages"])]
         if entry.get("metadata") is not None:
             out.append((f"engines.{key}.metadata", entry["metadata"], True))
+        if entry.get("fused") is not None:
+            out.append((f"engines.{key}.fused", entry["fused"], True))
     return out

@@ -259,3 +259,51 @@ def test_profiler_and_traces_run_on_the_static_backend(bundle, data, reference):
     want = trace(ort, bundle.stage_ios, data, 64)
     np.testing.assert_array_equal(every.exit_pred, want.exit_pred)
     np.testing.assert_allclose(every.exit_conf, want.exit_conf, atol=1e-5)
+
+
+# --- the cascade decided on the device -----------------------------------------------------------
+
+
+def device_cascade(bundle, thresholds, device="cpu", **kwargs):
+    from edgeexit.runtime.device_cascade import DeviceCascade
+    from edgeexit.runtime.loader import torch_stages
+
+    return DeviceCascade(torch_stages(bundle), bundle.stage_ios, thresholds, device,
+                         input_shape=bundle.input["shape"][1:], **kwargs)
+
+
+@pytest.mark.parametrize("chunk", [64, 37, 1])
+def test_decisions_on_the_device_give_the_staged_cascades_exits_and_classes(bundle, data, reference, chunk):
+    """Every row runs every stage in one pass; the exit chosen on the device per row is the
+    staged loop's, and so are its class, confidence and logits (the CPU dry run of the GPU path)."""
+    ort, thresholds = reference
+    want = Cascade(ort, bundle.stage_ios, thresholds).run_batched(data, chunk, collect=True)
+    cascade = device_cascade(bundle, thresholds)
+    got = cascade.run_batched(data, chunk, collect=True)
+    np.testing.assert_array_equal(got.exit, want.exit)
+    np.testing.assert_array_equal(got.pred, want.pred)
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got.exit_conf, np.nan_to_num(want.exit_conf, nan=got.exit_conf), atol=1e-5)
+    assert got.stage_samples.tolist() == [len(data)] * len(bundle.stage_ios)  # no compaction: every row, every stage
+    cascade.set_thresholds([-1.0, 2.0, None])  # read at every call: no new capture needed
+    assert (cascade(data[:chunk]).exit == 0).all()
+
+
+@needs_cuda
+def test_decisions_on_the_device_with_cuda_graphs_match_the_cpu_reference(bundle, data, reference, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    ort, thresholds = reference
+    want = Cascade(ort, bundle.stage_ios, thresholds).run_batched(data, 32)
+    cascade = device_cascade(bundle, thresholds, "cuda", max_batch=32)
+    for _ in range(4):  # plain, plain + capture, replays
+        got = cascade.run_batched(data, 32)
+        np.testing.assert_array_equal(got.exit, want.exit)
+        np.testing.assert_array_equal(got.pred, want.pred)
+    assert cascade._replay  # captured
+    cascade.set_thresholds([NEVER_LEAVE, NEVER_LEAVE, None])
+    assert (cascade.run_batched(data, 32).exit == len(bundle.stage_ios) - 1).all()  # the graph reads the new values
+    cascade.close()
+
+
+NEVER_LEAVE = 2.0  # above any softmax confidence

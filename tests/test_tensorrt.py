@@ -419,18 +419,20 @@ def test_the_engine_cache_reuses_a_plan_only_for_the_same_module_l4t_tensorrt_gr
         trt.Builder = builder
         return trt
 
+    per_set = 4  # three stage plans and the fused cascade plan
     counted("10.3")
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
     build_engines(bundle, DEVICE, cache=cache, progress=False)
-    assert len(builds) == 3 and len(list(cache.iterdir())) == 3
+    assert len(builds) == per_set and len(list(cache.iterdir())) == per_set
     key = f"{DEVICE}-trt10.3"
     first = {rel: load_bundle(bundle).manifest["files"][rel] for rel in load_bundle(bundle).manifest["engines"][key]["stages"]}
 
     counted("10.3")  # another bundle with the same graphs: nothing is built
     build_engines(copy, DEVICE, cache=cache)
-    assert len(builds) == 3
-    assert "(0 built, 3 from the cache)" in capsys.readouterr().err
+    assert len(builds) == per_set
+    err = capsys.readouterr().err
+    assert "(0 built, 3 from the cache)" in err and "fused cascade graph (stages/cascade.onnx, fp32) from the engine" in err
     reused = load_bundle(copy).manifest
     assert {rel: reused["files"][rel] for rel in reused["engines"][key]["stages"]} == first
     meta = json.loads((copy / reused["engines"][key]["metadata"]).read_text())
@@ -438,22 +440,22 @@ def test_the_engine_cache_reuses_a_plan_only_for_the_same_module_l4t_tensorrt_gr
 
     counted("10.3")  # a different precision, optimization level or module each misses
     build_engines(copy, DEVICE, cache=cache, progress=False, optimization_level=2)
-    assert len(builds) == 6
+    assert len(builds) == 2 * per_set
     monkeypatch.setenv("EDGEEXIT_BOARD_ROOT", str(_board(tmp_path / "nx", "NVIDIA Jetson Orin NX", "36")))
     counted("10.3")
     build_engines(copy, DEVICE, cache=cache, progress=False)
-    assert len(builds) == 9
+    assert len(builds) == 3 * per_set
     counted("8.6")  # another TensorRT
     build_engines(copy, DEVICE, cache=cache, progress=False)
-    assert len(builds) == 12
+    assert len(builds) == 4 * per_set
 
     damaged = [e for e in cache.iterdir() if (f := json.loads((e / "entry.json").read_text())["fields"])["tensorrt"]
                == "10.3.0.26" and f["module"] == "NVIDIA Jetson Orin NX" and f["optimization_level"] is None]
-    assert len(damaged) == 3
+    assert len(damaged) == per_set
     (damaged[1] / "stage.plan").write_bytes(b"garbage")  # a damaged plan is not trusted: that stage is rebuilt
     counted("10.3")
     build_engines(copy, DEVICE, cache=cache, progress=False)
-    assert len(builds) == 13 and not [p for p in cache.iterdir() if p.name.startswith(".")]
+    assert len(builds) == 4 * per_set + 1 and not [p for p in cache.iterdir() if p.name.startswith(".")]
     assert load_bundle(copy).manifest["engines"][key]
 
 
@@ -1062,3 +1064,63 @@ def test_gather_kernel_compiles_for_the_jetson_gpus(tmp_path, arch):
                    check=True, capture_output=True)
     symbols = cubin.read_bytes()
     assert b"gather_rows_u32" in symbols and b"gather_rows_u8" in symbols
+
+
+@pytest.mark.parametrize("version_key", ["8.5", "10.3"])
+def test_the_fused_cascade_plan_is_built_beside_the_stages_and_runs_on_the_simulator(bundle, use_trt, monkeypatch,
+                                                                                      version_key, capsys):
+    """`edgeexit engines` builds the fused cascade graph as one static batch-1 plan (If branches
+    and all), and `FusedTensorRT` runs it with the version's execution API: per input, the exit
+    and class the staged onnxruntime cascade gives, from one enqueue and one read-back."""
+    from edgeexit.export.tensorrt import FUSED_PLAN, build_engines
+    from edgeexit.runtime.tensorrt_backend import FusedTensorRT
+
+    use_trt(version_key)
+    build_engines(bundle, DEVICE)
+    assert "fused cascade graph (stages/cascade.onnx, fp32, batch 1) building" in capsys.readouterr().err
+    b, x = digits_batch(bundle)
+    key, entry = next(iter(b.manifest["engines"].items()))
+    assert entry["fused"] == f"engines/{key}/{FUSED_PLAN}" and entry["fused"] in b.manifest["files"]
+    meta = json.loads((bundle / entry["metadata"]).read_text())
+    assert meta["fused"]["profiles"]["inputs"] == {} and meta["fused_refused"] is None  # static: no profile
+    thresholds, staged = reference_cascade(b, x[:40])
+    gpu_sim(monkeypatch, compile_ok=False)
+    with FusedTensorRT(bundle / entry["fused"], b.input["name"], thresholds, 3, read=b.read) as fused:
+        SIM.to_host_bytes = 0
+        got = fused(x[:40])
+        assert SIM.to_host_bytes == 40 * (10 * 4 + 4 + 4 + 4)  # per input: logits, conf, pred and exit, nothing else
+    np.testing.assert_array_equal(got.exit, staged.exit)
+    np.testing.assert_array_equal(got.pred, staged.pred)
+    np.testing.assert_allclose(got.logits, staged.logits, rtol=1e-6, atol=1e-6)
+
+
+def test_a_target_that_cannot_take_the_fused_graph_keeps_the_per_stage_plans_and_says_why(bundle, use_trt, capsys):
+    from edgeexit.bundle import load_bundle
+    from edgeexit.export.tensorrt import build_engines
+
+    use_trt("10.3", dla_cores=2)
+    build_engines(bundle, DEVICE, precision="fp16", dla_core=0)
+    assert "fused cascade graph not built (DLA runs no conditionals (If)): the per-stage plans run" in \
+        capsys.readouterr().err
+    entry = next(iter(load_bundle(bundle).manifest["engines"].values()))
+    assert entry["fused"] is None and len(entry["stages"]) == 3
+
+
+def test_run_picks_the_fused_plan_at_batch_1_on_tensorrt_and_the_stages_otherwise(engines_bundle, monkeypatch):
+    from edgeexit.runtime.cascade import Cascade
+    from edgeexit.runtime.loader import open_cascade
+    from edgeexit.runtime.tensorrt_backend import FusedTensorRT, TensorRTBackend
+
+    b, x = digits_batch(engines_bundle)
+    thresholds, want = reference_cascade(b, x[:8])
+    gpu_sim(monkeypatch, compile_ok=False)
+    with TensorRTBackend.from_bundle(b, gather="memcpy") as backend:
+        one, note = open_cascade(b, backend, thresholds)
+        assert isinstance(one, FusedTensorRT) and note is None
+        with one:
+            got = one(x[:8])
+        assert (got.exit == want.exit).all() and (got.pred == want.pred).all()
+        many, note = open_cascade(b, backend, thresholds, batch=8)
+        assert isinstance(many, Cascade) and note is None
+        timed, note = open_cascade(b, backend, thresholds, deadline=1.0, predict=lambda k, n: 0.0)
+        assert isinstance(timed, Cascade) and "cannot stop between its stages on a clock" in note

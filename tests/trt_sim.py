@@ -421,6 +421,8 @@ class _Engine(_Strict):
             self._types[v.name] = "INT32" if (t == "INT64" and plan["int64_as_int32"]) else t
             self._static[v.name] = tuple(d if isinstance(d, int) else -1 for d in v.shape)
         self._live = weakref.WeakSet()  # contexts alive now (a context dies when the backend drops it)
+        if not self._profiles:  # a static network: TensorRT's implicit profile 0 ("always at least 1")
+            self._profiles = [{n: [self._static[n]] * 3 for n in self._in}]
 
     @property
     def _trt8(self):
@@ -563,11 +565,19 @@ class _Context(_Strict):
             self._shapes[name] = shape
         return ok
 
+    def _input_shape(self, name):
+        """The shape set for an input, or its static shape (which needs no setting), or None."""
+        static = self._engine._static[name]
+        return self._shapes.get(name, static if all(d >= 0 for d in static) else None)
+
     def get_tensor_shape(self, name):
         if name in self._engine._in:
-            return self._shapes[name]
+            return self._input_shape(name)
+        static = self._engine._static[name]
+        if all(d >= 0 for d in static):
+            return static
         batch = next(iter(self._shapes.values()))[0]
-        return tuple(batch if d < 0 else d for d in self._engine._static[name])
+        return tuple(batch if d < 0 else d for d in static)
 
     def set_tensor_address(self, name, ptr):
         if name not in self._engine._in and name not in self._engine._out:
@@ -611,13 +621,13 @@ class _Context(_Strict):
         if SIM.last_error:  # a CUDA error left set (e.g. by a failed capture) fails the next enqueue
             self._engine._log_error(f"CUDA error {SIM.last_error} before enqueue")
             return False
-        if set(self._shapes) != set(self._engine._in) or any(not addresses.get(n) for n in
-                                                                 (*self._engine._in, *self._engine._out)):
+        if any(self._input_shape(n) is None for n in self._engine._in) or any(
+                not addresses.get(n) for n in (*self._engine._in, *self._engine._out)):
             self._engine._log_error("enqueue: not every input shape and tensor address is set")
             return False
         if SIM.fail_enqueue and SIM.fail_enqueue.pop(0):
             return False
-        shapes = dict(self._shapes)
+        shapes = {n: self._input_shape(n) for n in self._engine._in}
         work = lambda: self._compute(addresses, shapes)  # noqa: E731
         if SIM.capturing is not None:
             SIM.capturing.append(work)

@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from edgeexit.errors import EdgeExitError
 from edgeexit.jsonio import dumps
@@ -302,11 +302,14 @@ def _parser_error_text(parser, onnx_path: Path, facts: GraphFacts | None) -> str
 
 
 def _input_rows(network, input_shapes: dict[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
-    """The non-batch dims of every network input."""
+    """The non-batch dims of every network input with a dynamic dimension (a static input,
+    such as the fused cascade graph's, needs no optimization profile)."""
     rows = {}
     for i in range(int(network.num_inputs)):
         tensor = network.get_input(i)
         name = tensor.name
+        if name not in input_shapes and all(int(d) > 0 for d in tuple(tensor.shape)):
+            continue
         if name in input_shapes:
             rows[name] = tuple(int(d) for d in input_shapes[name])
         else:
@@ -454,7 +457,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch: Sequenc
     cache = _attach_timing_cache(config, cache_path)
 
     rows = _input_rows(network, input_shapes)
-    for lo, mid, hi in batches:
+    for lo, mid, hi in batches if rows else ():  # a static network takes no profile
         profile = builder.create_optimization_profile()
         for name, rest in rows.items():
             profile.set_shape(name, (lo, *rest), (mid, *rest), (hi, *rest))
@@ -593,6 +596,36 @@ def _check_placement(metas: Sequence[dict[str, Any]], dla_core: int, progress: b
             + ("; runs wholly on the GPU (CUDA graphs kept)" if not dla else ""), progress)
 
 
+FUSED_PLAN = "cascade.plan"
+
+
+def _fused_engine(bundle, plan: EnginePlan, build: Callable[[str], dict[str, Any]],
+                  progress: bool) -> tuple[dict[str, Any] | None, str | None]:
+    """A plan of the bundle's fused cascade graph (batch 1, all of it static; `build(precision)`
+    makes it) beside the per-stage plans, or (None, why) where this target cannot take it: DLA
+    runs no conditionals, and this TensorRT's parser must know every operator (inside the If
+    branches too) and the element type of every If output. The per-stage plans are what runs
+    then; one line says so."""
+    from edgeexit.export.trt_ops import if_output_types, unsupported
+
+    if bundle.fused_path is None:
+        return None, None
+    version = _require_trt().__version__
+    if plan.dla_core is not None:
+        why = "DLA runs no conditionals (If)"
+    else:
+        problems = unsupported(bundle.fused_path, version) + if_output_types(bundle.fused_path, version)
+        why = f"TensorRT {version}'s parser cannot take it ({problems[0][1]} at {problems[0][0]})" if problems else None
+    if why is None:
+        precisions = set(plan.precisions)
+        try:
+            return build("int8" if "int8" in precisions else "fp16" if "fp16" in precisions else "fp32"), None
+        except EdgeExitError as exc:
+            why = str(exc)
+    say(f"engines: fused cascade graph not built ({why}): the per-stage plans run at batch 1 too", progress)
+    return None, why
+
+
 def build_engines(bundle_path: str | Path, device_name: str, *, precision: str | None = None,
                   progress: bool = True, dla_core: int | None = None,
                   optimization_level: int | None = None, cache: str | Path | None = None) -> Path:
@@ -650,37 +683,46 @@ def build_engines(bundle_path: str | Path, device_name: str, *, precision: str |
         total_start = time.perf_counter()
         store = EngineCache(cache) if cache is not None else None
         board = board_identity() if store is not None else {}
-        for stage, stage_precision, facts in zip(stages, plan.precisions, plan.facts):
-            k = stage["index"]
-            onnx_path = bundle_path / stage["onnx"]
-            plan_rel = f"{rel_dir}/stage{k}.plan"
+        def cached_build(onnx_rel: str, plan_rel: str, what: str, precision: str, batch_range, profiles: str,
+                         dla_core: int | None, input_shapes, graph_precision: str | None) -> dict[str, Any]:
+            """One plan: copied from the engine cache where it holds the same build, else built (and cached)."""
             fields = cache_fields(
-                onnx_sha256=bundle.manifest["files"][stage["onnx"]], tensorrt=str(trt.__version__), device=device.name,
-                precision=stage_precision, batch=batch, profiles=plan.profiles, workspace_mb=device.builder_workspace_mb,
-                dla_core=plan.dla_core, optimization_level=optimization_level, board=board)
+                onnx_sha256=bundle.manifest["files"][onnx_rel], tensorrt=str(trt.__version__), device=device.name,
+                precision=precision, batch=batch_range, profiles=profiles, workspace_mb=device.builder_workspace_mb,
+                dla_core=dla_core, optimization_level=optimization_level, board=board)
             hit = store.get(fields) if store is not None else None
             if hit is not None:
                 shutil.copyfile(hit[0], scratch / plan_rel)
-                meta = {**hit[1], "stage": k, "from_cache": EngineCache.key(fields)}
-                say(f"engines: stage {k + 1}/{len(stages)} ({stage['onnx']}, {stage_precision}) from the engine "
-                    f"cache ({store.root / EngineCache.key(fields)})", progress)
-            else:
-                say(f"engines: stage {k + 1}/{len(stages)} ({stage['onnx']}, {stage_precision}, {shown}) "
-                    "building ...", progress)
-                meta = build_engine(
-                    onnx_path, scratch / plan_rel, batch=batch, input_shapes=facts.input_shapes,
-                    precision=stage_precision, workspace_mb=device.builder_workspace_mb, profiles=plan.profiles,
-                    dla_core=plan.dla_core, timing_cache=out_dir / TIMING_CACHE,
-                    optimization_level=optimization_level, logger=logger, graph_precision=facts.precision)
-                meta["stage"], meta["from_cache"] = k, None
-                if store is not None:
-                    store.put(fields, scratch / plan_rel, meta)
-                say(f"engines: stage {k + 1}/{len(stages)} done in {meta['build_seconds']:.1f} s "
-                    f"({meta['plan_bytes'] / (1 << 20):.1f} MiB)", progress)
+                say(f"engines: {what} ({onnx_rel}, {precision}) from the engine cache "
+                    f"({store.root / EngineCache.key(fields)})", progress)
+                return {**hit[1], "from_cache": EngineCache.key(fields)}
+            say(f"engines: {what} ({onnx_rel}, {precision}, {shown if batch_range == batch else 'batch 1'}) "
+                "building ...", progress)
+            meta = build_engine(
+                bundle_path / onnx_rel, scratch / plan_rel, batch=batch_range, input_shapes=input_shapes,
+                precision=precision, workspace_mb=device.builder_workspace_mb, profiles=profiles, dla_core=dla_core,
+                timing_cache=out_dir / TIMING_CACHE, optimization_level=optimization_level, logger=logger,
+                graph_precision=graph_precision)
+            meta["from_cache"] = None
+            if store is not None:
+                store.put(fields, scratch / plan_rel, meta)
+            say(f"engines: {what} done in {meta['build_seconds']:.1f} s ({meta['plan_bytes'] / (1 << 20):.1f} MiB)",
+                progress)
+            return meta
+
+        for stage, stage_precision, facts in zip(stages, plan.precisions, plan.facts):
+            k = stage["index"]
+            plan_rel = f"{rel_dir}/stage{k}.plan"
+            meta = cached_build(stage["onnx"], plan_rel, f"stage {k + 1}/{len(stages)}", stage_precision, batch,
+                                plan.profiles, plan.dla_core, facts.input_shapes, facts.precision)
+            meta["stage"] = k
             plans.append(plan_rel)
             metas.append(meta)
         if plan.dla_core is not None:
             _check_placement(metas, plan.dla_core, progress)
+        fused, fused_why = _fused_engine(bundle, plan, lambda precision: cached_build(
+            bundle.manifest["fused"]["onnx"], f"{rel_dir}/{FUSED_PLAN}", "fused cascade graph", precision, (1, 1, 1),
+            "buckets", None, {}, None), progress)
         metadata = {
             "key": key,
             "device": device.name,
@@ -691,6 +733,8 @@ def build_engines(bundle_path: str | Path, device_name: str, *, precision: str |
             "dla_core": plan.dla_core,
             "build_seconds": round(time.perf_counter() - total_start, 3),
             "stages": metas,
+            "fused": fused,
+            "fused_refused": fused_why,
         }
         (out_dir / ENGINE_JSON).write_text(dumps(metadata) + "\n")
         entry = {
@@ -703,6 +747,7 @@ def build_engines(bundle_path: str | Path, device_name: str, *, precision: str |
             "dla_core": plan.dla_core,
             "dla_stages": ([m["stage"] for m in metas if m["placement"]["dla"]]
                            if plan.dla_core is not None else []),
+            "fused": None if fused is None else f"{rel_dir}/{FUSED_PLAN}",
         }
         built = {p.relative_to(scratch).as_posix(): p for p in sorted(out_dir.iterdir())}
         # a rebuild replaces the set for this device + version; other devices' sets are kept

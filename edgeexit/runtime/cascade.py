@@ -209,16 +209,18 @@ class Cascade:
 
     def run_batched(self, x: np.ndarray, batch: int, collect: bool = False) -> CascadeResult:
         """The cascade over `x` in chunks of `batch` (the engines' batch limit), merged in order."""
-        parts = [self(x[i:i + batch], collect) for i in range(0, len(x), batch)]
-        if len(parts) == 1:
-            return parts[0]
-        cat = lambda field: np.concatenate([getattr(p, field) for p in parts])  # noqa: E731
-        return CascadeResult(
-            cat("pred"), cat("logits"), cat("conf"), cat("exit"),
-            np.sum([p.stage_seconds for p in parts], axis=0), np.sum([p.stage_samples for p in parts], axis=0),
-            cat("exit_conf") if collect else None, cat("exit_pred") if collect else None,
-            cat("cut_off") if self.deadline is not None else None,
-        )
+        return concatenate([self(x[i:i + batch], collect) for i in range(0, len(x), batch)])
+
+
+def concatenate(parts: Sequence[CascadeResult]) -> CascadeResult:
+    """The results of consecutive chunks as one, in order (per-stage costs summed)."""
+    if len(parts) == 1:
+        return parts[0]
+    cat = lambda field: None if getattr(parts[0], field) is None else \
+        np.concatenate([getattr(p, field) for p in parts])  # noqa: E731
+    return CascadeResult(cat("pred"), cat("logits"), cat("conf"), cat("exit"),
+                         np.sum([p.stage_seconds for p in parts], axis=0), np.sum([p.stage_samples for p in parts], axis=0),
+                         cat("exit_conf"), cat("exit_pred"), cat("cut_off"))
 
 
 def full_depth(backend: Backend, ios: Sequence[StageIO]) -> Cascade:

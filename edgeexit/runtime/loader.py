@@ -182,20 +182,38 @@ def _torch_cuda(bundle: Bundle, modules, ios, device: str | None) -> Backend:
 
 def open_cascade(bundle: Bundle, backend: Backend, thresholds, policy: ExitPolicy | None = None,
                  deadline: float | None = None, predict=None, batch: int = 1) -> tuple[Any, str | None]:
-    """The gated cascade `run` uses for calls of `batch` inputs: the bundle's fused cascade graph
-    where its build found that it agrees with the stages and pays (batch 1, onnxruntime, gated by
-    thresholds, no deadline), else the staged loop on `backend`; with one line saying why not
-    when the bundle has a fused graph that this call cannot use."""
+    """The gated cascade `run` uses for calls of `batch` inputs: at batch 1, gated by thresholds
+    with no deadline, the bundle's fused cascade graph (on onnxruntime where its build found that
+    it agrees with the stages and pays; on TensorRT its fused plan wherever `edgeexit engines`
+    built one and the graph agrees: one enqueue and one wait instead of one per stage); else the
+    staged loop on `backend`. With one line saying why not, when the bundle has a fused graph."""
     staged = Cascade(backend, bundle.stage_ios, thresholds, policy, deadline, predict)
     fused = bundle.manifest.get("fused")
     if fused is None or batch != 1:
         return staged, None
-    why = ("its build found it " + fused["why"] if not fused["use_at_batch_1"] else
-           "--deadline-ms: a graph cannot stop between its stages on a clock" if deadline is not None else
-           "the bundle gates on an exit policy, not on thresholds" if policy is not None else
-           f"the {backend.name} backend runs the stage graphs" if backend.name != "onnxruntime" else None)
+    plan = None
+    if deadline is not None:
+        why = "--deadline-ms: a graph cannot stop between its stages on a clock"
+    elif policy is not None:
+        why = "the bundle gates on an exit policy, not on thresholds"
+    elif backend.name == "tensorrt":
+        from edgeexit.runtime.tensorrt_backend import select_engines
+
+        plan = select_engines(bundle)[1].get("fused")
+        agrees = all(not c["exit_differs"] and not c["pred_differs"] for c in fused["agreement"].values())
+        why = (None if agrees and plan else "its build found it " + fused["why"] if not agrees
+               else "`edgeexit engines` built no fused plan for this engine set")
+    elif backend.name == "onnxruntime":
+        why = None if fused["use_at_batch_1"] else "its build found it " + fused["why"]
+    else:
+        why = f"the {backend.name} backend runs the stage graphs"
     if why:
         return staged, f"fused cascade graph not used ({why}): the staged loop runs"
+    k = len(bundle.stage_ios)
+    if plan:
+        from edgeexit.runtime.tensorrt_backend import FusedTensorRT
+
+        return FusedTensorRT(bundle.path / plan, bundle.input["name"], thresholds, k, read=bundle.read), None
     from edgeexit.runtime.fused import FusedCascade
 
-    return FusedCascade(bundle.read(bundle.fused_path), bundle.input["name"], thresholds, len(bundle.stage_ios)), None
+    return FusedCascade(bundle.read(bundle.fused_path), bundle.input["name"], thresholds, k), None

@@ -560,3 +560,109 @@ class TensorRTBackend(StaticBackend):
             getattr(self, "_scratch", {}).clear()
             self._activations = None
             self.stages = []
+
+
+class FusedTensorRT:
+    """The fused cascade plan (`edgeexit.export.fused`, built by `edgeexit engines` beside the
+    per-stage plans) at per-exit thresholds: one enqueue and one read-back per input, the exit
+    decided inside the engine (`IIfConditional`). Every tensor is static (batch 1), so its
+    buffers are bound once and the thresholds uploaded once. Same interface as `Cascade`;
+    `stage_seconds` counts each input's whole call at the exit it took."""
+
+    name = "tensorrt (fused cascade plan)"  # what `run` reports as its backend
+
+    def __init__(self, plan_path: str | Path, input_name: str, thresholds: Sequence[float | None], stages: int, *,
+                 device: int = 0, api: str = "auto", logger=None, read: Callable[[Path], bytes] = Path.read_bytes):
+        from edgeexit.export.fused import OUTPUTS, THRESHOLDS
+        from edgeexit.export.tensorrt import MIN_VERSION, make_logger, parse_version
+        from edgeexit.runtime.cascade import gate_thresholds
+
+        trt, cuda = _imports()
+        version = parse_version(trt.__version__)
+        if version[:2] < MIN_VERSION:
+            raise EdgeExitError(f"backend tensorrt: TensorRT {trt.__version__} is older than "
+                                f"{MIN_VERSION[0]}.{MIN_VERSION[1]}; use the onnxruntime backend")
+        self.cuda, self.stages, self.input_name, self.outputs = cuda, stages, input_name, OUTPUTS
+        self.buffers: dict[str, DeviceBuffer] = {}
+        self.memory = None
+        cuda.init()
+        self._ctx = cuda.Device(device).retain_primary_context()
+        self._ctx.push()
+        try:
+            self.memory = PycudaMemory("memcpy")  # nothing to gather: no kernel to compile
+            self._logger = logger if logger is not None else make_logger(trt)
+            engine = trt.Runtime(self._logger).deserialize_cuda_engine(read(Path(plan_path)))
+            if engine is None:
+                raise EdgeExitError(f"backend tensorrt: cannot load {Path(plan_path).name}; rebuild with `edgeexit engines`")
+            self._api = choose_api(trt, version, api)(trt, engine)
+            missing = [n for n in (input_name, THRESHOLDS, *OUTPUTS) if n not in self._api.names]
+            if missing:
+                raise EdgeExitError(f"backend tensorrt: {Path(plan_path).name} lacks tensors {', '.join(missing)}")
+            self._context = engine.create_execution_context()
+            for name in self._api.names:
+                shape = self._api.shape(self._context, name, 0)
+                self.buffers[name] = self.memory.new_buffer(shape[0], shape[1:], numpy_dtype(self._api.dtype(name)))
+            self._bound = self._api.bind(self._context, {n: b.ptr for n, b in self.buffers.items()}, 0)
+            gates = np.asarray(gate_thresholds(thresholds, stages)[:-1], np.float32)
+            self.memory.write(self.buffers[THRESHOLDS], gates.astype(self.buffers[THRESHOLDS].dtype))
+        except BaseException:
+            cuda.Context.pop()
+            self.close()
+            raise
+        cuda.Context.pop()
+
+    def __call__(self, x: np.ndarray, collect: bool = False):
+        """The cascade on a normalised batch `x`, one engine call per input."""
+        import time
+
+        from edgeexit.runtime.cascade import CascadeResult
+
+        if collect:
+            raise EdgeExitError("fused cascade: it returns only the exit taken; every exit's confidence needs the "
+                                "staged engines")
+        n, image = len(x), self.buffers[self.input_name]
+        logits, conf, pred, exits = [], np.zeros(n, np.float32), np.zeros(n, np.int64), np.zeros(n, np.int64)
+        seconds = np.zeros(self.stages)
+        self._ctx.push()
+        try:
+            for i in range(n):
+                start = time.perf_counter()
+                self.memory.write(image, x[i:i + 1].astype(image.dtype, copy=False))
+                if not self._api.execute(self._context, self._bound, self.memory.stream.handle):
+                    raise EdgeExitError("backend tensorrt: the fused cascade plan failed to enqueue "
+                                        "(see the TensorRT messages above)")
+                out = self.memory.read([(self.buffers[name], 1) for name in self.outputs])
+                k = int(out[3].ravel()[0])
+                seconds[k] += time.perf_counter() - start
+                logits.append(out[0].astype(np.float32, copy=False))
+                conf[i], pred[i], exits[i] = out[1].ravel()[0], out[2].ravel()[0], k
+        finally:
+            self.cuda.Context.pop()
+        samples = np.array([np.count_nonzero(exits >= k) for k in range(self.stages)], np.int64)
+        return CascadeResult(pred, np.concatenate(logits), conf, exits, seconds, samples)
+
+    def run_batched(self, x: np.ndarray, batch: int, collect: bool = False):
+        """As `Cascade.run_batched`: the fused plan takes one input per call whatever `batch` is."""
+        return self(x, collect)
+
+    def close(self) -> None:
+        """Free the buffers and release the CUDA context (idempotent)."""
+        if self._ctx is None:
+            return
+        self._ctx.push()
+        try:
+            self._context = None
+            if self.memory is not None:
+                self.memory.free(list(self.buffers.values()))
+                self.memory.close()
+                self.memory = None
+            self.buffers.clear()
+        finally:
+            self.cuda.Context.pop()
+            self._ctx = None
+
+    def __enter__(self) -> "FusedTensorRT":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -99,18 +99,7 @@ class TorchCudaBackend(StaticBackend):
                 self.buffer(name, bucket, tuple(value.shape[1:]), self._row_spec(value)[1]).copy_(value)
 
     def _capture(self, key, fn: Callable[[], None]) -> Callable[[], None]:
-        """Capture `fn` on this backend's device and capture stream (thread-local mode, one
-        capture at a time in the process). A failed capture leaves the thread's current stream
-        as it was (torch's context would leave it on the capture stream)."""
-        graph = torch.cuda.CUDAGraph()
-        previous = torch.cuda.current_stream(self.device)
-        try:
-            with _CAPTURE, torch.cuda.device(self.device), torch.cuda.graph(
-                    graph, pool=self._pool, stream=self._capture_stream, capture_error_mode="thread_local"):
-                fn()
-        finally:
-            torch.cuda.set_stream(previous)
-        return graph.replay
+        return capture_graph(fn, self.device, self._pool, self._capture_stream)
 
     def _enter(self) -> None:
         """Make this backend's GPU the current one for the call (cuda:1 works as cuda:0 does)."""
@@ -137,6 +126,23 @@ class TorchCudaBackend(StaticBackend):
             self._scratch.clear()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def capture_graph(fn: Callable[[], None], device: torch.device, pool, stream: torch.cuda.Stream | None = None
+                  ) -> Callable[[], None]:
+    """Capture `fn` as a CUDA graph on `device` (in the memory pool `pool`, on `stream` or a new
+    one; thread-local mode, one capture at a time in the process); returns its replay. A failed
+    capture leaves the thread's current stream as it was (torch's context would leave it on the
+    capture stream)."""
+    graph = torch.cuda.CUDAGraph()
+    previous = torch.cuda.current_stream(device)
+    try:
+        with _CAPTURE, torch.cuda.device(device), torch.cuda.graph(
+                graph, pool=pool, stream=stream or torch.cuda.Stream(device), capture_error_mode="thread_local"):
+            fn()
+    finally:
+        torch.cuda.set_stream(previous)
+    return graph.replay
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
