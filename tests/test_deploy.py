@@ -81,7 +81,7 @@ def test_deploy_profiles_calibrates_on_the_device_and_a_second_deploy_uploads_no
     live = _live(local, dev)  # verified: every checksum, the engines included
     assert "jetson-orin-nano-8gb-trt10.3" in live.manifest["engines"]
     cache = [p for p in (dev.home / "engine-cache").iterdir() if (p / ENTRY).is_file()]
-    assert len(cache) == 3
+    assert len(cache) == 4  # three stage plans and the fused cascade plan
     key = "onnxruntime@NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super"
     entry = json.loads((local / "profile.json").read_text())["profiles"][key]
     assert set(entry["batches"]) == {"1", "8", "32"} and entry["machine"]["jetson"]["l4t"] == "36.4.3"
