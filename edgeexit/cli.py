@@ -468,12 +468,17 @@ def _cmd_inspect(args) -> int:
     mono = m.get("monolithic_cost") if isinstance(m.get("monolithic_cost"), dict) else {}
     flops = mono.get("flops")
     print(f"monolithic: {m['monolithic']}" + (f"  {flops / 1e6:.3f} MFLOPs" if isinstance(flops, (int, float)) else ""))
+    fused = m.get("fused")
+    if isinstance(fused, dict):
+        print(f"fused:   {fused['onnx']}, {'used' if fused['use_at_batch_1'] else 'not used'} for one input on "
+              f"onnxruntime ({_text(fused.get('why'))})")
     if m.get("weights"):
         print(f"weights: {m['weights']}" + ("" if bundle.has_weights else " (left out of this bundle: the torch "
                                               "backend is unavailable; onnxruntime and tensorrt do not need it)"))
     for key, entry in (m.get("engines") or {}).items():
-        print(f"engines: {key} ({len(entry['stages'])} plans, TensorRT {_text(entry.get('tensorrt', '?'))}, "
-              f"precision {_text(entry.get('precision'))}, DLA {_text(entry.get('dla_core'))})")
+        print(f"engines: {key} ({len(entry['stages'])} plans{' + the fused plan' if entry.get('fused') else ''}, "
+              f"TensorRT {_text(entry.get('tensorrt', '?'))}, precision {_text(entry.get('precision'))}, "
+              f"DLA {_text(entry.get('dla_core'))})")
     if not m.get("engines"):
         print("engines: none (build them on the device with `edgeexit engines BUNDLE`)")
     tc = m.get("toolchain") if isinstance(m.get("toolchain"), dict) else {}

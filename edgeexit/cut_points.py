@@ -108,11 +108,13 @@ def choose_cuts(backbone: nn.Module, count: int, cost: str, sample: torch.Tensor
                         f"feature map, fewer than {count}; ask for fewer exits or name the layers")
     chosen: list[CutPoint] = []
     for k in range(1, count + 1):
-        left = [s for s in shares if not chosen or s[0] > chosen[-1].share]
+        left = [s for s in shares if (not chosen or s[0] > chosen[-1].share)
+                and not any(_nested(s[2], c.module) for c in chosen)]  # a block and its stage: one leaf or the other
         left = left[:len(left) - (count - k)]  # leave enough later candidates for the exits still to place
         if not left:  # blocks of equal cumulative cost (a block that costs nothing) count once
             raise SpecError(f"model.exits_after: auto: {label} has fewer than {count} places of distinct cost where "
-                            "a cut carries only one feature map; ask for fewer exits or name the layers")
+                            "a cut carries only one feature map (a block and the stage holding it count once); ask "
+                            "for fewer exits or name the layers")
         target = k / (count + 1)
         nearest = min(abs(s[0] - target) for s in left)
         # the nearest clean cut, or one within SLACK of it that hands on a smaller feature map
@@ -123,6 +125,11 @@ def choose_cuts(backbone: nn.Module, count: int, cost: str, sample: torch.Tensor
 
 
 SLACK = 0.05  # share of the cost an auto cut may move from its target to carry less
+
+
+def _nested(a: str, b: str) -> bool:
+    """Whether module `a` contains module `b` or lies inside it (dotted names)."""
+    return a.startswith(b + ".") or b.startswith(a + ".")
 
 
 def _numel(node: fx.Node) -> int:

@@ -333,6 +333,22 @@ def test_auto_cut_points_are_blocks_whose_cut_carries_only_their_output():
         choose_cuts(net, 4, "flops", X, "skipnet")
 
 
+def test_auto_cuts_never_take_a_block_and_the_stage_holding_it():
+    """A cut after layer1.0 and one after layer1 cannot both be made (the stage is traced as one
+    leaf, or its blocks are): with as many exits as ResNet-18 has stages, one cut per stage."""
+    from edgeexit.cut_points import choose_cuts
+
+    try:
+        models = import_torchvision().models
+    except ImportError:
+        pytest.skip("torchvision is not installed (the README's test command installs it)")
+    net, x = models.resnet18(num_classes=5), torch.randn(1, 3, 64, 64)
+    chosen = [c.module for c in choose_cuts(net, 4, "flops", x, "resnet18")]
+    assert [name.split(".")[0] for name in chosen] == ["layer1", "layer2", "layer3", "layer4"], chosen
+    with pytest.raises(SpecError, match=r"fewer than 5 places .* \(a block and the stage holding it count once\)"):
+        choose_cuts(net, 5, "flops", x, "resnet18")
+
+
 @pytest.mark.parametrize("cost", ["flops", "measured"])
 def test_auto_exits_on_resnet18_are_spread_by_cost_and_carry_one_tensor(cost):
     from edgeexit.models import build_model

@@ -82,6 +82,7 @@ def test_inspect_text_and_json(example_build, capsys):
     assert main(["inspect", str(bundle.path)]) == 0
     text = capsys.readouterr().out
     assert "checksums verified" in text and "stages/stage2.onnx" in text
+    assert f"fused:   stages/cascade.onnx, {'used' if bundle.manifest['fused']['use_at_batch_1'] else 'not used'}" in text
 
 
 @pytest.mark.slow

@@ -53,6 +53,8 @@ def test_int8_bundle_runs_like_its_report(int8_build, digits_raw):
     x = normalize(digits_raw[0][:200], bundle.input["mean"], bundle.input["std"])
     result = Cascade(open_backend(bundle, "onnxruntime"), bundle.stage_ios, bundle.thresholds)(x)
     assert np.mean(result.pred == digits_raw[1][:200]) >= 0.95
+    for check in bundle.manifest["fused"]["agreement"].values():  # the fused graph of the Q/DQ stages agrees too
+        assert check["exit_differs"] == check["pred_differs"] == 0
 
 
 @pytest.mark.slow
@@ -67,6 +69,7 @@ def test_mixed_precision_per_stage(tmp_path):
     fp16 = onnx.load(str(bundle.path / bundle.manifest["stages"][2]["onnx"]))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
     assert report["precision"]["exits"][2]["agreement"] >= 0.95
+    assert bundle.manifest["fused"]["agreement"]["full_depth"]["exit_differs"] == 0  # fp32, int8 and fp16 stages fused
 
 
 def _ruin_calibration(monkeypatch):

@@ -10,7 +10,8 @@ taken, and TensorRT's ONNX parser turns each `If` into an `IIfConditional`.
   leaves, -inf always does.
 - The outputs are the exit taken's `logits` [1, C], `conf` [1], `pred` [1] and the `exit`
   index [1]; `pred` and `exit` are int32, the widest integer TensorRT 8.5 lets out of an `If`.
-- The stage graphs are composed as they are (already simplified and parity-checked), each
+- The graph is checked by onnx and simplified by onnxsim (the thresholds stay an input). The
+  stage graphs are composed as they are (already simplified and parity-checked), each
   stage's internal names prefixed `s<k>/`, and each stage's weights in the branch that runs it
   (onnxruntime pre-packs a subgraph's own initializers, not those it reads from outside).
 - The input's batch dimension is fixed at 1: the condition is one sample's decision.
@@ -23,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 import onnx
+import onnxsim
 from onnx import TensorProto, compose, helper, numpy_helper
 
 from edgeexit.errors import EdgeExitError
@@ -33,9 +35,15 @@ THRESHOLDS = "thresholds"
 OUTPUTS = ("logits", "conf", "pred", "exit")
 
 
-def _renamed(model: onnx.ModelProto, k: int) -> onnx.GraphProto:
+def _renamed(source: onnx.ModelProto, k: int) -> onnx.GraphProto:
     """Stage k's graph with its internal names prefixed (its inputs and outputs keep theirs,
     which the manifest names and which are unique across stages)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(source)
+    ends = {v.name for v in (*model.graph.input, *model.graph.output)}
+    kept = [v for v in model.graph.value_info if v.name not in ends]  # onnx would rename those too
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
     return compose.add_prefix(model, f"s{k}/", rename_inputs=False, rename_outputs=False).graph
 
 
@@ -78,7 +86,8 @@ def _decision(graphs: list[onnx.GraphProto], ios: Sequence[StageIO], k: int, cla
 
 
 def fuse(stages: Sequence[onnx.ModelProto], ios: Sequence[StageIO], classes: int) -> onnx.ModelProto:
-    """The fused cascade graph of a bundle's stage graphs (in stage order), checked by onnx."""
+    """The fused cascade graph of a bundle's stage graphs (in stage order), checked by onnx and
+    simplified by onnxsim."""
     if len(stages) != len(ios) or len(ios) < 2:
         raise EdgeExitError(f"fused cascade: needs the graphs of two or more stages, got {len(stages)}")
     graphs = [_renamed(m, k) for k, m in enumerate(stages)]
@@ -96,9 +105,12 @@ def fuse(stages: Sequence[onnx.ModelProto], ios: Sequence[StageIO], classes: int
                               producer_name="edgeexit", ir_version=stages[0].ir_version)
     try:
         onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise EdgeExitError(f"fused cascade: onnx refuses the composed graph: {str(exc).splitlines()[0]}") from None
-    return model
+        simplified, ok = onnxsim.simplify(model)
+    except Exception as exc:  # noqa: BLE001 - onnx's ValidationError, onnxsim's RuntimeError
+        raise EdgeExitError(f"fused cascade: the composed graph fails its checks: {str(exc).splitlines()[0]}") from None
+    if not ok or [i.name for i in simplified.graph.input] != [i.name for i in model.graph.input]:
+        raise EdgeExitError("fused cascade: onnxsim could not validate the simplified graph")
+    return simplified
 
 
 def write_fused(stage_paths: Sequence[Path], ios: Sequence[StageIO], classes: int, out: Path) -> Path:
