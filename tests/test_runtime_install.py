@@ -66,6 +66,13 @@ def test_runtime_commands_without_torch(runtime_venv, deployed):
     assert ran.returncode == 0, ran.stderr
     rows = json.loads(ran.stdout)["samples"]
     assert len(rows) == 20 and all(0 <= r["class"] < 10 for r in rows)
+    np.save(bundle.parent / "one.npy", np.load(bundle.parent / "images.npy")[:1])  # one input: the fused graph, if used
+    ran = _edgeexit(runtime_venv, "run", str(bundle), "--input", str(bundle.parent / "one.npy"), "--json")
+    assert ran.returncode == 0, ran.stderr
+    fused = json.loads((bundle / "manifest.json").read_text())["fused"]["use_at_batch_1"]
+    assert json.loads(ran.stdout)["backend"] == ("onnxruntime (fused cascade graph)" if fused else "onnxruntime")
+    one = json.loads(ran.stdout)["samples"][0]
+    assert (one["class"], one["exit"]) == (rows[0]["class"], rows[0]["exit"])
 
     prof = _edgeexit(runtime_venv, "profile", str(bundle), "--data", str(test), "--batch", "1", "--iters", "5",
                      "--warmup", "1", "--quiet")
