@@ -32,7 +32,8 @@ from edgeexit.bundle import Change, load_bundle, update_bundle
 from edgeexit.calibrate import calibrate, cheapest_call, full_depth_call, latency_source
 from edgeexit.plots import plot_exit_curves
 from edgeexit.profile import PROFILE, interleaved_calls, with_profiles
-from edgeexit.runtime.cascade import Cascade, full_depth
+from edgeexit.runtime.cascade import NEVER, Cascade, full_depth
+from edgeexit.runtime.fused import FusedCascade
 from edgeexit.runtime.loader import open_backend, open_monolithic
 from edgeexit.spec import load_spec
 from edgeexit.tracing import split_inputs
@@ -57,6 +58,10 @@ def bench_one(bundle, fraction: float, rounds: int) -> dict:
     runners = {"calibrated": Cascade(backend, bundle.stage_ios, record["thresholds"]),
                "full_depth": full_depth(backend, bundle.stage_ios),
                "monolithic": lambda s: mono.run(0, {mono_io.inputs[0]: s})}
+    if bundle.fused_path is not None:  # the fused cascade graph, one call per input: at full depth and calibrated
+        name = bundle.input["name"]
+        runners["fused_full_depth"] = FusedCascade(bundle.fused_path, name, [NEVER] * (k - 1) + [None], k, THREADS)
+        runners["fused_calibrated"] = FusedCascade(bundle.fused_path, name, record["thresholds"], k, THREADS)
     chunks = [x[i:i + 1] for i in range(len(x))]
     calls = interleaved_calls(runners, chunks, rounds * len(chunks), warmup=50)
     mean_ms = {name: float(np.median(s.reshape(rounds, -1).mean(axis=1))) * 1e3 for name, s in calls.items()}
