@@ -32,14 +32,15 @@ from torch import nn
 
 from edgeexit.errors import EdgeExitError
 from edgeexit.runtime.cascade import CascadeResult, concatenate, gate_thresholds
-from edgeexit.runtime.static import bucket_for, bucket_sizes
+from edgeexit.runtime.static import GraphCache, bucket_for, bucket_sizes
 from edgeexit.runtime.torch_cuda_backend import capture_graph
 from edgeexit.stage_io import StageIO
 
 
 class DeviceCascade:
     """The torch Stage modules as one graph per batch bucket with the exit decided on `device`;
-    `graphs` (CUDA only) captures each bucket after `warmup` plain runs. Same interface as
+    `graphs` (CUDA only) captures each bucket after `warmup` plain runs (`GraphCache`: a
+    capture that fails leaves that bucket running plainly). Same interface as
     `Cascade`. Every stage runs every row: `stage_samples` counts each row at each stage, and
     a call's time is not split between stages (it is counted at the last)."""
 
@@ -54,14 +55,13 @@ class DeviceCascade:
         self.stages = [s.to(self.device).eval() for s in stages]
         self.ios, self.sizes = list(ios), bucket_sizes(max_batch)
         self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
-        self.graphs, self.warmup = graphs and self.device.type == "cuda", warmup
+        enabled = graphs and self.device.type == "cuda"
+        self._pool = torch.cuda.graph_pool_handle() if enabled else None
+        self.graphs = GraphCache(lambda _bucket, fn: capture_graph(fn, self.device, self._pool), enabled, warmup)
         self._thresholds = torch.zeros(len(self.ios) - 1, device=self.device)
         self.set_thresholds(thresholds)
         self._inputs: dict[int, torch.Tensor] = {}
         self._outputs: dict[int, dict[str, torch.Tensor]] = {}
-        self._runs: dict[int, int] = {}
-        self._replay: dict[int, object] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
     def set_thresholds(self, thresholds: Sequence[float | None]) -> None:
         """New per-exit thresholds (the last exit's null), read by every later call, captured or not."""
@@ -90,17 +90,6 @@ class DeviceCascade:
             for key, value in values.items():
                 outputs[key].copy_(value)
 
-    def _run(self, bucket: int) -> None:
-        """The bucket's graph: plain runs first, then captured once and replayed."""
-        replay = self._replay.get(bucket)
-        if replay is not None:
-            replay()
-            return
-        self._decide(bucket)
-        self._runs[bucket] = self._runs.get(bucket, 0) + 1
-        if self.graphs and self._runs[bucket] >= self.warmup:
-            self._replay[bucket] = capture_graph(lambda: self._decide(bucket), self.device, self._pool)
-
     def __call__(self, x: np.ndarray, collect: bool = False) -> CascadeResult:
         """The cascade on a normalised batch `x` (at most the max batch), one wait for the device."""
         n = len(x)
@@ -114,7 +103,7 @@ class DeviceCascade:
             buffer = self._inputs[bucket] = torch.zeros((bucket, *shape), device=self.device)
         with torch.inference_mode():
             buffer[:n].copy_(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), non_blocking=True)
-        self._run(bucket)
+        self.graphs(bucket, lambda: self._decide(bucket))  # plain runs, then captured once and replayed
         keys = ("exit", "conf", "pred", "logits") + (("exit_conf", "exit_pred") if collect else ())
         out = {k: self._outputs[bucket][k][:n].to("cpu", non_blocking=self.device.type == "cuda", copy=True)
                for k in keys}  # copies: the next call overwrites the static outputs
@@ -134,6 +123,6 @@ class DeviceCascade:
         """Drop the graphs and buffers."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self._replay.clear()
+        self.graphs.clear()
         self._inputs.clear()
         self._outputs.clear()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -43,24 +43,33 @@ class FusedCascade:
 
     def __call__(self, x: np.ndarray, collect: bool = False) -> CascadeResult:
         """The cascade on a normalised batch `x`, one graph call per input."""
-        if collect:
-            raise EdgeExitError("fused cascade: it returns only the exit taken; every exit's confidence needs the "
-                                "staged graphs")
-        n = len(x)
-        if n == 0:
-            raise EdgeExitError("input: empty batch")
-        logits, conf, pred, exits = [], np.zeros(n, np.float32), np.zeros(n, np.int64), np.zeros(n, np.int64)
-        seconds = np.zeros(self.stages)
-        for i in range(n):
-            start = time.perf_counter()
-            out = self.session.run(OUTPUTS, {self.input_name: x[i:i + 1], THRESHOLDS: self.thresholds})
-            k = int(out[3][0])
-            seconds[k] += time.perf_counter() - start
-            logits.append(out[0])
-            conf[i], pred[i], exits[i] = out[1][0], out[2][0], k
-        samples = np.array([np.count_nonzero(exits >= k) for k in range(self.stages)], np.int64)
-        return CascadeResult(pred, np.concatenate(logits), conf, exits, seconds, samples)
+        feeds = {THRESHOLDS: self.thresholds}
+        return one_call_per_input(x, collect, self.stages,
+                                  lambda one: self.session.run(OUTPUTS, {**feeds, self.input_name: one}))
 
     def run_batched(self, x: np.ndarray, batch: int, collect: bool = False) -> CascadeResult:
         """As `Cascade.run_batched`: the fused graph takes one input per call whatever `batch` is."""
         return self(x, collect)
+
+
+def one_call_per_input(x: np.ndarray, collect: bool, stages: int,
+                       call: Callable[[np.ndarray], Sequence[np.ndarray]]) -> CascadeResult:
+    """A fused cascade's results on a normalised batch `x`: `call` runs one input ([1, ...]) and
+    returns its `OUTPUTS` (logits, conf, pred, exit); each call's time counts at the exit it took."""
+    if collect:
+        raise EdgeExitError("fused cascade: it returns only the exit taken; every exit's confidence needs the "
+                            "staged cascade")
+    n = len(x)
+    if n == 0:
+        raise EdgeExitError("input: empty batch")
+    logits, conf, pred, exits = [], np.zeros(n, np.float32), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    seconds = np.zeros(stages)
+    for i in range(n):
+        start = time.perf_counter()
+        out = call(x[i:i + 1])
+        k = int(np.ravel(out[3])[0])
+        seconds[k] += time.perf_counter() - start
+        logits.append(np.asarray(out[0], np.float32))
+        conf[i], pred[i], exits[i] = np.ravel(out[1])[0], np.ravel(out[2])[0], k
+    samples = np.array([np.count_nonzero(exits >= k) for k in range(stages)], np.int64)
+    return CascadeResult(pred, np.concatenate(logits), conf, exits, seconds, samples)

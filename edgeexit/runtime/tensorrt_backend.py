@@ -613,33 +613,22 @@ class FusedTensorRT:
 
     def __call__(self, x: np.ndarray, collect: bool = False):
         """The cascade on a normalised batch `x`, one engine call per input."""
-        import time
+        from edgeexit.runtime.fused import one_call_per_input
 
-        from edgeexit.runtime.cascade import CascadeResult
-
-        if collect:
-            raise EdgeExitError("fused cascade: it returns only the exit taken; every exit's confidence needs the "
-                                "staged engines")
-        n, image = len(x), self.buffers[self.input_name]
-        logits, conf, pred, exits = [], np.zeros(n, np.float32), np.zeros(n, np.int64), np.zeros(n, np.int64)
-        seconds = np.zeros(self.stages)
         self._ctx.push()
         try:
-            for i in range(n):
-                start = time.perf_counter()
-                self.memory.write(image, x[i:i + 1].astype(image.dtype, copy=False))
-                if not self._api.execute(self._context, self._bound, self.memory.stream.handle):
-                    raise EdgeExitError("backend tensorrt: the fused cascade plan failed to enqueue "
-                                        "(see the TensorRT messages above)")
-                out = self.memory.read([(self.buffers[name], 1) for name in self.outputs])
-                k = int(out[3].ravel()[0])
-                seconds[k] += time.perf_counter() - start
-                logits.append(out[0].astype(np.float32, copy=False))
-                conf[i], pred[i], exits[i] = out[1].ravel()[0], out[2].ravel()[0], k
+            return one_call_per_input(x, collect, self.stages, self._one)
         finally:
             self.cuda.Context.pop()
-        samples = np.array([np.count_nonzero(exits >= k) for k in range(self.stages)], np.int64)
-        return CascadeResult(pred, np.concatenate(logits), conf, exits, seconds, samples)
+
+    def _one(self, image: np.ndarray) -> list[np.ndarray]:
+        """One input through the plan: upload, enqueue, read back its outputs (one wait)."""
+        buffer = self.buffers[self.input_name]
+        self.memory.write(buffer, image.astype(buffer.dtype, copy=False))
+        if not self._api.execute(self._context, self._bound, self.memory.stream.handle):
+            raise EdgeExitError("backend tensorrt: the fused cascade plan failed to enqueue "
+                                "(see the TensorRT messages above)")
+        return self.memory.read([(self.buffers[name], 1) for name in self.outputs])
 
     def run_batched(self, x: np.ndarray, batch: int, collect: bool = False):
         """As `Cascade.run_batched`: the fused plan takes one input per call whatever `batch` is."""
