@@ -42,7 +42,11 @@ def test_the_build_composes_checks_and_records_the_fused_graph(example_build):
     inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     assert inputs == {"image": [1, 1, 8, 8], THRESHOLDS: [2]}  # one sample; the thresholds are data, not constants
     assert [o.name for o in model.graph.output] == list(OUTPUTS)
-    assert [n.op_type for n in model.graph.node].count("If") == 1  # nested: exit 0, else stage 1 and the next If
+    top = [n.op_type for n in model.graph.node]
+    assert top.count("If") == 1  # nested: exit 0, else stage 1 and the next If
+    assert "ArgMax" not in top  # exit 0's class index: computed only by the branch leaving there
+    leave = next(n for n in model.graph.node if n.op_type == "If").attribute
+    assert "ArgMax" in [n.op_type for a in leave if a.name == "then_branch" for n in a.g.node]
 
 
 @pytest.mark.parametrize("thresholds", [[0.95, 0.9, None], [0.5, 0.99, None], [NEVER, NEVER, None],

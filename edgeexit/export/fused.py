@@ -3,7 +3,10 @@
 Stage 0 runs; `If(conf_0 >= thresholds[0])` returns exit 0's outputs, else runs stage 1 and
 the next `If`, and so on; the last stage's branch returns its exit. One session call per input
 instead of one per stage (and no Python between stages): onnxruntime runs only the branch
-taken, and TensorRT's ONNX parser turns each `If` into an `IIfConditional`.
+taken, and TensorRT's ONNX parser turns each `If` into an `IIfConditional` (its one-element
+condition made a scalar). Before its decision a stage runs only what its confidence and
+carried tensors need; what only its other outputs need (the class index) runs in the branch
+leaving there.
 
 - The thresholds are a graph input (`thresholds`, float32 [K-1]: runtime data, never
   constants), so recalibrating or switching operating points needs no new graph; +inf never
@@ -61,27 +64,36 @@ def _outputs(names: Sequence[str], classes: int) -> list[onnx.ValueInfoProto]:
     return [helper.make_tensor_value_info(n, t, s) for n, t, s in zip(names, types, shapes)]
 
 
-def _decision(graphs: list[onnx.GraphProto], ios: Sequence[StageIO], k: int, classes: int,
-              out: Sequence[str]) -> list[onnx.NodeProto]:
-    """Nodes after stage k: leave at exit k when its confidence reaches thresholds[k], else
-    run the stages after it (recursively); the last exit takes everything left."""
+def _eager_and_lazy(graph: onnx.GraphProto, io: StageIO) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
+    """Stage `io.index`'s nodes split in two: those its confidence and carried tensors need,
+    which run before its decision, and those only its other exit outputs need (the class
+    index, say), which only the branch leaving there runs."""
+    needed, eager = {io.conf, *io.carry}, set()
+    for i in reversed(range(len(graph.node))):
+        if needed.intersection(graph.node[i].output):
+            eager.add(i)
+            needed.update(graph.node[i].input)
+    return ([n for i, n in enumerate(graph.node) if i in eager],
+            [n for i, n in enumerate(graph.node) if i not in eager])
+
+
+def _decision(graphs: list[onnx.GraphProto], parts: list[tuple[list, list]], ios: Sequence[StageIO], k: int,
+              classes: int, out: Sequence[str]) -> list[onnx.NodeProto]:
+    """Nodes after stage k's eager part: leave at exit k when its confidence (one element)
+    reaches thresholds[k], else run the stages after it (recursively); the last exit takes
+    everything left."""
     io = ios[k]
     if k == len(ios) - 1:
-        return _exit_nodes(io, out)
-    index = numpy_helper.from_array(np.array(k, np.int64), f"decide{k}_index")
-    cond = [helper.make_node("ReduceMax", [io.conf], [f"decide{k}_conf"], keepdims=0),
-            helper.make_node("Constant", [], [f"decide{k}_at"], value=index),
-            helper.make_node("Gather", [THRESHOLDS, f"decide{k}_at"], [f"decide{k}_threshold"], axis=0),
-            helper.make_node("GreaterOrEqual", [f"decide{k}_conf", f"decide{k}_threshold"], [f"decide{k}_leave"])]
-    deeper = [f"if{k + 1}_{o}" for o in OUTPUTS]
+        return parts[k][1] + _exit_nodes(io, out)
+    leave, deeper = [f"exit{k}_{o}" for o in OUTPUTS], [f"if{k + 1}_{o}" for o in OUTPUTS]
+    then_branch = helper.make_graph(parts[k][1] + _exit_nodes(io, leave), f"exit{k}", [], _outputs(leave, classes))
     rest = graphs[k + 1]
-    else_nodes = list(rest.node) + _decision(graphs, ios, k + 1, classes, deeper)
-    leave = [f"exit{k}_{o}" for o in OUTPUTS]
-    then_branch = helper.make_graph(_exit_nodes(io, leave), f"exit{k}", [], _outputs(leave, classes))
-    else_branch = helper.make_graph(else_nodes, f"after_exit{k}", [], _outputs(deeper, classes),
+    else_branch = helper.make_graph(parts[k + 1][0] + _decision(graphs, parts, ios, k + 1, classes, deeper),
+                                    f"after_exit{k}", [], _outputs(deeper, classes),
                                     initializer=list(rest.initializer), value_info=list(rest.value_info))
-    return cond + [helper.make_node("If", [f"decide{k}_leave"], list(out), name=f"exit{k}_or_deeper",
-                                    then_branch=then_branch, else_branch=else_branch)]
+    return [helper.make_node("GreaterOrEqual", [io.conf, f"{THRESHOLDS}_{k}"], [f"decide{k}_leave"]),
+            helper.make_node("If", [f"decide{k}_leave"], list(out), name=f"exit{k}_or_deeper",
+                             then_branch=then_branch, else_branch=else_branch)]
 
 
 def fuse(stages: Sequence[onnx.ModelProto], ios: Sequence[StageIO], classes: int) -> onnx.ModelProto:
@@ -96,7 +108,9 @@ def fuse(stages: Sequence[onnx.ModelProto], ios: Sequence[StageIO], classes: int
     image.type.tensor_type.shape.dim[0].Clear()
     image.type.tensor_type.shape.dim[0].dim_value = 1
     thresholds = helper.make_tensor_value_info(THRESHOLDS, TensorProto.FLOAT, [len(ios) - 1])
-    nodes = list(first.node) + _decision(graphs, ios, 0, classes, OUTPUTS)
+    parts = [_eager_and_lazy(g, io) for g, io in zip(graphs, ios)]
+    split = helper.make_node("Split", [THRESHOLDS], [f"{THRESHOLDS}_{k}" for k in range(len(ios) - 1)], axis=0)
+    nodes = [split] + parts[0][0] + _decision(graphs, parts, ios, 0, classes, OUTPUTS)
     graph = helper.make_graph(nodes, "edgeexit_cascade", [image, thresholds], _outputs(OUTPUTS, classes),
                               initializer=list(first.initializer), value_info=list(first.value_info))
     opset = max(op.version for m in stages for op in m.opset_import if op.domain in ("", "ai.onnx"))
