@@ -8,7 +8,8 @@ every sample runs every stage and every exit head, so the ratio is the price of 
 - `--backend onnxruntime` (default; CPU): batch 1, 1 thread and all threads; target <= 1.05.
   Also the fused cascade graph (`edgeexit.export.fused`: every stage and exit decision in one
   graph, one call per input) at full depth, targets <= 1.05 on digits and <= 1.02 at CIFAR
-  size; then the trained digits example (or `--bundle`) at its thresholds: the staged loop,
+  size, next to the floor any cascade graph has: every stage and exit head in one graph with
+  no decision at all (`heads only`: what the early exit heads cost by themselves); then the trained digits example (or `--bundle`) at its thresholds: the staged loop,
   the fused graph and the monolithic graph, interleaved.
 - `--backend torch-cuda` (an NVIDIA GPU): batch 1 and 32, with and without CUDA graphs (the
   monolithic baseline replayed as a graph too); target <= 1.10 with graphs. Then the shipped
@@ -30,10 +31,13 @@ import argparse
 import json
 import tempfile
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from onnx import compose
 
 from edgeexit.export.fused import write_fused
 from edgeexit.export.onnx import export_checked, export_stages
@@ -41,7 +45,7 @@ from edgeexit.models import build_model
 from edgeexit.profile import call_latency
 from edgeexit.runtime.cascade import NEVER, Cascade, full_depth
 from edgeexit.runtime.fused import FusedCascade
-from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend, make_session
 from edgeexit.spec import load_spec
 from edgeexit.stage_io import StageIO
 from edgeexit.staging import Monolithic, make_stages, stage_io
@@ -68,6 +72,20 @@ def staged(spec, samples: int):
     return model, stages, stage_io(stages, x, spec.input.name), mono_io, x
 
 
+def heads_only(paths: list[Path], ios: list[StageIO], out: Path) -> Path:
+    """Every stage graph chained into one graph with every exit's outputs and no decision: the
+    cost of the exit heads alone, without the fused graph's control flow."""
+    graphs = [onnx.load(str(p)) for p in paths]
+    for g in graphs:
+        del g.metadata_props[:]  # onnxsim's notes differ per stage; merge_models refuses that
+    merged = graphs[0]
+    for k, g in enumerate(graphs[1:], start=1):
+        merged = compose.merge_models(merged, compose.add_prefix(g, f"s{k}/", rename_inputs=False, rename_outputs=False),
+                                      io_map=[(n, n) for n in ios[k].inputs])
+    onnx.save(merged, str(out))
+    return out
+
+
 def onnxruntime_rows(rounds: int, samples: int) -> list[dict]:
     rows = []
     for label, spec in configs():
@@ -76,14 +94,20 @@ def onnxruntime_rows(rounds: int, samples: int) -> list[dict]:
             graphs = export_stages(stages, ios, x, Path(tmp) / "stages", 17, 1e-4)
             mono = export_checked(Monolithic(model, spec.gating.confidence), (x,), Path(tmp) / "mono.onnx", mono_io, 17, 1e-4)
             fused = write_fused([g.path for g in graphs], ios, len(spec.input.classes), Path(tmp) / "cascade.onnx")
+            flat = heads_only([g.path for g in graphs], ios, Path(tmp) / "heads_only.onnx")
             never = [NEVER] * (len(ios) - 1) + [None]
             for threads in (1, 0):
+                raw = {name: make_session(path, threads) for name, path in (("flat", flat), ("mono", mono.path))}
                 t = call_latency({"cascade": full_depth(OnnxRuntimeBackend([g.path for g in graphs], ios, threads), ios),
                                   "monolithic": full_depth(OnnxRuntimeBackend([mono.path], [mono_io], threads), [mono_io]),
-                                  "fused": FusedCascade(fused, spec.input.name, never, len(ios), threads)},
+                                  "fused": FusedCascade(fused, spec.input.name, never, len(ios), threads),
+                                  # both as bare session calls fetching every output (else onnxruntime skips the heads)
+                                  **{f"{name}_raw": partial(lambda a, s: s.run(None, {spec.input.name: a}), s=session)
+                                     for name, session in raw.items()}},
                                  x.numpy(), 1, rounds)
                 rows.append({"model": label, "batch": 1, "mode": f"{threads or 'all'} thread(s)", **ms(t),
-                             "fused_ms": t["fused"] * 1e3, "fused_ratio": t["fused"] / t["monolithic"]})
+                             "fused_ms": t["fused"] * 1e3, "fused_ratio": t["fused"] / t["monolithic"],
+                             "heads_only_ratio": t["flat_raw"] / t["mono_raw"]})
     return rows
 
 
@@ -198,10 +222,11 @@ def main() -> None:
         gated = gated_rows(args.bundle, args.rounds, args.device)
     print(f"full-depth cascade vs monolithic per call on {where}, interleaved in this run (target <= {target})")
     print(f"{'model':<22} {'batch':>5} {'mode':>12} {'monolithic ms':>14} {'cascade ms':>11} {'ratio':>6}"
-          + (f" {'fused ms':>9} {'fused ratio':>11}" if args.backend == "onnxruntime" else ""))
+          + (f" {'fused ms':>9} {'fused ratio':>11} {'heads only':>10}" if args.backend == "onnxruntime" else ""))
     for r in rows:
         print(f"{r['model']:<22} {r['batch']:>5} {r['mode']:>12} {r['monolithic_ms']:>14.4f} {r['cascade_ms']:>11.4f} "
-              f"{r['ratio']:>6.3f}" + (f" {r['fused_ms']:>9.4f} {r['fused_ratio']:>11.3f}" if "fused_ms" in r else "")
+              f"{r['ratio']:>6.3f}" + (f" {r['fused_ms']:>9.4f} {r['fused_ratio']:>11.3f} {r['heads_only_ratio']:>10.3f}"
+                                   if "fused_ms" in r else "")
               + (f"  capture failed: {r['capture_failed']}" if "capture_failed" in r else ""))
     if gated and args.backend == "onnxruntime":
         print("\nfused targets: <= 1.05 (digits), <= 1.02 (CIFAR-size) at full depth, 1 thread")

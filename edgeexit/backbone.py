@@ -44,11 +44,12 @@ def make_head(spec: ExitHead, channels: int, classes: int, size: int = HEAD_MAP)
     """A small classifier on a (B, C, H, W) feature map (`size`: min(H, W)): global average pool
     and a linear layer, or, as MSDNet's classifiers, two strided 3x3 convolutions (BN, ReLU)
     before them. MSDNet's classifiers read its coarsest scale (8x8 on CIFAR, 7x7 on ImageNet),
-    so a larger map is average-pooled by a whole factor to about 8x8 first: the head then costs
-    the same at 224x224 as at 32x32 (a whole factor: ONNX and TensorRT pool it exactly)."""
+    so a larger map is average-pooled first by the whole factor that brings it nearest 8x8
+    (56 and 28 and 14 to 8 and 7 and 7): the head then costs about the same at 224x224 as at
+    32x32 (a whole factor: ONNX and TensorRT pool it exactly)."""
     if spec.kind == "pool-linear":
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes))
-    factor = size // HEAD_MAP
+    factor = max(1, round(size / HEAD_MAP))
     layers: list[nn.Module] = [nn.AvgPool2d(factor)] if factor > 1 else []
     for c_in in (channels, spec.width):
         layers += [nn.Conv2d(c_in, spec.width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(spec.width),

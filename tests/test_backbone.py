@@ -313,6 +313,8 @@ def test_a_conv_head_on_a_large_map_pools_it_to_about_8x8_first():
     head = ExitHead("conv-pool-linear", 16)
     big, small = make_head(head, 32, 10, 56), make_head(head, 32, 10, 8)
     assert isinstance(big[0], nn.AvgPool2d) and big[0].kernel_size == 7 and not isinstance(small[0], nn.AvgPool2d)
+    pooled = {size: make_head(head, 32, 10, size)[0] for size in (14, 28, 11)}  # to 7x7 (ImageNet's MSDNet), 11 stays
+    assert [m.kernel_size if isinstance(m, nn.AvgPool2d) else None for m in pooled.values()] == [2, 4, None]
     assert big(torch.randn(2, 32, 56, 56)).shape == (2, 10)
     convs = [m for m in big if isinstance(m, nn.Conv2d)]
     assert count_flops(nn.Sequential(*big[1:]), (torch.randn(1, 32, 8, 8),)) == \
