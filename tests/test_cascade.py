@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
 
-from edgeexit.runtime.cascade import NEVER, Cascade, trace
+from edgeexit.runtime.cascade import LATE_WIDEN, NEVER, ON_TIME_NARROW, Cascade, trace
 from edgeexit.runtime.loader import open_backend
 from edgeexit.runtime.onnxruntime_backend import make_session
 
@@ -148,3 +150,32 @@ def test_a_deadline_stops_before_a_stage_that_cannot_finish_and_says_who_was_cut
     assert timed(20.0).run_batched(x, 7).cut_off.shape == (len(x),)
     with pytest.raises(Exception, match="needs the stages' profiled costs"):
         Cascade(backend, bundle.stage_ios, thresholds, deadline=0.01)
+
+
+class SlowStage:
+    """A backend whose stage 1 takes `seconds` longer than the profile says (a machine busier
+    now than when it was profiled)."""
+
+    def __init__(self, backend, seconds: float):
+        self.backend, self.seconds = backend, seconds
+
+    def run(self, k, feeds):
+        if k == 1:
+            time.sleep(self.seconds)
+        return self.backend.run(k, feeds)
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+
+def test_late_calls_widen_the_predictions_until_the_deadline_holds_and_calls_in_time_narrow_them(setup):
+    """Stage 1 is predicted at 0.125 s but takes over 0.25 s, so a 0.2 s deadline lets it start and
+    every such call is late: each widens the predictions by 10%, until (past 1.6x) stage 1 is no
+    longer started and calls answer from exit 0 in time, each narrowing the margin again."""
+    bundle, x, _ = setup
+    cascade = Cascade(SlowStage(open_backend(bundle, "onnxruntime"), 0.25), bundle.stage_ios, [NEVER, NEVER, None],
+                      deadline=0.2, predict=lambda k, n: [0.0, 0.125, 0.0][k])
+    exits = [int(cascade(x[:1]).exit[0]) for _ in range(8)]
+    widened = int(np.ceil(np.log(0.2 / 0.125) / np.log(LATE_WIDEN)))  # late calls before 0.125 x margin > 0.2
+    assert exits == [1] * widened + [0] * (8 - widened)
+    assert cascade.margin == pytest.approx(LATE_WIDEN ** widened * (1 - ON_TIME_NARROW) ** (8 - widened))
