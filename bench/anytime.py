@@ -8,7 +8,8 @@ finish fits (`calibration.latency.Deadlines`: the extrapolated 99.9th percentile
 call to that exit less the median of one to the exit before). Each call is timed, and the
 settings take turns input by input (so that machine noise hits them alike); printed per
 deadline: the share of inputs answered within it (target >= 0.99), the accuracy, the share
-cut off (answered from an earlier exit than the gating chose), and the exit shares. Two
+cut off (answered from an earlier exit than the gating chose), the margin the late calls left
+on the predictions at the end (`Cascade.margin`, 1 where none was late), and the exit shares. Two
 gatings: pure anytime (no early exit by confidence: each input takes the deepest exit that
 fits), and the bundle's thresholds under the deadline.
 
@@ -67,7 +68,8 @@ def sweep(bundle, points: int, rounds: int) -> list[dict]:
         rows.append({"deadline_ms": deadline * 1e3, "gating": name, "within": float(np.mean(seconds[j] <= deadline)),
                      "p99_ms": float(np.quantile(seconds[j], 0.99) * 1e3),
                      "accuracy": float(np.mean(pred[j] == np.tile(y, rounds))), "cut_off": float(np.mean(cut[j])),
-                     "exit_shares": (np.bincount(exits[j], minlength=len(calls)) / len(exits[j])).tolist()})
+                     "exit_shares": (np.bincount(exits[j], minlength=len(calls)) / len(exits[j])).tolist(),
+                     "margin": cascades[j].margin})
     return rows
 
 
@@ -87,10 +89,10 @@ def main() -> int:
             bundle = build(load_spec(EXAMPLE), Path(tmp) / "digits", progress=False)[0]
         rows = sweep(bundle, args.points, args.rounds)
     print(f"\nanytime, onnxruntime CPU, batch 1, 1 thread: each call timed; target within deadline >= {TARGET}")
-    print(f"{'deadline ms':>11} {'gating':<10} {'within':>7} {'call p99 ms':>11} {'accuracy':>8} {'cut off':>7}  exit shares")
+    print(f"{'deadline ms':>11} {'gating':<10} {'within':>7} {'call p99 ms':>11} {'accuracy':>8} {'cut off':>7} {'margin':>6}  exit shares")
     for r in rows:
         print(f"{r['deadline_ms']:>11.4f} {r['gating']:<10} {r['within']:>7.3f} {r['p99_ms']:>11.4f} {r['accuracy']:>8.2%} "
-              f"{r['cut_off']:>7.1%}  " + " / ".join(f"{s:.0%}" for s in r["exit_shares"]))
+              f"{r['cut_off']:>7.1%} {r['margin']:>6.2f}  " + " / ".join(f"{s:.0%}" for s in r["exit_shares"]))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     if args.plot:
