@@ -9,8 +9,9 @@ every sample runs every stage and every exit head, so the ratio is the price of 
   Also the fused cascade graph (`edgeexit.export.fused`: every stage and exit decision in one
   graph, one call per input) at full depth, targets <= 1.05 on digits and <= 1.02 at CIFAR
   size, next to the floor any cascade graph has: every stage and exit head in one graph with
-  no decision at all (`heads only`: what the early exit heads cost by themselves); then the trained digits example (or `--bundle`) at its thresholds: the staged loop,
-  the fused graph and the monolithic graph, interleaved.
+  no decision at all (`heads only`: what the early exit heads cost by themselves); then the
+  trained digits example (or `--bundle`) at its thresholds: the staged loop, the fused graph
+  and the monolithic graph, interleaved.
 - `--backend torch-cuda` (an NVIDIA GPU): batch 1 and 32, with and without CUDA graphs (the
   monolithic baseline replayed as a graph too); target <= 1.10 with graphs. Then the shipped
   digits example is trained here (or `--bundle` is loaded) and its cascade, gated as the
