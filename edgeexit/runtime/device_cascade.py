@@ -86,7 +86,9 @@ class DeviceCascade:
             rows = torch.arange(bucket, device=self.device)
             values = {"exit": exits, "conf": conf_k[rows, exits], "pred": pred_k[rows, exits],
                       "logits": logits_k[rows, exits], "exit_conf": conf_k, "exit_pred": pred_k}
-            outputs = self._outputs.setdefault(bucket, {k: torch.empty_like(v) for k, v in values.items()})
+            outputs = self._outputs.get(bucket)
+            if outputs is None:  # the first run of this bucket: its static outputs, kept for the graph to fill
+                outputs = self._outputs[bucket] = {k: torch.empty_like(v) for k, v in values.items()}
             for key, value in values.items():
                 outputs[key].copy_(value)
 
