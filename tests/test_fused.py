@@ -133,3 +133,32 @@ def test_export_fused_is_auto_on_or_off(tmp_path):
     assert (fused(), fused(False), fused(True), fused("on")) == ("auto", "off", "on", "on")
     with pytest.raises(SpecError, match="export.fused"):
         fused("sometimes")
+
+
+@pytest.mark.parametrize("opset", [13, 17, 18, 20])
+def test_the_fused_graph_is_valid_at_every_opset_the_spec_allows(opset, tmp_path):
+    """`export.opset` takes 13 to 21 (torch exports up to 20); from 18 on a Split needs its
+    sizes (or `num_outputs`, which 13 to 17 do not know): the fused graph passes onnx's full
+    check and agrees with its stages, stage graphs exported at that opset."""
+    import torch
+
+    from edgeexit.export.fused import write_fused
+    from edgeexit.export.onnx import export_stages
+    from edgeexit.models import build_model
+    from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from edgeexit.staging import make_stages, stage_io
+
+    spec = parse_spec(example_raw(), tmp_path)
+    torch.manual_seed(0)
+    model = build_model(spec.model, spec.input, spec.base_dir).eval()
+    x = torch.randn(4, *spec.input.shape)
+    stages = make_stages(model, spec.gating.confidence)
+    ios = stage_io(stages, x, spec.input.name)
+    graphs = export_stages(stages, ios, x, tmp_path / "stages", opset, 1e-4)
+    path = write_fused([g.path for g in graphs], ios, len(spec.input.classes), tmp_path / "cascade.onnx")
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    backend = OnnxRuntimeBackend([g.path for g in graphs], ios, 1)
+    thresholds = [0.3, 0.5, None]
+    staged = Cascade(backend, ios, thresholds).run_batched(x.numpy(), 1)
+    fused = FusedCascade(path, spec.input.name, thresholds, len(ios), 1)(x.numpy())
+    assert fused.exit.tolist() == staged.exit.tolist() and fused.pred.tolist() == staged.pred.tolist()

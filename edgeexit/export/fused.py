@@ -109,10 +109,14 @@ def fuse(stages: Sequence[onnx.ModelProto], ios: Sequence[StageIO], classes: int
     image.type.tensor_type.shape.dim[0].dim_value = 1
     thresholds = helper.make_tensor_value_info(THRESHOLDS, TensorProto.FLOAT, [len(ios) - 1])
     parts = [_eager_and_lazy(g, io) for g, io in zip(graphs, ios)]
-    split = helper.make_node("Split", [THRESHOLDS], [f"{THRESHOLDS}_{k}" for k in range(len(ios) - 1)], axis=0)
+    # one threshold per output; the sizes as an input, as opsets 13 to 21 all read them (18 on
+    # refuses a Split given neither them nor `num_outputs`, which 13 to 17 do not know)
+    sizes = numpy_helper.from_array(np.ones(len(ios) - 1, np.int64), f"{THRESHOLDS}_sizes")
+    split = helper.make_node("Split", [THRESHOLDS, sizes.name], [f"{THRESHOLDS}_{k}" for k in range(len(ios) - 1)],
+                             axis=0)
     nodes = [split] + parts[0][0] + _decision(graphs, parts, ios, 0, classes, OUTPUTS)
     graph = helper.make_graph(nodes, "edgeexit_cascade", [image, thresholds], _outputs(OUTPUTS, classes),
-                              initializer=list(first.initializer), value_info=list(first.value_info))
+                              initializer=list(first.initializer) + [sizes], value_info=list(first.value_info))
     opset = max(op.version for m in stages for op in m.opset_import if op.domain in ("", "ai.onnx"))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="edgeexit", ir_version=stages[0].ir_version)
