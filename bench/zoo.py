@@ -5,14 +5,15 @@ MSDNet, RANet, EMGNet) built here, or bundles already built (--bundles DIR/<name
 profile the bundle (onnxruntime CPU, batch 1, 1 thread), calibrate thresholds for a mean
 latency budget of `--fraction` x the full-depth cascade call (never below 1.05 x the
 cheapest call), then, in one interleaved run over the test split, time the cascade at the
-calibrated thresholds, the full-depth cascade and the monolithic graph. Prints per model:
+calibrated thresholds, the full-depth cascade and the monolithic graph, with fresh sessions
+`--instances` times (medians across them). Prints per model:
 final-exit test accuracy, the budget, the calibrated cascade's test accuracy and measured
 mean latency (and its ratio to the budget), the monolithic latency and the ratios, then per
 exit the test accuracy and cumulative paper MFLOPs. `--plot` draws the latter (a line per
 model); `--from-json` prints (and plots) the rows an earlier `--json` stored, building nothing.
 
     python bench/zoo.py [--models digits,eenet,msdnet,ranet,emgnet] [--fraction 0.6] [--bundles DIR]
-                        [--json FILE] [--plot FILE.png]
+                        [--rounds 5] [--instances 3] [--json FILE] [--plot FILE.png]
     python bench/zoo.py --from-json FILE [--plot FILE.png]
 """
 
@@ -42,8 +43,28 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 THREADS = 1
 
 
-def bench_one(bundle, fraction: float, rounds: int) -> dict:
-    """Calibrate `bundle` for a budget at `fraction` of its full-depth call and time it against monolithic."""
+def timed_runners(bundle, thresholds) -> dict:
+    """Fresh sessions of what is timed: the staged cascade at `thresholds` and at full depth,
+    the monolithic graph, and the fused cascade graph (where the bundle has one) at both."""
+    backend = open_backend(bundle, "onnxruntime", threads=THREADS)
+    mono = open_monolithic(bundle, "onnxruntime", threads=THREADS)
+    mono_io = bundle.monolithic_io
+    k = len(bundle.stage_ios)
+    runners = {"calibrated": Cascade(backend, bundle.stage_ios, thresholds),
+               "full_depth": full_depth(backend, bundle.stage_ios),
+               "monolithic": lambda s: mono.run(0, {mono_io.inputs[0]: s})}
+    if bundle.fused_path is not None:  # the fused cascade graph, one call per input: at full depth and calibrated
+        name = bundle.input["name"]
+        runners["fused_full_depth"] = FusedCascade(bundle.fused_path, name, [NEVER] * (k - 1) + [None], k, THREADS)
+        runners["fused_calibrated"] = FusedCascade(bundle.fused_path, name, thresholds, k, THREADS)
+    return runners
+
+
+def bench_one(bundle, fraction: float, rounds: int, instances: int = 1) -> dict:
+    """Calibrate `bundle` for a budget at `fraction` of its full-depth call and time it against
+    monolithic: `rounds` interleaved passes over the test split, with fresh sessions `instances`
+    times (where onnxruntime puts a session's memory moves its call by a few percent; the
+    medians across instances count)."""
     backend = open_backend(bundle, "onnxruntime", threads=THREADS)
     x, y = split_inputs(bundle, "test")
     source = latency_source(bundle, backend, "auto", 1, x, THREADS, iters=200)
@@ -52,25 +73,28 @@ def bench_one(bundle, fraction: float, rounds: int) -> dict:
     lat = source.model
     budget = Budget(max(fraction * full_depth_call(lat, 1), 1.05 * cheapest_call(lat, 1)))
     bundle, record = calibrate(bundle, backend, budget, measure=False, curve_points=2, progress=False)
-    mono = open_monolithic(bundle, "onnxruntime", threads=THREADS)
-    mono_io = bundle.monolithic_io
-    k = len(bundle.stage_ios)
-    runners = {"calibrated": Cascade(backend, bundle.stage_ios, record["thresholds"]),
-               "full_depth": full_depth(backend, bundle.stage_ios),
-               "monolithic": lambda s: mono.run(0, {mono_io.inputs[0]: s})}
-    if bundle.fused_path is not None:  # the fused cascade graph, one call per input: at full depth and calibrated
-        name = bundle.input["name"]
-        runners["fused_full_depth"] = FusedCascade(bundle.fused_path, name, [NEVER] * (k - 1) + [None], k, THREADS)
-        runners["fused_calibrated"] = FusedCascade(bundle.fused_path, name, record["thresholds"], k, THREADS)
+    del backend
     chunks = [x[i:i + 1] for i in range(len(x))]
-    calls = interleaved_calls(runners, chunks, rounds * len(chunks), warmup=50)
-    mean_ms = {name: float(np.median(s.reshape(rounds, -1).mean(axis=1))) * 1e3 for name, s in calls.items()}
+    per_instance = []
+    for _ in range(instances):
+        calls = interleaved_calls(timed_runners(bundle, record["thresholds"]), chunks, rounds * len(chunks), warmup=50)
+        per_instance.append({name: float(np.median(s.reshape(rounds, -1).mean(axis=1))) * 1e3
+                             for name, s in calls.items()})
     report = json.loads((bundle.path / "report.json").read_text())
-    return {"name": bundle.name, "exits": k, "final_exit_accuracy": report["exit_accuracy"][-1],
+    return {"name": bundle.name, "exits": len(bundle.stage_ios), "final_exit_accuracy": report["exit_accuracy"][-1],
             "exit_accuracy": report["exit_accuracy"], "paper_mflops": [o / 1e6 for o in report["paper_cumulative_ops"]],
             "params": sum(s["params"] for s in bundle.manifest["stages"]),
             "fraction": fraction, "budget_ms": budget.seconds * 1e3, "calibrated_accuracy": record["test"]["accuracy"],
-            "calibrated_shares": record["test"]["exit_shares"], "ms": mean_ms}
+            "calibrated_shares": record["test"]["exit_shares"],
+            "ms": {name: float(np.median([p[name] for p in per_instance])) for name in per_instance[0]},
+            "instances_ms": per_instance}
+
+
+def over_mono(row: dict, name: str) -> tuple[float, float, float]:
+    """Runner `name`'s time over the monolithic graph's: the median, least and most across the
+    row's session instances (rows stored before instances were: its medians' ratio)."""
+    ratios = [p[name] / p["monolithic"] for p in row.get("instances_ms", [row["ms"]]) if name in p]
+    return (float(np.median(ratios)), min(ratios), max(ratios)) if ratios else (float("nan"),) * 3
 
 
 def example_bundles(names, bundles: str | None, tmp: Path):
@@ -87,15 +111,15 @@ def print_rows(rows: list[dict], fraction: float) -> None:
     """The two tables: calibrated budget vs monolithic, and accuracy / MFLOPs per exit."""
     fraction = rows[0].get("fraction", fraction)  # rows stored before it was recorded: the command line's
     print(f"\nonnxruntime CPU, batch 1, {THREADS} thread; budget = {fraction:g} x full-depth cascade call; "
-          "latencies are medians of per-pass means, all three interleaved call by call in this run")
+          "latencies are medians of per-pass means, the runners interleaved call by call in this run, and "
+          "the medians of those across fresh session instances")
     print(f"{'model':<16} {'exits':>5} {'final acc':>9} {'budget ms':>9} {'calib acc':>9} {'calib ms':>8} "
           f"{'/budget':>7} {'mono ms':>8} {'calib/mono':>10} {'full/mono':>9}")
     for r in rows:
         ms = r["ms"]
         print(f"{r['name']:<16} {r['exits']:>5} {r['final_exit_accuracy']:>9.1%} {r['budget_ms']:>9.4f} "
               f"{r['calibrated_accuracy']:>9.1%} {ms['calibrated']:>8.4f} {ms['calibrated'] / r['budget_ms']:>7.3f} "
-              f"{ms['monolithic']:>8.4f} {ms['calibrated'] / ms['monolithic']:>10.3f} "
-              f"{ms['full_depth'] / ms['monolithic']:>9.3f}")
+              f"{ms['monolithic']:>8.4f} {over_mono(r, 'calibrated')[0]:>10.3f} {over_mono(r, 'full_depth')[0]:>9.3f}")
     print("\nper exit: test accuracy / cumulative MFLOPs as the papers count them (multiply-adds incl. earlier heads)")
     for r in rows:
         cells = "  ".join(f"{a:.1%} / {f:.2f}" for a, f in zip(r["exit_accuracy"], r["paper_mflops"]))
@@ -107,6 +131,7 @@ def main() -> int:
     p.add_argument("--models", default="digits,eenet,msdnet,ranet,emgnet", help="example folders")
     p.add_argument("--fraction", type=float, default=0.6, help="budget as a share of the full-depth call")
     p.add_argument("--rounds", type=int, default=5, help="timed passes over the test split")
+    p.add_argument("--instances", type=int, default=3, help="fresh sessions timed, each for --rounds passes")
     p.add_argument("--bundles", help="folder holding already built bundles named like the examples")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--plot", help="also draw test accuracy vs cumulative paper MFLOPs per exit to this PNG")
@@ -116,7 +141,7 @@ def main() -> int:
         rows = json.loads(Path(args.from_json).read_text())
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            rows = [bench_one(bundle, args.fraction, args.rounds)
+            rows = [bench_one(bundle, args.fraction, args.rounds, args.instances)
                     for bundle in example_bundles(args.models.split(","), args.bundles, Path(tmp))]
     print_rows(rows, args.fraction)
     if args.json:

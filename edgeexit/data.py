@@ -35,10 +35,11 @@ class Dataset:
 
 
 def normalize(x: np.ndarray, mean, std) -> np.ndarray:
-    """(x - mean) / std per channel, as float32: the one preprocessing step of every path."""
+    """(x - mean) / std per channel, as float32 in C order: the one preprocessing step of every
+    path (a backend given an input laid out otherwise copies it on every call)."""
     mean = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
-    return ((np.asarray(x, dtype=np.float32) - mean) / std).astype(np.float32, copy=False)
+    return np.ascontiguousarray((np.asarray(x, dtype=np.float32) - mean) / std, dtype=np.float32)
 
 
 def resize_like(x: np.ndarray, shape: tuple[int, ...], enabled: bool) -> np.ndarray:

@@ -129,7 +129,9 @@ def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     r0, r1, wr = _bilinear_taps(x.shape[2], size[0])
     c0, c1, wc = _bilinear_taps(x.shape[3], size[1])
     rows = x[:, :, r0, :] * (1 - wr)[:, None] + x[:, :, r1, :] * wr[:, None]
-    return (rows[:, :, :, c0] * (1 - wc) + rows[:, :, :, c1] * wc).astype(np.float32)
+    # indexing the last axis lays the result out with that axis outermost: made (N, C, H, W) in
+    # memory again, or every later call on a slice of it copies its input first
+    return np.ascontiguousarray(rows[:, :, :, c0] * (1 - wc) + rows[:, :, :, c1] * wc, dtype=np.float32)
 
 
 # --- image files ---------------------------------------------------------------------------

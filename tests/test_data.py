@@ -95,6 +95,20 @@ def test_numpy_bilinear_resize_equals_torch_interpolate():
         np.testing.assert_allclose(resize(x, size), ref, atol=2e-6)
 
 
+def test_resized_and_normalised_images_are_laid_out_in_c_order():
+    """A backend copies an input laid out otherwise on every call (MobileNetV3-Small at 224x224:
+    about 80 us of its 1.6 ms): the preprocessing hands out (N, C, H, W) in memory order."""
+    from edgeexit.data import normalize
+    from edgeexit.inputs import resize
+
+    x = np.random.default_rng(0).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    assert resize(x, (32, 32)).flags.c_contiguous and resize(x, (32, 32))[1:2].flags.c_contiguous
+    fortran = np.asfortranarray(x)
+    out = normalize(fortran, [1.0, 2.0, 3.0], [2.0, 2.0, 2.0])
+    assert out.flags.c_contiguous and out.dtype == np.float32
+    np.testing.assert_array_equal(out, (x - np.array([1, 2, 3], np.float32)[:, None, None]) / 2)
+
+
 def test_a_bundles_digits_without_scikit_learn_names_the_install_and_data(monkeypatch, tmp_path):
     """trace, profile and calibrate on a bundle built from digits, where scikit-learn is not
     installed (a device's runtime install): the message gives both ways out."""

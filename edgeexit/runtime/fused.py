@@ -76,29 +76,30 @@ def one_call_per_input(x: np.ndarray, collect: bool, stages: int,
     returns its `OUTPUTS` (logits, conf, pred, exit), which may be buffers the next call
     overwrites; each call's time counts at the exit it took.
 
-    It calls numpy as little as it can: after a graph call numpy's code is out of the CPU's
-    caches and each numpy function costs microseconds (MobileNetV3-Small at 224x224: 42 us per
-    input when each call's outputs were gathered with numpy functions, 2.3% of the call)."""
+    It calls numpy as little as it can (seven times for one input; a slice is a call too):
+    after a graph call numpy's code is out of the CPU's caches and each numpy function costs
+    microseconds (MobileNetV3-Small at 224x224: 42 us per input when each call's outputs were
+    gathered with numpy functions, 2.3% of the call)."""
     if collect:
         raise EdgeExitError("fused cascade: it returns only the exit taken; every exit's confidence needs the "
                             "staged cascade")
     n = len(x)
     if n == 0:
         raise EdgeExitError("input: empty batch")
-    seconds, taken = np.zeros(stages), [0] * stages
+    seconds, taken, exits, outs = [0.0] * stages, [0] * stages, [], []
     for i in range(n):
+        one = x if n == 1 else x[i:i + 1]
         start = time.perf_counter()
-        out = call(x[i:i + 1])
+        out = call(one)
+        spent = time.perf_counter() - start
         k = out[3].item()
-        seconds[k] += time.perf_counter() - start
+        seconds[k] += spent
         taken[k] += 1
-        if i == 0:
-            logits, conf = np.empty((n, out[0].size), np.float32), np.empty(n, np.float32)
-            pred, exits = np.empty(n, np.int64), np.empty(n, np.int64)
-        logits[i:i + 1] = out[0]
-        conf[i], pred[i], exits[i] = out[1].item(), out[2].item(), k
+        exits.append(k)
+        outs.append((out[0].copy(), out[1].copy(), out[2].astype(np.int64)))
+    logits, conf, pred = outs[0] if n == 1 else (np.concatenate(column) for column in zip(*outs))
     samples, left = [], n  # stage j ran for every input that left at exit j or later
     for count in taken:
         samples.append(left)
         left -= count
-    return CascadeResult(pred, logits, conf, exits, seconds, np.array(samples, np.int64))
+    return CascadeResult(pred, logits, conf, np.array(exits, np.int64), np.array(seconds), np.array(samples, np.int64))
