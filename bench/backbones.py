@@ -12,6 +12,11 @@ graph (one call per input, what `run` uses for one input; the verdict is the fus
 All of it with fresh sessions `--instances` times: where onnxruntime happens to put a
 session's memory moved MobileNetV3-Small's monolithic call by up to 5% from one instance to
 the next, so one instance's ratio is one draw; the verdict is the median across instances.
+The runners are timed by turns twice: call by call (each call after another runner's, its
+caches cold) and in blocks of calls in a row (warm, as a model serving alone runs and as
+trtexec times an engine); the verdict is the warm one. Beside them, every stage and exit
+head in one graph with no decision (bench/cascade_overhead.py's `heads only`): what the exit
+heads cost by themselves, so that fused / heads only is what the cut costs.
 
     python bench/backbones.py [--models resnet18,mobilenetv3] [--size 224] [--fraction 0.6]
                               [--rounds 2] [--instances 5] [--json FILE]
@@ -27,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import _paths  # noqa: F401 - first: keeps bench/ off the import path
+import numpy as np
 
 from edgeexit.build import build
 from edgeexit.spec import load_spec
@@ -55,6 +61,7 @@ def main() -> int:
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
     zoo = _paths.sibling("zoo")  # its per-bundle measurement: profile, calibrate, interleaved timing
+    overhead = _paths.sibling("cascade_overhead")  # its heads-only graph: the exits' cost without a cut
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
@@ -64,22 +71,26 @@ def main() -> int:
             bundle = build(spec, Path(tmp) / name)[0]
             built = time.perf_counter() - start
             print(f"timing {name} ...", flush=True)
-            rows.append({**zoo.bench_one(bundle, args.fraction, args.rounds, args.instances), "build_s": built,
+            heads = overhead.heads_only(bundle.stage_paths, bundle.stage_ios, Path(tmp) / f"{name}_heads_only.onnx")
+            rows.append({**zoo.bench_one(bundle, args.fraction, args.rounds, args.instances, heads), "build_s": built,
                          "cuts": bundle.manifest["model"]["exits_after"], "size": args.size})
     zoo.print_rows(rows, args.fraction)
     print(f"\n{args.size}x{args.size}, batch 1, onnxruntime CPU, 1 thread: the cut's price (target fused full/mono <= "
-          f"{TARGET}) and the saving at the calibrated budget; ratios are medians across {args.instances} session "
-          "instances, the fused full depth's least and most in brackets")
+          f"{TARGET}, judged warm: {zoo.WARM_BLOCK} calls in a row per runner and turn) and the saving at the calibrated "
+          f"budget; ratios are medians across {args.instances} session instances (the warm fused full depth's least and "
+          "most in brackets); 'by turns': call by call, each call after another runner's")
     print(f"{'backbone':<20} {'cuts':<28} {'build s':>7} {'mono ms':>8} {'full/mono':>9} {'calib/mono':>10} "
-          f"{'fused full [range]':>23} {'fused calib':>11} verdict (fused)")
+          f"{'fused full [range]':>23} {'by turns':>8} {'heads only':>10} {'fused calib':>11} verdict (fused, warm)")
     verdicts = []
     for r in rows:
-        fused, least, most = zoo.over_mono(r, "fused_full_depth")
+        fused, least, most = zoo.over_mono(r, "fused_full_depth", warm=True)
         verdicts.append(fused <= TARGET)
-        print(f"{r['name']:<20} {','.join(r['cuts']):<28} {r['build_s']:>7.0f} {r['ms']['monolithic']:>8.3f} "
-              f"{zoo.over_mono(r, 'full_depth')[0]:>9.3f} {zoo.over_mono(r, 'calibrated')[0]:>10.3f} "
-              f"{fused:>9.3f} [{least:.3f}-{most:.3f}] {zoo.over_mono(r, 'fused_calibrated')[0]:>11.3f} "
-              f"{'ok' if verdicts[-1] else 'MISSED'}")
+        mono = float(np.median([p["monolithic"] for p in r["warm_instances_ms"]]))
+        print(f"{r['name']:<20} {','.join(r['cuts']):<28} {r['build_s']:>7.0f} {mono:>8.3f} "
+              f"{zoo.over_mono(r, 'full_depth', warm=True)[0]:>9.3f} {zoo.over_mono(r, 'calibrated', warm=True)[0]:>10.3f} "
+              f"{fused:>9.3f} [{least:.3f}-{most:.3f}] {zoo.over_mono(r, 'fused_full_depth')[0]:>8.3f} "
+              f"{zoo.over_mono(r, 'heads_only', warm=True)[0]:>10.3f} "
+              f"{zoo.over_mono(r, 'fused_calibrated', warm=True)[0]:>11.3f} {'ok' if verdicts[-1] else 'MISSED'}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2, allow_nan=False) + "\n")
     return 0 if all(verdicts) else 1

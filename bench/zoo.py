@@ -6,7 +6,8 @@ profile the bundle (onnxruntime CPU, batch 1, 1 thread), calibrate thresholds fo
 latency budget of `--fraction` x the full-depth cascade call (never below 1.05 x the
 cheapest call), then, in one interleaved run over the test split, time the cascade at the
 calibrated thresholds, the full-depth cascade and the monolithic graph, with fresh sessions
-`--instances` times (medians across them). Prints per model:
+`--instances` times (medians across them), call by call and again in blocks of calls in a
+row (the warm figures bench/backbones.py judges by). Prints per model:
 final-exit test accuracy, the budget, the calibrated cascade's test accuracy and measured
 mean latency (and its ratio to the budget), the monolithic latency and the ratios, then per
 exit the test accuracy and cumulative paper MFLOPs. `--plot` draws the latter (a line per
@@ -36,16 +37,20 @@ from edgeexit.profile import PROFILE, interleaved_calls, with_profiles
 from edgeexit.runtime.cascade import NEVER, Cascade, full_depth
 from edgeexit.runtime.fused import FusedCascade
 from edgeexit.runtime.loader import open_backend, open_monolithic
+from edgeexit.runtime.onnxruntime_backend import make_session
 from edgeexit.spec import load_spec
 from edgeexit.tracing import split_inputs
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 THREADS = 1
+WARM_BLOCK = 10  # calls in a row per runner and turn, timing what a model serving alone sees
 
 
-def timed_runners(bundle, thresholds) -> dict:
+def timed_runners(bundle, thresholds, heads_only: Path | None = None) -> dict:
     """Fresh sessions of what is timed: the staged cascade at `thresholds` and at full depth,
-    the monolithic graph, and the fused cascade graph (where the bundle has one) at both."""
+    the monolithic graph, the fused cascade graph (where the bundle has one) at both, and a
+    `heads_only` graph where given (bench/cascade_overhead.py's: every stage and exit head, no
+    decision: what the exits cost without any cut)."""
     backend = open_backend(bundle, "onnxruntime", threads=THREADS)
     mono = open_monolithic(bundle, "onnxruntime", threads=THREADS)
     mono_io = bundle.monolithic_io
@@ -57,10 +62,13 @@ def timed_runners(bundle, thresholds) -> dict:
         name = bundle.input["name"]
         runners["fused_full_depth"] = FusedCascade(bundle.fused_path, name, [NEVER] * (k - 1) + [None], k, THREADS)
         runners["fused_calibrated"] = FusedCascade(bundle.fused_path, name, thresholds, k, THREADS)
+    if heads_only is not None:  # every output fetched, or onnxruntime would not run the heads
+        session = make_session(heads_only, THREADS)
+        runners["heads_only"] = lambda s: session.run(None, {bundle.input["name"]: s})
     return runners
 
 
-def bench_one(bundle, fraction: float, rounds: int, instances: int = 1) -> dict:
+def bench_one(bundle, fraction: float, rounds: int, instances: int = 1, heads_only: Path | None = None) -> dict:
     """Calibrate `bundle` for a budget at `fraction` of its full-depth call and time it against
     monolithic: `rounds` interleaved passes over the test split, with fresh sessions `instances`
     times (where onnxruntime puts a session's memory moves its call by a few percent; the
@@ -75,11 +83,12 @@ def bench_one(bundle, fraction: float, rounds: int, instances: int = 1) -> dict:
     bundle, record = calibrate(bundle, backend, budget, measure=False, curve_points=2, progress=False)
     del backend
     chunks = [x[i:i + 1] for i in range(len(x))]
-    per_instance = []
+    per_instance, warm = [], []
     for _ in range(instances):
-        calls = interleaved_calls(timed_runners(bundle, record["thresholds"]), chunks, rounds * len(chunks), warmup=50)
-        per_instance.append({name: float(np.median(s.reshape(rounds, -1).mean(axis=1))) * 1e3
-                             for name, s in calls.items()})
+        runners = timed_runners(bundle, record["thresholds"], heads_only)
+        for block, into in ((1, per_instance), (WARM_BLOCK, warm)):
+            calls = interleaved_calls(runners, chunks, rounds * len(chunks), warmup=50, block=block)
+            into.append({name: float(np.median(s.reshape(rounds, -1).mean(axis=1))) * 1e3 for name, s in calls.items()})
     report = json.loads((bundle.path / "report.json").read_text())
     return {"name": bundle.name, "exits": len(bundle.stage_ios), "final_exit_accuracy": report["exit_accuracy"][-1],
             "exit_accuracy": report["exit_accuracy"], "paper_mflops": [o / 1e6 for o in report["paper_cumulative_ops"]],
@@ -87,13 +96,15 @@ def bench_one(bundle, fraction: float, rounds: int, instances: int = 1) -> dict:
             "fraction": fraction, "budget_ms": budget.seconds * 1e3, "calibrated_accuracy": record["test"]["accuracy"],
             "calibrated_shares": record["test"]["exit_shares"],
             "ms": {name: float(np.median([p[name] for p in per_instance])) for name in per_instance[0]},
-            "instances_ms": per_instance}
+            "instances_ms": per_instance, "warm_instances_ms": warm}
 
 
-def over_mono(row: dict, name: str) -> tuple[float, float, float]:
-    """Runner `name`'s time over the monolithic graph's: the median, least and most across the
-    row's session instances (rows stored before instances were: its medians' ratio)."""
-    ratios = [p[name] / p["monolithic"] for p in row.get("instances_ms", [row["ms"]]) if name in p]
+def over_mono(row: dict, name: str, warm: bool = False) -> tuple[float, float, float]:
+    """Runner `name`'s time over the monolithic graph's, called by turns (`warm`: in blocks):
+    the median, least and most across the row's session instances (rows stored before
+    instances were: its medians' ratio)."""
+    timed = row.get("warm_instances_ms", []) if warm else row.get("instances_ms", [row["ms"]])
+    ratios = [p[name] / p["monolithic"] for p in timed if name in p]
     return (float(np.median(ratios)), min(ratios), max(ratios)) if ratios else (float("nan"),) * 3
 
 

@@ -19,10 +19,29 @@ from edgeexit.calibrate import latency_source
 from edgeexit.cli import main
 from edgeexit.errors import BundleError
 from edgeexit.jetson import TegrastatsSampler
-from edgeexit.profile import MIXED_GATINGS, format_profile, profile_bundle
+from edgeexit.profile import MIXED_GATINGS, format_profile, interleaved_calls, profile_bundle
 from edgeexit.runtime.loader import open_backend, open_monolithic
 from edgeexit.tracing import split_inputs
 from test_jetson import fake_tegrastats, recorded
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_runners_take_turns_call_by_call_or_in_blocks_each_after_an_untimed_call(block):
+    """Call by call the runners alternate; in blocks each runs one untimed call, then `block`
+    timed calls in a row on consecutive inputs; every call is timed once and the order rotates."""
+    seen = []
+    runners = {name: functools.partial(lambda chunk, name: seen.append((name, int(chunk[0]))), name=name)
+               for name in "abc"}
+    seconds = interleaved_calls(runners, [np.array([i]) for i in range(4)], calls=7, warmup=1, block=block)
+    assert all(len(s) == 7 and (s > 0).all() for s in seconds.values())
+    timed = seen[3:]  # after the warm-up round
+    if block == 1:
+        assert timed[:6] == [("a", 0), ("b", 0), ("c", 0), ("b", 1), ("c", 1), ("a", 1)]
+    else:  # turns over calls 0-2 (order a b c), 3-5 (b c a) and 6 (c a b); inputs cycled
+        assert timed[:8] == [("a", 0), ("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 0), ("b", 1), ("b", 2)]
+        assert timed[12:14] == [("b", 3), ("b", 3)] and timed[15] == ("b", 1)
+        assert [n for n, _ in timed[12:]] == ["b"] * 4 + ["c"] * 4 + ["a"] * 4 + ["c"] * 2 + ["a"] * 2 + ["b"] * 2
+    assert len(timed) == 7 * 3 + (0 if block == 1 else 3 * 3)
 
 
 def test_profile_entry_from_real_runs(example_build):
