@@ -108,9 +108,8 @@ def main(argv=None) -> int:
             cascades[p] = Cascade(backend, ios, bundle.thresholds)
             graph = write_fused([files[f"stage{io.index}"][p] for io in ios], ios, len(bundle.classes),
                                 tmp / f"cascade.{p.replace(' ', '_')}.onnx")
-            fused[p] = FusedCascade(graph, bundle.input["name"], bundle.thresholds, len(ios), args.threads)
-            if p == "int8 dflt":  # as its stages: onnxruntime's default optimizers
-                fused[p].session = default_session(graph, args.threads)
+            fused[p] = FusedCascade(graph, bundle.input["name"], bundle.thresholds, len(ios), args.threads,
+                                    **({"disabled_optimizers": ()} if p == "int8 dflt" else {}))  # as its stages
 
         print(f"{bundle.name}: int8 ({args.method} calibration on {len(x_cal)} samples) and fp16 vs fp32, "
               f"{len(y_test)} test samples, onnxruntime {ort.__version__} CPU, {args.threads} thread(s)\n")

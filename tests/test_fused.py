@@ -72,6 +72,22 @@ def test_thresholds_are_runtime_inputs(example_build):
         FusedCascade(bundle.fused_path, "image", [0.9, None], 3)
 
 
+def test_one_input_at_a_time_is_the_batch_and_default_optimizers_run_it_alike(example_build):
+    """A batch of one (the path `run` takes for one input) gives the rows of a whole batch's
+    result; a session with onnxruntime's default optimizers (bench/precision.py's) answers alike."""
+    bundle = example_build[0]
+    x = split_inputs(bundle, "test")[0][:12]
+    whole = FusedCascade(bundle.fused_path, "image", [0.9, 0.8, None], 3)(x)
+    default = FusedCascade(bundle.fused_path, "image", [0.9, 0.8, None], 3, disabled_optimizers=())
+    for i in range(len(x)):
+        one = default(x[i:i + 1])
+        assert one.pred.dtype == one.exit.dtype == np.int64 and one.logits.shape == (1, whole.logits.shape[1])
+        assert (one.exit[0], one.pred[0]) == (whole.exit[i], whole.pred[i])
+        np.testing.assert_allclose(one.logits[0], whole.logits[i], atol=1e-6)
+        assert one.stage_samples.tolist() == [1 if k <= whole.exit[i] else 0 for k in range(3)]
+    assert whole.stage_samples[0] == 12 and whole.stage_seconds.sum() > 0
+
+
 def test_the_fused_graph_is_inside_tensorrt_support_if_branches_included(example_build):
     path = example_build[0].fused_path
     for version in ("8.5.2.2", "8.6.2.3", "10.3.0.26"):

@@ -18,7 +18,7 @@ import numpy as np
 from edgeexit.errors import EdgeExitError
 from edgeexit.export.fused import OUTPUTS, THRESHOLDS
 from edgeexit.runtime.cascade import CascadeResult, gate_thresholds
-from edgeexit.runtime.onnxruntime_backend import make_session
+from edgeexit.runtime.onnxruntime_backend import DISABLED_OPTIMIZERS, make_session
 
 
 # onnxruntime's type names of the fused graph's outputs (edgeexit.export.fused writes these)
@@ -37,8 +37,8 @@ class FusedCascade:
     name = "onnxruntime (fused cascade graph)"  # what `run` reports as its backend
 
     def __init__(self, graph: Path | bytes, input_name: str, thresholds: Sequence[float | None], stages: int,
-                 threads: int | None = None):
-        self.session = make_session(graph, threads)
+                 threads: int | None = None, disabled_optimizers: Sequence[str] = DISABLED_OPTIMIZERS):
+        self.session = make_session(graph, threads, disabled_optimizers=disabled_optimizers)
         self.stages, self.input_name = stages, input_name
         gates = gate_thresholds(thresholds, stages)[:-1]  # the last exit takes all: not a graph input
         self.thresholds = np.asarray(gates, dtype=np.float32)
