@@ -86,7 +86,7 @@ def one_call_per_input(x: np.ndarray, collect: bool, stages: int,
     n = len(x)
     if n == 0:
         raise EdgeExitError("input: empty batch")
-    seconds, taken, exits, outs = [0.0] * stages, [0] * stages, [], []
+    seconds, exits, outs = [0.0] * stages, [], []
     for i in range(n):
         one = x if n == 1 else x[i:i + 1]
         start = time.perf_counter()
@@ -94,12 +94,8 @@ def one_call_per_input(x: np.ndarray, collect: bool, stages: int,
         spent = time.perf_counter() - start
         k = out[3].item()
         seconds[k] += spent
-        taken[k] += 1
         exits.append(k)
         outs.append((out[0].copy(), out[1].copy(), out[2].astype(np.int64)))
     logits, conf, pred = outs[0] if n == 1 else (np.concatenate(column) for column in zip(*outs))
-    samples, left = [], n  # stage j ran for every input that left at exit j or later
-    for count in taken:
-        samples.append(left)
-        left -= count
+    samples = [sum(k >= j for k in exits) for j in range(stages)]  # stage j ran for every input leaving at j or later
     return CascadeResult(pred, logits, conf, np.array(exits, np.int64), np.array(seconds), np.array(samples, np.int64))
