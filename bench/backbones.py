@@ -9,9 +9,11 @@ call, and time, interleaved call by call in one run over the test split, the mon
 the full-depth cascade (every stage and exit head runs: the price of the cut, target <= 1.05)
 and the cascade at the calibrated thresholds, each as the staged loop and as the fused cascade
 graph (one call per input, what `run` uses for one input; the verdict is the fused graph's).
-All of it with fresh sessions `--instances` times: where onnxruntime happens to put a
-session's memory moved MobileNetV3-Small's monolithic call by up to 5% from one instance to
-the next, so one instance's ratio is one draw; the verdict is the median across instances.
+All of it with fresh sessions `--instances` times, made in a rotated order each time: where
+onnxruntime happens to put a session's memory moved MobileNetV3-Small's monolithic call by up
+to 5% from one instance to the next, and sessions made late in a process ran faster than
+identical ones made early, so one instance's ratio is one draw; the verdict is the median
+across instances (the default 5 puts each of the 5 kinds of session in each place once).
 The runners are timed by turns twice: call by call (each call after another runner's, its
 caches cold) and in blocks of calls in a row (warm, as a model serving alone runs and as
 trtexec times an engine); the verdict is the warm one. Beside them, every stage and exit

@@ -46,33 +46,52 @@ THREADS = 1
 WARM_BLOCK = 10  # calls in a row per runner and turn, timing what a model serving alone sees
 
 
-def timed_runners(bundle, thresholds, heads_only: Path | None = None) -> dict:
+def timed_runners(bundle, thresholds, heads_only: Path | None = None, turn: int = 0) -> dict:
     """Fresh sessions of what is timed: the staged cascade at `thresholds` and at full depth,
     the monolithic graph, the fused cascade graph (where the bundle has one) at both, and a
     `heads_only` graph where given (bench/cascade_overhead.py's: every stage and exit head, no
-    decision: what the exits cost without any cut)."""
-    backend = open_backend(bundle, "onnxruntime", threads=THREADS)
-    mono = open_monolithic(bundle, "onnxruntime", threads=THREADS)
-    mono_io = bundle.monolithic_io
-    k = len(bundle.stage_ios)
-    runners = {"calibrated": Cascade(backend, bundle.stage_ios, thresholds),
-               "full_depth": full_depth(backend, bundle.stage_ios),
-               "monolithic": lambda s: mono.run(0, {mono_io.inputs[0]: s})}
-    if bundle.fused_path is not None:  # the fused cascade graph, one call per input: at full depth and calibrated
-        name = bundle.input["name"]
-        runners["fused_full_depth"] = FusedCascade(bundle.fused_path, name, [NEVER] * (k - 1) + [None], k, THREADS)
-        runners["fused_calibrated"] = FusedCascade(bundle.fused_path, name, thresholds, k, THREADS)
-    if heads_only is not None:  # every output fetched, or onnxruntime would not run the heads
+    decision: what the exits cost without any cut).
+
+    The sessions are made in an order rotated `turn` places (give each instance its number):
+    sessions of one graph made one after another in one process ran apart by the order they
+    were made in (MobileNetV3-Small at 224x224, four sessions of one fused graph: 1.071, 1.068,
+    1.060 and 1.052 x monolithic, medians of 4 instances made in one order; 1.060 to 1.067
+    rotated), so a fixed order favours whatever comes late."""
+    k, name = len(bundle.stage_ios), bundle.input["name"]
+
+    def staged():
+        backend = open_backend(bundle, "onnxruntime", threads=THREADS)
+        return {"calibrated": Cascade(backend, bundle.stage_ios, thresholds),
+                "full_depth": full_depth(backend, bundle.stage_ios)}
+
+    def monolithic():
+        mono, io = open_monolithic(bundle, "onnxruntime", threads=THREADS), bundle.monolithic_io
+        return {"monolithic": lambda s: mono.run(0, {io.inputs[0]: s})}
+
+    def fused(runner, gates):  # the fused cascade graph, one call per input
+        return lambda: {runner: FusedCascade(bundle.fused_path, name, gates, k, THREADS)}
+
+    def heads():  # every output fetched, or onnxruntime would not run the heads
         session = make_session(heads_only, THREADS)
-        runners["heads_only"] = lambda s: session.run(None, {bundle.input["name"]: s})
+        return {"heads_only": lambda s: session.run(None, {name: s})}
+
+    makers = [staged, monolithic]
+    if bundle.fused_path is not None:
+        makers += [fused("fused_full_depth", [NEVER] * (k - 1) + [None]), fused("fused_calibrated", thresholds)]
+    if heads_only is not None:
+        makers.append(heads)
+    turn %= len(makers)
+    runners = {}  # interleaved_calls rotates whose turn comes first: the order here does not matter
+    for make in makers[turn:] + makers[:turn]:
+        runners.update(make())
     return runners
 
 
 def bench_one(bundle, fraction: float, rounds: int, instances: int = 1, heads_only: Path | None = None) -> dict:
     """Calibrate `bundle` for a budget at `fraction` of its full-depth call and time it against
     monolithic: `rounds` interleaved passes over the test split, with fresh sessions `instances`
-    times (where onnxruntime puts a session's memory moves its call by a few percent; the
-    medians across instances count)."""
+    times, made in another order each time (where onnxruntime puts a session's memory moves
+    its call by a few percent; the medians across instances count)."""
     backend = open_backend(bundle, "onnxruntime", threads=THREADS)
     x, y = split_inputs(bundle, "test")
     source = latency_source(bundle, backend, "auto", 1, x, THREADS, iters=200)
@@ -84,8 +103,8 @@ def bench_one(bundle, fraction: float, rounds: int, instances: int = 1, heads_on
     del backend
     chunks = [x[i:i + 1] for i in range(len(x))]
     per_instance, warm = [], []
-    for _ in range(instances):
-        runners = timed_runners(bundle, record["thresholds"], heads_only)
+    for turn in range(instances):
+        runners = timed_runners(bundle, record["thresholds"], heads_only, turn)
         for block, into in ((1, per_instance), (WARM_BLOCK, warm)):
             calls = interleaved_calls(runners, chunks, rounds * len(chunks), warmup=50, block=block)
             into.append({name: float(np.median(s.reshape(rounds, -1).mean(axis=1))) * 1e3 for name, s in calls.items()})
