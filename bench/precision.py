@@ -43,16 +43,14 @@ from edgeexit.export.quantize import CALIBRATORS, compare_precision, convert_fp1
 from edgeexit.profile import per_sample_latency
 from edgeexit.runtime.cascade import Cascade
 from edgeexit.runtime.fused import FusedCascade
-from edgeexit.runtime.onnxruntime_backend import OnnxRuntimeBackend, make_session
+from edgeexit.runtime.onnxruntime_backend import DISABLED_OPTIMIZERS, OnnxRuntimeBackend, make_session
 from edgeexit.spec import load_spec
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits" / "model.yaml"
 PRECISIONS = ("fp32", "int8", "int8 dflt", "fp16")
-
-
-def default_session(path: Path, threads: int) -> ort.InferenceSession:
-    """onnxruntime's own default optimizers (CSE on): what int8 costs without edgeexit's setting."""
-    return make_session(path, threads, disabled_optimizers=())
+# optimizers each precision's sessions go without: "int8 dflt" keeps onnxruntime's own defaults
+# (CSE on), what int8 costs without edgeexit's setting
+DISABLED = {p: () if p == "int8 dflt" else DISABLED_OPTIMIZERS for p in PRECISIONS}
 
 
 def call_overhead(shape: tuple[int, ...], threads: int, x: np.ndarray) -> float:
@@ -97,8 +95,8 @@ def main(argv=None) -> int:
             files[name]["fp16"] = tmp / "fp16" / f"{name}.onnx"
             quantize_int8(path, files[name]["int8"], [feeds], method=args.method)
             convert_fp16(path, files[name]["fp16"])
-        open_session = {"fp32": make_session, "int8": make_session, "int8 dflt": default_session, "fp16": make_session}
-        sessions = {name: {p: open_session[p](files[name][p], args.threads) for p in PRECISIONS}
+        sessions = {name: {p: make_session(files[name][p], args.threads, disabled_optimizers=DISABLED[p])
+                           for p in PRECISIONS}
                     for name, _, _ in graphs}
 
         cascades, fused = {}, {}
@@ -108,8 +106,7 @@ def main(argv=None) -> int:
             cascades[p] = Cascade(backend, ios, bundle.thresholds)
             graph = write_fused([files[f"stage{io.index}"][p] for io in ios], ios, len(bundle.classes),
                                 tmp / f"cascade.{p.replace(' ', '_')}.onnx")
-            fused[p] = FusedCascade(graph, bundle.input["name"], bundle.thresholds, len(ios), args.threads,
-                                    **({"disabled_optimizers": ()} if p == "int8 dflt" else {}))  # as its stages
+            fused[p] = FusedCascade(graph, bundle.input["name"], bundle.thresholds, len(ios), args.threads, DISABLED[p])
 
         print(f"{bundle.name}: int8 ({args.method} calibration on {len(x_cal)} samples) and fp16 vs fp32, "
               f"{len(y_test)} test samples, onnxruntime {ort.__version__} CPU, {args.threads} thread(s)\n")
